@@ -274,9 +274,10 @@ def stop_token_ids(tok, template):
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def _files(spec):
+def data_files(spec):
+    """The data files of spec (a file, a folder, a glob, or a list of those), sorted; DataError if none."""
     if isinstance(spec, (list, tuple)):
-        return [f for s in spec for f in _files(s)]
+        return [f for s in spec for f in data_files(s)]
     spec = os.fspath(spec)
     if os.path.isdir(spec):
         files = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(DATA_SUFFIXES))
@@ -314,7 +315,7 @@ def _iter_raw(spec):
         for i, row in enumerate(spec):
             yield f"rows[{i}]", row
         return
-    for path in _files(spec):
+    for path in data_files(spec):
         if path.endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq

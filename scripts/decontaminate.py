@@ -19,7 +19,6 @@ and n-grams are hashed to 64 bits with numpy over a whole batch of rows at once 
 random per-word values), then looked up in the sorted array of eval n-gram hashes with searchsorted.
 """
 import argparse
-import glob
 import json
 import os
 import re
@@ -29,6 +28,9 @@ from itertools import repeat
 
 import numpy as np
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import DataError, data_files, read_rows  # noqa: E402  (streams jsonl / json / parquet rows)
 
 # Text fields of each eval task as published (HF datasets / the task's own release). Nested values (ARC's
 # choices {text, label}) contribute every string inside them, each as its own segment.
@@ -47,59 +49,6 @@ EVAL_FIELDS = {
 
 class DecontaminationError(ValueError):
     """Bad input; the message names the file, line/row and what is wrong."""
-
-
-# -----------------------------------------------------------------------------
-# streaming readers (jsonl / json / parquet; a file, a folder or a glob)
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def resolve_files(spec):
-    paths = [spec] if os.path.exists(spec) else sorted(glob.glob(spec))
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(DATA_SUFFIXES))
-        elif p.endswith(DATA_SUFFIXES):
-            files.append(p)
-    if not files:
-        raise DecontaminationError(f"{spec}: no .jsonl/.json/.parquet files found")
-    return files
-
-
-def _is_json_list(path):
-    # datasets' to_json writes JSON lines into .json files, so a .json file is a list only if it starts with '['
-    with open(path, encoding="utf-8") as f:
-        while (c := f.read(1)).isspace():
-            pass
-    return c == "["
-
-
-def read_rows(spec):
-    """Yields (where, row) one row at a time, so memory stays flat on a multi-GB mixture."""
-    for path in resolve_files(spec):
-        if path.endswith(".parquet"):
-            import pyarrow.parquet as pq  # optional dependency, only needed for parquet shards
-            i = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
-                    yield f"{path} row {i}", row
-                    i += 1
-        elif path.endswith(".json") and _is_json_list(path):
-            with open(path, encoding="utf-8") as f:
-                for i, row in enumerate(json.load(f)):
-                    yield f"{path} item {i}", row
-        else:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DecontaminationError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                    yield f"{path}:{lineno}", row
 
 
 # -----------------------------------------------------------------------------
@@ -336,7 +285,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     eval_sets = {name: load_eval_set(name, spec, args.eval_field) for name, spec in parse_eval_args(args.eval).items()}
-    train_bytes = sum(os.path.getsize(f) for f in resolve_files(args.train))
+    train_bytes = sum(os.path.getsize(f) for f in data_files(args.train))
     t0, cpu0 = time.perf_counter(), time.process_time()
     if args.out_clean:
         with open(args.out_clean, "w", encoding="utf-8") as f:
@@ -367,5 +316,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DecontaminationError as e:
+    except (DecontaminationError, DataError) as e:
         sys.exit(f"error: {e}")

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import decontaminate as dc  # noqa: E402
+from data import DataError  # noqa: E402
 
 FIX = os.path.join("tests", "fixtures", "decontam")
 TRAIN = os.path.join(FIX, "train")
@@ -18,7 +19,7 @@ EVAL_ARGS = [f"{name}={os.path.join(FIX, 'eval', name + '.jsonl')}" for name in
 
 
 def where(file, line):
-    return f"{os.path.join(TRAIN, file)}:{line}"
+    return f"{os.path.join(TRAIN, file)} line {line}"
 
 
 # What was planted in the fixtures (see the comments in tests/fixtures/decontam/train/*.jsonl):
@@ -140,17 +141,17 @@ def test_distinct_ngrams_get_distinct_hashes():
 def test_bad_input_names_where(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(dc.DecontaminationError, match=r"bad\.jsonl:2: row has neither 'messages'"):
+    with pytest.raises(dc.DecontaminationError, match=r"bad\.jsonl line 2: row has neither 'messages'"):
         dc.decontaminate(dc.read_rows(str(bad)), {"x": [["a b c"]]}, progress=False)
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": None}]}) + "\n")
-    with pytest.raises(dc.DecontaminationError, match=r"bad\.jsonl:1: 'messages'\[0\]"):
+    with pytest.raises(dc.DecontaminationError, match=r"bad\.jsonl line 1: 'messages'\[0\]"):
         dc.decontaminate(dc.read_rows(str(bad)), {"x": [["a b c"]]}, progress=False)
     bad.write_text(json.dumps({"messages": []}) + "\n{oops\n")
-    with pytest.raises(dc.DecontaminationError, match=r"bad\.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2: invalid JSON"):
         dc.decontaminate(dc.read_rows(str(bad)), {"x": [["a b c"]]}, progress=False)
     with pytest.raises(dc.DecontaminationError, match="eval set 'squad': unknown task"):
         dc.load_eval_set("squad", os.path.join(FIX, "eval", "trivia.jsonl"))
-    with pytest.raises(dc.DecontaminationError, match=r"gsm8k\.jsonl:1: eval set 'ifeval' row lacks field\(s\) \['prompt'\]"):
+    with pytest.raises(dc.DecontaminationError, match=r"gsm8k\.jsonl line 1: eval set 'ifeval' row lacks field\(s\) \['prompt'\]"):
         dc.load_eval_set("ifeval", os.path.join(FIX, "eval", "gsm8k.jsonl"))
 
 
