@@ -4,11 +4,13 @@
     python bench/model.py --device cuda --preset smollm2-360m --dtype bf16   # GPU, adds the step's MFU
 
 The training step is forward + cross-entropy + backward + AdamW on the same weights, batch and sequence.
+--compile adds both models with every block torch.compile'd (compiling happens before the race).
 Generation is greedy with a KV cache on a batch of prompts of unequal length, both sides producing exactly
 max_new_tokens tokens (no stop token), so the token counts are identical.
 """
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -39,6 +41,8 @@ def parse_args():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: train,generate")
+    p.add_argument("--compile", action="store_true",
+                   help="also race both models with every block torch.compile'd (regional compilation, the same for both)")
     return p.parse_args()
 
 
@@ -75,39 +79,51 @@ def race(fns, rounds, device):
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def train_step(model, x, y, device, hf=False):
+    """One forward + cross-entropy + backward + AdamW step of `model` (ours or transformers')."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+
+    def step():
+        logits = model(input_ids=x).logits if hf else model(x)
+        F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_train(model, hf, args, device):
     B, T = args.batch_size, args.seq_len
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)
     y = x.roll(-1, dims=1)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=device.startswith("cuda"))
-
-    def ours():
-        logits = model(x)
-        F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def theirs():
-        logits = hf(input_ids=x).logits
-        F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1)).backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-
     model.train(), hf.train()
-    results = race({"nanotulu": ours, "transformers": theirs}, args.steps, device)
+    steps = {"nanotulu": train_step(model, x, y, device), "transformers": train_step(hf, x, y, device, hf=True)}
+    if args.compile:  # regional compilation of both, every block compiled in place
+        ours_c, hf_c = copy.deepcopy(model), copy.deepcopy(hf)
+        for block in list(ours_c.layers) + list(hf_c.model.layers):
+            block.compile()
+        steps["nanotulu+compile"] = train_step(ours_c, x, y, device)
+        steps["transformers+compile"] = train_step(hf_c, x, y, device, hf=True)
+        for name in ("nanotulu+compile", "transformers+compile"):  # compile outside the timed race
+            t0 = time.perf_counter()
+            steps[name]()
+            print(f"train step  {name:20s} compiled in {time.perf_counter() - t0:.1f} s")
+    results = race(steps, args.steps, device)
     for name, sec in results.items():
-        print(f"train step  {name:13s} {B * T / sec:10.1f} tokens/s  ({sec * 1e3:.1f} ms/step, batch {B}x{T})")
+        print(f"train step  {name:20s} {B * T / sec:10.1f} tokens/s  ({sec * 1e3:.1f} ms/step, batch {B}x{T})")
     print(f"train step  speedup        {results['transformers'] / results['nanotulu']:.2f}x (goal >= 1.2x)")
+    if args.compile:
+        print(f"train step  speedup        {results['transformers'] / results['nanotulu+compile']:.2f}x "
+              "(ours compiled vs transformers eager)")
+        print(f"train step  speedup        {results['transformers+compile'] / results['nanotulu+compile']:.2f}x "
+              "(both compiled)")
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         flops = model.flops_per_token(T) * B * T
-        for who in ("nanotulu", "transformers"):
-            mfu = flops / results[who] / peak if peak else float("nan")
-            print(f"train MFU   {who:13s} {100 * mfu:.1f}% of {name} bf16 peak")
+        for who, sec in results.items():
+            mfu = flops / sec / peak if peak else float("nan")
+            print(f"train MFU   {who:20s} {100 * mfu:.1f}% of {name} bf16 peak")
 
 
 def bench_generate(model, hf, args, device):
