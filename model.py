@@ -180,10 +180,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
         B, T, _ = x.shape
         H, Hkv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
-        # split (not slicing) so that backward is one concatenation rather than zero-filled copies per slice
-        qk, v = qkv.split([H + Hkv, Hkv], dim=1)
-        q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=1)  # q and k heads rotated together
+        # Split and rotate in the projection's [B, T, heads, D] layout, then transpose: backward concatenates the
+        # gradients straight into the fused matmul's layout, and torch.compile with dynamic sequence lengths
+        # gets the attention strides right (rotating after the transpose trips a stride assertion in its CPU
+        # attention backward). split, not slicing: backward is one concatenation, not zero-filled copies.
+        qk, v = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).split([H + Hkv, Hkv], dim=2)
+        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([H, Hkv], dim=1)  # q and k heads rotated together
+        v = v.transpose(1, 2)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache  # [B, kv_heads, max_len, head_dim] views into the static cache
             k_cache[:, :, start:start + T] = k
@@ -261,10 +264,12 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         start = 0 if cache is None else cache.pos
-        if position_ids is None:  # the same positions in every row: a slice of the tables, broadcast over B
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        # cos/sin [T, 1, D] or [B, T, 1, D]: broadcast over the heads of [B, T, heads, D] (and over B when every
+        # row has the same positions)
+        if position_ids is None:
+            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
         else:
-            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+            cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
         if cache is not None:
             mask = cache.attention_mask(start, T)
         elif doc_ids is not None:
@@ -472,6 +477,9 @@ def sample(logits, temperature, top_k, top_p, generator):
 
 
 @torch.inference_mode()  # lighter than no_grad: no version counters or view tracking on the many tiny ops
+# Blocks compiled for training (common.compile_blocks) run eagerly here: the cache position changes every step,
+# and each new value would recompile them.
+@torch.compiler.set_stance("force_eager")
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_token_ids=(),
              generator=None, pad_token_id=0):
     """Continue each prompt (a list of token ids) by up to max_new_tokens; see Generation for the result."""

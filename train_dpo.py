@@ -336,7 +336,7 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_pairs), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     steps_per_epoch = len(sampler) // (cfg.batch_size * cfg.grad_accum)
     total_steps = common.total_steps_for(cfg, steps_per_epoch)
-    model = common.wrap_model(raw, d, fsdp=cfg.fsdp)
+    model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile)
     optimizer = common.build_optimizer(model, cfg, d.device)
 
     step = common.maybe_resume(cfg, model, optimizer, sampler)

@@ -374,6 +374,10 @@ def main(argv=None):
     value = build_value_model(cfg, policy).to(d.device) if cfg.algo == "ppo" else None
     if value is not None:
         value.backbone.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        common.compile_blocks(policy)
+        if value is not None:
+            common.compile_blocks(value.backbone)
     # one optimizer (and one checkpoint) over everything trained, as open-instruct's policy-and-value wrapper
     trained = nn.ModuleDict({"policy": policy, "value": value}) if value is not None else policy
     optimizer = common.build_optimizer(trained, cfg, d.device)

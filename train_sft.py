@@ -134,7 +134,7 @@ def main(argv=None):
     total_steps = common.total_steps_for(cfg, steps_per_epoch)
 
     raw = build_model(cfg, tok, d)
-    model = common.wrap_model(raw, d, fsdp=cfg.fsdp)
+    model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile)
     optimizer = common.build_optimizer(model, cfg, d.device)
 
     step = common.maybe_resume(cfg, model, optimizer, sampler)
