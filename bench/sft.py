@@ -2,6 +2,7 @@
 
     python bench/sft.py                    # CPU: the demo config (demo model, packed demo data, 16 x 128)
     python bench/sft.py --device=cuda      # GPU: SmolLM2-1.7B shape (random weights), seq 2048, bf16 autocast
+    python bench/sft.py --compile          # both models with every block torch.compile'd (train_sft.py --compile)
 
 Each side runs full optimizer steps (forward, loss, backward, AdamW) on identical token batches; prints tokens/s,
 MFU on a GPU (model.flops_per_token over the device's bf16 peak) and the ratio ours / transformers.
@@ -66,6 +67,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=0, help="default: 16 on CPU, 4 on GPU")
     p.add_argument("--seq_len", type=int, default=0, help="default: 128 on CPU, 2048 on GPU")
     p.add_argument("--skip_hf", action="store_true")
+    p.add_argument("--compile", action="store_true", help="compile every block of both models (warmup compiles)")
     args = p.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -79,10 +81,12 @@ def main():
         vocab, batches = demo_batches(steps + args.warmup, batch_size, seq_len)
         config = ModelConfig.from_preset("demo", vocab_size=vocab)
     print(f"device {device} ({torch.cuda.get_device_name(device) if on_gpu else f'{torch.get_num_threads()} threads'})"
-          f", batch {batch_size} x {seq_len}, {steps} timed steps")
+          f", batch {batch_size} x {seq_len}, {steps} timed steps{', blocks compiled' if args.compile else ''}")
 
     torch.manual_seed(0)
     ours = Transformer(config).to(device)
+    if args.compile:
+        common.compile_blocks(ours)
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-5, fused=on_gpu)
     flops = ours.flops_per_token(seq_len)
     peak = common.peak_flops(device)
@@ -106,6 +110,9 @@ def main():
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
         hf.train()
+        if args.compile:
+            for block in hf.model.layers:
+                block.compile()
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=on_gpu)
 
         def hf_step(ids, labels):
