@@ -174,7 +174,11 @@ def plot_contours(results, metrics, out):
         ratios = sorted({r["lr_bs_ratio"] for r in ok})
         for ratio in np.logspace(math.floor(math.log10(ratios[0])), math.ceil(math.log10(ratios[-1])), 7):
             ax.plot(x, np.log10(ratio) + x, "w--", lw=0.8, alpha=0.8)  # log lr = log ratio + log batch
-            ax.annotate(f"{ratio:.0e}", (x[-1], np.log10(ratio) + x[-1]), fontsize=7, color="0.3")
+            # label the line where it leaves the plot (right edge or top), inside it, so the colorbar hides none
+            bx = min(x[-1], y[-1] - np.log10(ratio))
+            if bx > x[0] and np.log10(ratio) + bx > y[0]:
+                ax.annotate(f"{ratio:.0e}", (bx, np.log10(ratio) + bx), ha="right", va="top", fontsize=7,
+                            color="white")
         ax.set_xlim(x[0], x[-1])
         ax.set_ylim(y[0], y[-1])
         ax.set_xlabel("log10 effective batch (sequences)")
