@@ -10,6 +10,12 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
+# An existing torch must be recent enough: FSDP2's fully_shard, SDPA's enable_gqa and torch.compiler.set_stance.
+"$PY" -c "
+import sys, torch
+if tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 6):
+    sys.exit(f'nanotulu needs torch >= 2.6, found {torch.__version__}: upgrade it (pip install -U torch)')
+"
 req=requirements.txt
 [ "${1:-}" = "--dev" ] && req=requirements-dev.txt
 "$PY" -m pip install -q -r "$req"

@@ -1,8 +1,10 @@
 """scripts/demo.py and scripts/sweep.py, end to end with very short runs: their tables, plots and reports, the
-reuse of finished work on a second run, --redo, and a failed sweep point that does not stop the others."""
+reuse of finished work on a second run, --redo, and a failed sweep point that does not stop the others; and
+scripts/install.sh's refusal of a torch that is too old."""
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -94,3 +96,15 @@ def test_sweep_ratio_mode_sets_lr_from_the_ratio():
     ns = type("A", (), {"ratios": "1e-4,1e-3", "batch_sizes": "4,16", "lrs": ""})()
     points = sweep.grid(ns)
     assert [(round(lr, 10), b) for lr, b, _ in points] == [(4e-4, 4), (1.6e-3, 16), (4e-3, 4), (1.6e-2, 16)]
+
+
+def test_install_refuses_an_existing_torch_older_than_2_6(tmp_path):
+    fake = tmp_path / "torch"  # an installed torch 2.4, as far as install.sh can tell
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "2.4.1+cu121"\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "install.sh")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "nanotulu needs torch >= 2.6, found 2.4.1+cu121" in out.stderr
+    assert "nanotulu: torch" not in out.stdout  # stopped before installing anything
