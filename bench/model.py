@@ -42,7 +42,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: train,generate")
     p.add_argument("--compile", action="store_true",
-                   help="also race both models with every block torch.compile'd (regional compilation, the same for both)")
+                   help="also race both models with every block torch.compile'd (the same for both)")
     return p.parse_args()
 
 
