@@ -7,6 +7,8 @@ triton is imported (the tests do this).
 """
 import os
 
+import torch
+
 from kernels import cross_entropy, dpo, reference
 from kernels.reference import DPOOutput
 
@@ -24,6 +26,15 @@ def backend_for(tensor):
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", z_loss=0.0):
     impl = cross_entropy if backend_for(hidden) == "triton" else reference
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The trainers' bf16 autocast: the LM head runs in the autocast dtype, as F.linear would under it, and
+        # the loss itself with autocast off, so that every dtype inside it is explicit (autocast leaves out=
+        # GEMMs alone, and a forward recomputed in backward would otherwise see another autocast state).
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return impl.fused_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, ignore_index,
+                                                   reduction, z_loss)
     return impl.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, z_loss)
 
 

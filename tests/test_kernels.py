@@ -118,6 +118,30 @@ def test_cross_entropy_low_precision_within_eager_error(dtype, monkeypatch):
         assert err <= 0.03 * scale, f"{name}: {err:.3g} vs scale {scale:.3g}"
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_under_autocast_the_lm_head_runs_in_the_autocast_dtype(backend, reduction):
+    """The trainers call the loss inside bf16 autocast (on CUDA; CPU autocast behaves alike). Both backends then
+    equal F.linear + cross-entropy under the same autocast, to bf16 error, and the fp32 leaves get fp32 grads."""
+    hidden, weight, labels = make_inputs()
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
+
+    def under_autocast(fn):
+        def run(h, w):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h, w)
+        return run
+    got = loss_and_grads(under_autocast(lambda h, w: kernels.fused_linear_cross_entropy(
+        h, w, labels, reduction=reduction)), hidden, weight, upstream)
+    want = loss_and_grads(under_autocast(lambda h, w: F.cross_entropy(
+        F.linear(h, w).float(), labels, reduction=reduction)), hidden, weight, upstream)
+    exact = loss_and_grads(lambda h, w: naive_ce(h, w, labels, reduction), hidden, weight, upstream)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    for g, e, x, name in zip(got, want, exact, ("loss", "grad_hidden", "grad_weight")):
+        err, eager_err = (g - x).abs().max().item(), (e - x).abs().max().item()
+        assert err <= eager_err + 2 * 2.0 ** -9 * x.abs().max().item(), \
+            f"{backend} {name}: {err:.3g} vs eager {eager_err:.3g}"
+
+
 def test_ignored_rows_have_zero_loss_and_zero_gradient(backend):
     hidden, weight, labels = make_inputs(ignore_every=3)
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(2))
