@@ -1,4 +1,8 @@
 import pytest
+import torch
+
+import data
+from model import ModelConfig, Transformer
 
 
 @pytest.fixture(scope="session")
@@ -10,3 +14,17 @@ def demo_sft_model(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo_sft")
     train_sft.main([f"--run_dir={run_dir}", "--progress=false", "--cache_dir=", "--eval_every=0"])
     return str(run_dir / "final")
+
+
+@pytest.fixture(scope="session")
+def write_tiny_demo_model():
+    """A function root -> (demo data, tokenizer, model): a random 'tiny' model with a tokenizer trained on the demo
+    data, saved with it to root/model. The DPO and RLVR tests build their fixtures on it."""
+    def write(root):
+        demo = data.make_demo_data(0, n_train=256, n_heldout=64)
+        tok = data.build_demo_tokenizer(demo, vocab_size=512)
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+        model.save_pretrained(str(root / "model"), tokenizer=tok)
+        return demo, tok, model
+    return write

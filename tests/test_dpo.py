@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import common
 import data
 import train_dpo
-from model import ModelConfig, Transformer
+from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,13 +30,9 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, write_tiny_demo_model):
     root = tmp_path_factory.mktemp("dpo")
-    demo = data.make_demo_data(0, n_train=256, n_heldout=64)
-    tok = data.build_demo_tokenizer(demo, vocab_size=512)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
-    model.save_pretrained(str(root / "model"), tokenizer=tok)
+    demo, tok, model = write_tiny_demo_model(root)
     return SimpleNamespace(root=root, tok=tok, model_dir=str(root / "model"), demo=demo,
                            train=write_jsonl(root / "train.jsonl", demo["pref_train"]),
                            small=write_jsonl(root / "small.jsonl", demo["pref_train"][:32]),

@@ -15,20 +15,15 @@ from safetensors.torch import load_file, save_file
 
 import data
 import train_rlvr
-from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"gen_s", "learn_s", "gen_tok_per_s"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, write_tiny_demo_model):
     root = tmp_path_factory.mktemp("rlvr")
-    demo = data.make_demo_data(0, n_train=256, n_heldout=64)
-    tok = data.build_demo_tokenizer(demo, vocab_size=512)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
-    model.save_pretrained(str(root / "model"), tokenizer=tok)
+    demo, tok, model = write_tiny_demo_model(root)
     write_jsonl(root / "train.jsonl", demo["rlvr_train"])
     write_jsonl(root / "heldout.jsonl", demo["rlvr_heldout"][:16])
     return SimpleNamespace(root=root, tok=tok, model=model, model_dir=str(root / "model"), demo=demo,
