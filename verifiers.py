@@ -10,13 +10,13 @@ same matches are found with an explicit scan instead.
 IFEval follows Google's reference (google-research instruction_following_eval, as
 vendored by lm-evaluation-harness) instruction by instruction. Three of its checks
 need outside tools; each uses the optional package when installed, else a built-in
-approximation (see BACKENDS, which eval.py prints):
+stand-in (see BACKENDS, which eval.py prints):
 - language (response_language, english_capital, english_lowercase): langdetect, else
   a detector from Unicode scripts plus common-word counts for Latin-script languages;
 - sentences (number_sentences): nltk punkt, else the reference's own regex sentence
   splitter (instructions_util.split_into_sentences);
-- words (capital_word_frequency): nltk.word_tokenize, else an approximation of its
-  Treebank rules (punctuation and contractions split off, hyphenated words kept whole).
+- words (capital_word_frequency): nltk.word_tokenize, else the same Treebank token boundaries
+  (punctuation, quotes and clitics split off; "cannot" is two words; URLs and hyphenated words whole).
 User-supplied keywords are matched literally (the reference feeds them to re
 unescaped; no published keyword contains a regex metacharacter).
 """
@@ -47,7 +47,7 @@ except (ImportError, LookupError, AttributeError, OSError):
 BACKENDS = {
     "language": "langdetect" if langdetect is not None else "builtin (unicode scripts + common words)",
     "sentences": "nltk punkt" if _punkt is not None else "builtin (reference regex splitter)",
-    "words": "nltk word_tokenize" if _punkt is not None else "builtin (Treebank approximation)",
+    "words": "nltk word_tokenize" if _punkt is not None else "builtin (Treebank rules)",
 }
 
 # -----------------------------------------------------------------------------
@@ -389,17 +389,78 @@ def split_sentences(text):
     return sentences
 
 
-# Treebank-style tokens: a word before "n't", the clitics n't 's 're 've 'll 'd 'm, a run of
-# word characters (keeping inner hyphens, periods and apostrophes), or one punctuation mark.
-_W = r"[^\s,;:!?()\[\]{}<>\"'`$%&#@*+=/|]"
-_TOKEN = re.compile(r"(?i)\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|" + _W + r"+(?:'(?!(?:s|re|ve|ll|d|m)\b)" + _W
-                    + r"+)*|\S")
+# Without nltk, its word tokenizer (NLTKWordTokenizer, the Penn Treebank conventions that nltk.word_tokenize runs
+# on each sentence) rebuilt: the same rewrites in the same order, each putting spaces around what it splits off
+# (and renaming " to `` or ''); the tokens are then the whitespace-separated runs. Sentences: only a sentence's
+# final period is treated apart, and capital_word_frequency (str.isupper) cannot see it, so one pass over the
+# whole text counts what nltk counts sentence by sentence.
+def _rules(*pairs):
+    return [(re.compile(pattern), repl) for pattern, repl in pairs]
+
+
+_OPENING = _rules(
+    (r"[«“‘„]|`+", r" \g<0> "),
+    (r'^"', "``"),
+    (r"``", " `` "),
+    (r"""([ (\[{<])(?:"|'')""", r"\1 `` "),
+    (r"(?i)(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", "' "),  # an opening quote, not a clitic ('s, 'tis)
+)
+_PUNCTUATION = _rules(
+    (r"([:,])([^\d])", r" \1 \2"),  # not inside numbers: 3,000 and 10:30 stay whole
+    (r"([:,])$", r" \1 "),
+    (r"\.{2,}", r" \g<0> "),
+    (r"[;@#$%&]", r" \g<0> "),
+    (r"[\u2012-\u2015]", r" \g<0> "),  # figure, en and em dashes
+    (r"[?!]", r" \g<0> "),
+    (r"([^'])' ", r"\1 ' "),
+    (r"\*", r" \g<0> "),
+    (r"[\]\[(){}<>]", r" \g<0> "),
+    (r"--", " -- "),
+)
+_CLOSING = _rules(
+    (r"[»”’]", r" \g<0> "),
+    (r"''", " '' "),
+    (r'"', " '' "),
+    (r"\s+", " "),
+    (r"([^' ])('[sSmMdD]|') ", r"\1 \2 "),  # clitics at a word's end, one pass each, in this order
+    (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),
+    (r"(?i)\b(can)(not)\b", r" \1 \2 "),  # words Treebank spells as two
+    (r"(?i)\b(d)('ye)\b", r" \1 \2 "),
+    (r"(?i)\b(gim)(me)\b", r" \1 \2 "),
+    (r"(?i)\b(gon)(na)\b", r" \1 \2 "),
+    (r"(?i)\b(got)(ta)\b", r" \1 \2 "),
+    (r"(?i)\b(lem)(me)\b", r" \1 \2 "),
+    (r"(?i)\b(more)('n)\b", r" \1 \2 "),
+    (r"(?i)\b(wan)(na)(?=\s)", r" \1 \2 "),
+    (r"(?i) ('t)(is)\b", r" \1 \2 "),
+    (r"(?i) ('t)(was)\b", r" \1 \2 "),
+)
+_CLOSERS = "])}>\"'»”’ "
+
+
+def _split_final_period(text):
+    """A final period (not an ellipsis's) followed by nothing but closing brackets, quotes and spaces, then
+    whitespace, stands alone. Scanned from the end: a regex anchored at $ would rescan the tail from each period."""
+    end = len(text.rstrip())
+    while end and text[end - 1] in _CLOSERS:
+        end -= 1
+    if end >= 2 and text[end - 1] == "." and text[end - 2] != ".":
+        return text[:end - 1] + " . " + text[end:]
+    return text
 
 
 def word_tokenize(text):
     if _punkt is not None:
         return nltk.word_tokenize(text)
-    return _TOKEN.findall(text)
+    for pattern, repl in _OPENING:
+        text = pattern.sub(repl, text)
+    text = _split_final_period(text)
+    for pattern, repl in _PUNCTUATION:
+        text = pattern.sub(repl, text)
+    text = f" {text} "
+    for pattern, repl in _CLOSING:
+        text = pattern.sub(repl, text)
+    return text.split()
 
 
 # -----------------------------------------------------------------------------

@@ -15,9 +15,12 @@ Run (a separate environment keeps lm-eval's dependencies out of the project's):
     /tmp/lmeval/bin/python bench/ifeval_agreement.py [--data PATH] [--limit N] [--builtin]
 lm-eval's number_sentences and capital_word_frequency need nltk's punkt data; where it is
 present (python -m nltk.downloader punkt punkt_tab, which needs network) every instruction
-type is compared. Without it those two types are left out (the script says so) and prompts
-are compared on their remaining instructions. --builtin makes verifiers.py use its built-in
-language detector instead of langdetect, to measure that approximation.
+type is compared. Without it number_sentences is left out (the script says so; prompts are
+compared on their remaining instructions), and capital_word_frequency's reference tokenizes
+each response as one sentence, which counts the same capital words (checked on every
+response). It also compares verifiers.py's built-in word tokenizer with nltk's Treebank
+tokenizer token for token. --builtin makes verifiers.py use its built-in language detector
+instead of langdetect, to measure that approximation.
 keywords:letter_frequency rows whose letter is not a-z are skipped: the reference replaces
 such a letter with a random one.
 """
@@ -142,6 +145,27 @@ def responses(row, rng):
     return out
 
 
+def compare_word_tokenizers(rows, n_random=100_000):
+    """verifiers' built-in word tokenizer (used without nltk's punkt) against nltk's Treebank tokenizer, token for
+    token: on every prompt as written, upper-cased, title-cased and case-swapped, and on random strings built from
+    the characters and words its rules treat specially."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    treebank, punkt = NLTKWordTokenizer(), verifiers._punkt
+    verifiers._punkt = None
+    texts = [f(r["prompt"]) for r in rows for f in (str, str.upper, str.title, str.swapcase)]
+    rng = random.Random(1)
+    pieces = list("ABZab \u00e9\u00c9 '\u2019\u2018\u201c\u201d\u00ab\u00bb\u201e\"`.,:;!?-/&@#$%*()[]{}<>\n\t0123456789"
+                  "\u2014\u2013_+=|~^") + ["n't", "N'T", "cannot", "CANNOT", "'s", "'S", "'LL", "'ll", "'re", "'VE",
+                                       "'d", "'M", "'tis", "'TWAS", " wanna ", "gonna", "GOTTA", "lemme", "gimme",
+                                       "more'n", "d'ye", "...", "--", "``", "''", "  ", "WORD", "word", "3,000", "10:30"]
+    randoms = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(n_random)]
+    for name, group in (("prompt texts", texts), ("random strings", randoms)):
+        same = sum(verifiers.word_tokenize(t) == treebank.tokenize(t) for t in group)
+        print(f"word tokens, verifiers built-in vs nltk Treebank: identical on {same}/{len(group)} {name}")
+    verifiers._punkt = punkt
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -154,18 +178,27 @@ def main():
     langdetect.DetectorFactory.seed = 0
     import nltk
     from lm_eval.tasks.ifeval import utils as ref
+    from lm_eval.tasks.ifeval.instructions_util import split_into_sentences
 
     try:
         nltk.data.find("tokenizers/punkt_tab/english/")
         nltk.data.find("tokenizers/punkt/english.pickle")
-        skip = set()
+        skip, whole_text_words = set(), False
     except LookupError:
-        skip = NEEDS_PUNKT
+        # capital_word_frequency counts the tokens of nltk.word_tokenize (punkt sentences, then Treebank words) that
+        # are str.isupper(). Treebank treats only a string's final period specially and isupper ignores
+        # punctuation, so the count cannot depend on where punkt splits: the reference tokenizes the whole text
+        # as one sentence (checked below on every response against a split by the reference's regex splitter).
+        # number_sentences is punkt itself and stays out.
+        nltk.tokenize.sent_tokenize = lambda text, language="english": [text]
+        skip, whole_text_words = {"length_constraints:number_sentences"}, True
     if args.builtin:
         verifiers.langdetect = None
         verifiers.BACKENDS["language"] = "builtin (forced by --builtin)"
     print("verifiers backends:", verifiers.BACKENDS)
     print("left out (reference needs nltk punkt, not installed):", sorted(skip) or "nothing")
+    if whole_text_words:
+        print("capital_word_frequency: reference words from the whole text as one sentence (no punkt)")
 
     rows = [json.loads(line) for line in open(args.data)]
     rows = rows[:args.limit] if args.limit else rows
@@ -184,6 +217,11 @@ def main():
                "kwargs": [row["kwargs"][j] for j in keep]}
         inp = ref.InputExample(**sub)
         for resp in responses(row, rng):
+            if whole_text_words:
+                split_words = [w for s in split_into_sentences(resp) for w in nltk.word_tokenize(s)]
+                capitals = [sum(w.isupper() for w in words) for words in (nltk.word_tokenize(resp), split_words)]
+                total["capitals_split"] += 1
+                agree["capitals_split"] += capitals[0] == capitals[1]
             mine = verifiers.ifeval_row(sub, resp)
             for mode, fn in (("strict", ref.test_instruction_following_strict),
                              ("loose", ref.test_instruction_following_loose)):
@@ -201,8 +239,12 @@ def main():
                 agree[f"prompt_{mode}"] += mine[f"prompt_level_{mode}"] == theirs.follow_all_instructions
 
     print(f"prompts {len(rows)}, responses per prompt {len(responses(rows[0], random.Random(0)))}")
+    compare_word_tokenizers(rows)
     for key in ("inst_strict", "inst_loose", "prompt_strict", "prompt_loose"):
         print(f"{key:14s} agreement {agree[key]}/{total[key]} = {agree[key] / total[key]:.4f}")
+    if whole_text_words:
+        print(f"capital words, whole text vs split into sentences: same count on {agree['capitals_split']}/"
+              f"{total['capitals_split']} responses")
     print("\nper instruction type: verdicts compared, reference pass rate, strict / loose agreement")
     for inst in sorted(per_type):
         c = per_type[inst]

@@ -171,6 +171,39 @@ def test_unknown_instruction_and_missing_kwarg():
 def test_repeat_prompt_defaults_to_row_prompt():
     assert V.ifeval_instructions("Tell me. ok", ["combination:repeat_prompt"], [{}], "Tell me.") == [True]
 
+
+# What nltk 3.10's word_tokenize returns for each (recorded with it): the built-in tokenizer, used where nltk or its
+# punkt data is missing, must split exactly the same way. bench/ifeval_agreement.py compares the two on every IFEval
+# prompt and on random strings.
+TREEBANK_CASES = [
+    ("I CANNOT do it.", ["I", "CAN", "NOT", "do", "it", "."]),
+    ("DON’T STOP", ["DON", "’", "T", "STOP"]),
+    ("See https://EN.WIKIPEDIA.ORG/WIKI/X_Y.", ["See", "https", ":", "//EN.WIKIPEDIA.ORG/WIKI/X_Y", "."]),
+    ("AT&T and R&D!", ["AT", "&", "T", "and", "R", "&", "D", "!"]),
+    ("'TIS the season, 'Twas", ["'", "TIS", "the", "season", ",", "'", "Twas"]),
+    ('He said "HELLO" -- and LEFT...', ["He", "said", "``", "HELLO", "''", "--", "and", "LEFT", "..."]),
+    ("ROCK'N'ROLL isn't DEAD'", ["ROCK'N'ROLL", "is", "n't", "DEAD", "'"]),
+    ("It's 10:30, 3,000 USD (approx.)", ["It", "'s", "10:30", ",", "3,000", "USD", "(", "approx", ".", ")"]),
+    ("WE'LL GONNA", ["WE", "'LL", "GON", "NA"]),
+    ('The END.")  ', ["The", "END", ".", "''", ")"]),
+]
+
+
+@pytest.mark.parametrize("text,tokens", TREEBANK_CASES)
+def test_builtin_word_tokenizer_splits_as_nltk(monkeypatch, text, tokens):
+    monkeypatch.setattr(V, "_punkt", None)
+    assert V.word_tokenize(text) == tokens
+
+
+def test_capital_word_frequency_counts_treebank_words(monkeypatch):
+    monkeypatch.setattr(V, "_punkt", None)
+    check = lambda text, n: V.ifeval_instructions(  # noqa: E731
+        text, ["change_case:capital_word_frequency"], [{"capital_frequency": n, "capital_relation": "at least"}],
+        "p") == [True]
+    assert check("I CANNOT GO", 4) and not check("I CANNOT GO", 5)  # CAN + NOT
+    assert check("AT&T", 2) and not check("AT&T", 3)
+    assert not check("EN.WIKIPEDIA.ORG/WIKI", 2)  # one word: Treebank does not split at slashes or dots
+
 # ----------------------------------------------------------------------------- strict vs loose
 
 
