@@ -153,7 +153,7 @@ class RMSNorm(nn.Module):
         if x.is_cuda:
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # one fused kernel
         # On CPU, F.rms_norm runs a dozen small ops (scalar copies among them); transformers' formula gives the same
-        # bits with five, which is 4% of a decode step at the demo size.
+        # bits with six, which is 4% of a decode step at the demo size.
         return self.weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps)))
 
 
