@@ -222,7 +222,6 @@ def test_a_step_without_signal_leaves_the_weights_alone_on_two_ranks(tiny, tmp_p
     """With the non-stop penalty every untrained rollout scores -10, so every GRPO group has zero variance and is
     dropped: no update, on 1 rank as on 2 (where gradients are zero-filled for the all-reduce and weight decay
     would otherwise still shrink the weights)."""
-    from safetensors.torch import load_file
     run = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
