@@ -33,6 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ----------------------------------------------------------------------------------------------------------
 # Config: a dataclass, JSON presets, --key=value overrides
 
+SCHEDULES = ("linear", "cosine", "constant")
+
+
 @dataclass
 class TrainConfig:
     """Fields every trainer has. Trainers subclass it (@dataclass) and add their own."""
@@ -65,9 +68,15 @@ class TrainConfig:
     checkpoint_every: int = 0       # optimizer steps; 0 = no checkpoints
     keep_checkpoints: int = 2
     resume: bool = False            # continue from the newest checkpoint in run_dir/checkpoints
+    overwrite: bool = False         # a fresh run may delete an earlier run's checkpoints and final/ in run_dir
     log_every: int = 1
     eval_every: int = 0             # held-out evaluation every N steps (0 = only at the end)
     progress: bool = True           # tqdm bar on rank 0
+
+    def __post_init__(self):
+        # Checked at start-up: lr_at reads the schedule only once warmup is over, thousands of steps in.
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}: expected {', '.join(SCHEDULES)}")
 
 
 class ConfigError(ValueError):
@@ -130,9 +139,8 @@ def parse_config(cls, argv=None):
     Keys starting with '_' in a preset are notes and are ignored. A bare `--flag` sets a bool field to True.
     Unknown keys are an error naming them and where they came from."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in argv or "-h" in argv:
-        print(config_help(cls))
-        sys.exit(0)
+    want_help = "--help" in argv or "-h" in argv
+    argv = [a for a in argv if a not in ("--help", "-h")]
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
@@ -169,11 +177,15 @@ def parse_config(cls, argv=None):
             raise ConfigError(f"{path}: a config preset must be a JSON object")
         apply([(k, v) for k, v in preset.items() if not k.startswith("_")], path)
     apply(overrides, "command line")
+    if want_help:  # after the presets and overrides, so that it shows the values this command would run with
+        print(config_help(cls, values))
+        sys.exit(0)
     return cls(**values)
 
 
-def config_help(cls):
-    """The script's docstring, then every field with its default and the comment beside it in the dataclass."""
+def config_help(cls, values=None):
+    """The script's docstring, then every field with its value (the default unless `values` sets it) and the
+    comment beside it in the dataclass."""
     notes = {}
     for klass in reversed(cls.__mro__[:-1]):  # base class first, so a subclass's comment wins
         for line in inspect.getsource(klass).splitlines():
@@ -183,7 +195,7 @@ def config_help(cls):
     main_doc = (sys.modules["__main__"].__doc__ or "").strip()
     lines = [main_doc, "", "Options (--config=preset.json first, then --key=value; later wins):"]
     for f in dataclasses.fields(cls):
-        lines.append(f"  --{f.name}={f.default!r}".ljust(38) + notes.get(f.name, ""))
+        lines.append(f"  --{f.name}={(values or {}).get(f.name, f.default)!r}".ljust(38) + notes.get(f.name, ""))
     return "\n".join(lines)
 
 
@@ -236,6 +248,8 @@ def setup_distributed(device="auto"):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: this torch ({torch.__version__}) sees no CUDA GPU")
         if world_size > 1 and dev.index is not None:
             raise ValueError(f"device={device!r} under torchrun: every rank takes the GPU of its LOCAL_RANK, so pass "
                              f"'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)")
@@ -377,7 +391,7 @@ def lr_at(step, total_steps, base_lr, schedule="linear", warmup_ratio=0.0, min_l
     elif schedule == "cosine":
         frac = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     else:
-        raise ConfigError(f"schedule={schedule!r}: expected linear, cosine or constant")
+        raise ConfigError(f"schedule={schedule!r}: expected {', '.join(SCHEDULES)}")
     return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * frac)
 
 
@@ -534,8 +548,15 @@ def maybe_resume(cfg, model, optimizer, sampler):
 # Run folder, metrics, progress bar, final save
 
 def prepare_run_dir(cfg, d):
-    """Create run_dir and write the resolved config. A fresh (non --resume) run starts its folder over: old
-    checkpoints and metrics would otherwise be mistaken for this run's."""
+    """Create run_dir and write the resolved config. A fresh (non --resume) run starts its folder over, since old
+    checkpoints and metrics would otherwise be mistaken for this run's; but only with --overwrite=true when the
+    folder holds an earlier run's checkpoints or final model, which a relaunch that forgot --resume=true would
+    otherwise destroy."""
+    earlier = [p for p in (checkpoint_dir(cfg.run_dir), os.path.join(cfg.run_dir, "final"))
+               if os.path.isdir(p) and os.listdir(p)]
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"run_dir={cfg.run_dir} holds an earlier run ({', '.join(earlier)}): pass --resume=true to "
+                          f"continue it, --overwrite=true to replace it, or another --run_dir")
     if d.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
         if not cfg.resume:

@@ -129,6 +129,11 @@ class Tokenizer:
         h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token]).encode())
         return h.hexdigest()
 
+    def end_of_turn_ids(self):
+        """Ids that end an assistant turn under this tokenizer's chat template: the eos ids a saved model's
+        generation_config.json lists, so that transformers and vLLM stop at ChatML's <|im_end|> too."""
+        return stop_token_ids(self, template_name(self.chat_template))
+
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
         self._tk.save(os.path.join(path, "tokenizer.json"))
@@ -267,6 +272,15 @@ def stop_token_ids(tok, template):
     if template == "chatml" and tok.token_to_id("<|im_end|>") is not None:
         ids.insert(0, tok.token_to_id("<|im_end|>"))
     return ids
+
+
+def template_name(chat_template):
+    """The template a saved tokenizer's chat_template names: our trainers save 'tulu' or 'chatml' (written out
+    as jinja in tokenizer_config.json); any other jinja with ChatML's markers (SmolLM2-Instruct's) is chatml."""
+    saved = chat_template or ""
+    if saved in ("tulu", "chatml"):
+        return saved
+    return "chatml" if "<|im_start|>" in saved else "tulu"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -622,6 +636,9 @@ def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=N
     out.num_skipped = len(seqs) - len(out)
     if out.num_skipped:
         log.warning(f"dropped {out.num_skipped} SFT rows with no trained token within max_seq_len={max_seq_len}")
+    full = sum(1 for ids, _ in out if len(ids) == max_seq_len)
+    if full:
+        log.warning(f"{full} SFT rows fill max_seq_len={max_seq_len}: longer ones were cut at the end")
     return out
 
 

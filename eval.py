@@ -39,7 +39,8 @@ How each task is scored (DESIGN.md section 4):
   line generated; the headline is the mean over subtasks.
 
 Output: the table (task, metric, value, n) on stdout, and a JSON file (--out, default <model>/eval_results.json)
-with every metric and every example's prompt, output and score.
+with every metric and, per example, its question or prompt as the data gives it (not the rendered few-shot or
+chat prompt), the model's output or choice, the reference and the score.
 """
 
 import argparse
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verifiers
-from data import DataError, Tokenizer, make_demo_data, read_rows, render_chat, stop_token_ids
+from data import DataError, Tokenizer, make_demo_data, read_rows, render_chat, stop_token_ids, template_name
 from model import Transformer, generate
 
 ALL_TASKS = ("gsm8k", "ifeval", "arc", "hellaswag", "piqa", "mmlu_pro", "bbh")
@@ -85,6 +86,12 @@ def find_split(data_dir, rel):
             return candidate
     shards = base + "-*.parquet"
     return shards if glob.glob(shards) else None
+
+
+# The splits each task reads, under --data_dir (a tuple lists alternatives); BBH reads a folder of subtasks.
+TASK_SPLITS = {"arc": [("arc/ARC-Easy/test",), ("arc/ARC-Challenge/test",)], "hellaswag": [("hellaswag/validation",)],
+               "piqa": [("piqa/validation",)], "mmlu_pro": [("mmlu_pro/test",)], "gsm8k": [("gsm8k/test",)],
+               "ifeval": [("ifeval/train", "ifeval/input_data")], "bbh": []}
 
 
 def require_split(data_dir, *rels):
@@ -244,9 +251,9 @@ def qa_query(question):
 
 def task_arc(ctx):
     metrics, examples = {}, []
-    for subset in ("ARC-Easy", "ARC-Challenge"):
+    for subset, rels in zip(("ARC-Easy", "ARC-Challenge"), TASK_SPLITS["arc"]):
         docs = []
-        for where, row in load_rows(require_split(ctx.data_dir, f"arc/{subset}/test"), ctx.limit):
+        for where, row in load_rows(require_split(ctx.data_dir, *rels), ctx.limit):
             choices = field(row, "choices", where)
             labels, texts = list(field(choices, "label", where)), list(field(choices, "text", where))
             if len(labels) != len(texts):
@@ -272,7 +279,7 @@ def hellaswag_preprocess(text):
 
 def task_hellaswag(ctx):
     docs = []
-    for where, row in load_rows(require_split(ctx.data_dir, "hellaswag/validation"), ctx.limit):
+    for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["hellaswag"][0]), ctx.limit):
         # str.capitalize also lowercases the rest ("John" -> "john"), as lm-eval and lighteval do
         context = f"{field(row, 'ctx_a', where)} {field(row, 'ctx_b', where).capitalize()}"
         label = field(row, "label", where)
@@ -290,7 +297,7 @@ def task_hellaswag(ctx):
 
 def task_piqa(ctx):
     docs = []
-    for where, row in load_rows(require_split(ctx.data_dir, "piqa/validation"), ctx.limit):
+    for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["piqa"][0]), ctx.limit):
         docs.append({"id": where, "query": qa_query(field(row, "goal", where)),
                      "choices": [" " + field(row, k, where) for k in ("sol1", "sol2")],
                      "gold": gold_index(field(row, "label", where), 2, where, "label")})
@@ -301,7 +308,7 @@ def task_piqa(ctx):
 
 def task_mmlu_pro(ctx):
     docs = []
-    for where, row in load_rows(require_split(ctx.data_dir, "mmlu_pro/test"), ctx.limit):
+    for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["mmlu_pro"][0]), ctx.limit):
         options = list(field(row, "options", where))
         if len(options) > len(LETTERS):
             raise DataError(where, f"{len(options)} options: more than the {len(LETTERS)} letters")
@@ -325,7 +332,7 @@ def gsm8k_reference(answer, where):
 
 
 def task_gsm8k(ctx):
-    test = load_rows(require_split(ctx.data_dir, "gsm8k/test"))
+    test = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0]))
     train_path = find_split(ctx.data_dir, "gsm8k/train")
     if train_path is not None:
         train = [row for _, row in load_rows(train_path)]
@@ -350,7 +357,7 @@ def task_gsm8k(ctx):
 
 
 def task_ifeval(ctx):
-    rows = load_rows(require_split(ctx.data_dir, "ifeval/train", "ifeval/input_data"), ctx.limit)
+    rows = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["ifeval"][0]), ctx.limit)
     prompts = []
     for where, row in rows:
         for key in ("prompt", "instruction_id_list", "kwargs"):
@@ -437,6 +444,11 @@ def evaluate_tasks(model, tok, tasks, data_dir, template="tulu", limit=None, bat
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    for task in tasks:  # every file is found before the first task runs: a missing one costs no finished task
+        for rels in TASK_SPLITS[task]:
+            require_split(data_dir, *rels)
+        if task == "bbh":
+            bbh_subtasks(data_dir)
     torch.manual_seed(seed)
     ctx = EvalContext(model, tok, data_dir, template, limit, batch_size, seed, max_new_tokens)
     return {task: TASKS[task](ctx) for task in tasks}
@@ -501,15 +513,6 @@ def evaluate_demo(model, tok, data, template="tulu", limit=None, batch_size=16, 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
-def template_of(tok):
-    """The chat template a saved tokenizer names: our trainers save 'tulu' or 'chatml' (or its jinja text);
-    SmolLM2-Instruct's jinja is ChatML."""
-    saved = tok.chat_template or ""
-    if saved in ("tulu", "chatml"):
-        return saved
-    return "chatml" if "<|im_start|>" in saved else "tulu"
-
-
 def print_table(rows):
     """rows: (task, metric, value in [0, 1], n); values printed as percentages like the paper's table."""
     widths = [max(len(str(r[i])) for r in rows + [("task", "metric", "", "n")]) for i in (0, 1, 3)]
@@ -550,7 +553,7 @@ def main(argv=None):
         model, tok = load_model_and_tokenizer(args.model, args.device, dtype)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}" + ("\n(the demo model: train it first with `python train_sft.py`)" if demo else ""))
-    template = args.template or template_of(tok)
+    template = args.template or template_name(tok.chat_template)
     t0 = time.time()
     if demo:
         summary, examples = run_demo_eval(model, tok, make_demo_data(args.demo_seed), template, args.limit,

@@ -368,9 +368,12 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_hf_dict(dtype), f, indent=2)
+        eos = self.config.eos_token_id
+        if tokenizer is not None:  # a data.Tokenizer: generation also stops at its template's end of turn
+            eos = list(dict.fromkeys([eos, *tokenizer.end_of_turn_ids()]))
+            eos = eos[0] if len(eos) == 1 else eos
         with open(os.path.join(path, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}, f,
-                      indent=2)
+            json.dump({"bos_token_id": self.config.bos_token_id, "eos_token_id": eos}, f, indent=2)
         # A tied head is the embedding itself: state_dict() does not list it, and HF does not store it either.
         state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state(self.state_dict(), self.config).items()}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

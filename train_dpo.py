@@ -341,6 +341,7 @@ def main(argv=None):
     common.prepare_run_dir(cfg, d)
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tok.chat_template = cfg.template  # final/ records the template the pairs were rendered with
     raw = build_model(cfg, d)
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
     weights = weights_digest(raw)  # before wrapping, which shards in place

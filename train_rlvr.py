@@ -233,11 +233,6 @@ def default_demo_model():
                             "exists: run `python train_sft.py` first (and optionally `python train_dpo.py`)")
 
 
-def resolve_template(cfg, tok):
-    if cfg.template:
-        return cfg.template
-    saved = tok.chat_template or ""
-    return saved if saved in ("tulu", "chatml") else ("chatml" if "<|im_start|>" in saved else "tulu")
 
 
 def load_prompts(cfg, tok, template):
@@ -338,6 +333,8 @@ def check_config(cfg, d):
                                  "split into num_minibatches optimizer steps of batch_size micro-batches")
     if cfg.temperature <= 0:
         raise common.ConfigError(f"temperature={cfg.temperature}: RLVR samples, it must be > 0")
+    if cfg.value_model and cfg.algo != "ppo":
+        raise common.ConfigError(f"value_model={cfg.value_model}: only --algo=ppo has a value model")
     grpo_advantages(torch.zeros(1, 2), cfg.advantage_norm)  # validates advantage_norm
 
 
@@ -362,8 +359,8 @@ def main(argv=None):
     common.seed_all(cfg.seed + d.rank)
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    template = resolve_template(cfg, tok)
-    tok.chat_template = tok.chat_template or template
+    template = cfg.template or data.template_name(tok.chat_template)
+    tok.chat_template = template  # final/ records the template the policy was trained with
     stop_ids = data.stop_token_ids(tok, template)
     train_rows, eval_rows = load_prompts(cfg, tok, template)
     per_rank = cfg.prompts_per_step // d.world_size
@@ -398,6 +395,10 @@ def main(argv=None):
     common.print0(f"{cfg.algo.upper()} from {cfg.model}: {len(train_rows)} prompts, {len(eval_rows)} held out; "
                   f"{policy.num_params() / 1e6:.2f}M params; {cfg.prompts_per_step} prompts x {cfg.num_samples} "
                   f"samples per step over {d.world_size} ranks, lr {cfg.lr:.3g}, beta {cfg.beta}, {total_steps} steps")
+    if cfg.algo == "ppo":  # Tulu 3 starts the value model from a reward model; say so when it does not
+        common.print0(f"value model: the reward model at {cfg.value_model}" if cfg.value_model else
+                      "value model: a copy of the policy with a zero value head (no --value_model given; Tulu 3 "
+                      "starts it from a reward model: train_dpo.py --objective=reward_model)")
 
     def evaluate():
         if not eval_rows:

@@ -37,15 +37,16 @@ CURVES = {
 
 def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     run_dir = os.path.join(out, name)
+    # --overwrite: this script decides which stages to rerun, and a rerun replaces the stage's earlier run
     cmd = [sys.executable, os.path.join(ROOT, trainer), f"--run_dir={run_dir}", f"--seed={seed}",
-           f"--demo_seed={seed}"]
+           f"--demo_seed={seed}", "--overwrite=true"]
     if parent:
         cmd.append(f"--model={os.path.join(out, parent, 'final')}")
     cmd += extra_args.split()
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    subprocess.run(cmd, check=True, env=env)
     seconds = time.perf_counter() - t0
     with open(os.path.join(run_dir, "demo_time.json"), "w") as f:
         json.dump({"train_seconds": seconds}, f)

@@ -63,8 +63,9 @@ def train_command(args, run_dir, lr, batch, passthrough):
     launcher = [sys.executable]
     if args.nproc_per_node > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
+    # --overwrite: a point is only trained again when it has no result or failed (--retry_failed)
     cmd = launcher + [os.path.join(ROOT, TRAINERS[args.stage]), f"--run_dir={run_dir}", f"--lr={lr!r}",
-                      f"--total_batch_size={batch}", f"--seed={args.seed}"]
+                      f"--total_batch_size={batch}", f"--seed={args.seed}", "--overwrite=true"]
     if args.config:
         cmd.insert(len(launcher) + 1, f"--config={args.config}")
     for key in ("model", "data"):
@@ -81,7 +82,7 @@ def evaluate(args, final, run_dir):
                f"--data_dir={args.eval_data_dir}", f"--out={out}"]
         if args.eval_limit:
             cmd.append(f"--limit={args.eval_limit}")
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        subprocess.run(cmd, check=True)
         with open(out) as f:
             summary = json.load(f)["summary"]
         return {task: res["value"] for task, res in summary.items()}
@@ -122,15 +123,17 @@ def run_point(args, lr, batch, ratio, passthrough):
     print(f"--- {name}: {' '.join(cmd)}", flush=True)
     result = {"point": name, "lr": lr, "batch": batch, "lr_bs_ratio": ratio, "settings": settings}
     t0 = time.perf_counter()
+    phase = f"training (log: {os.path.join(run_dir, 'train.log')})"
     try:
         with open(os.path.join(run_dir, "train.log"), "w") as log:
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         result["train_seconds"] = round(time.perf_counter() - t0, 1)
+        phase = "evaluation (its output is above)"
         result["metrics"] = evaluate(args, os.path.join(run_dir, "final"), run_dir)
         result["status"] = "ok"
     except (subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
         result["status"] = "failed"
-        result["error"] = f"{type(e).__name__}: {e} (log: {os.path.join(run_dir, 'train.log')})"
+        result["error"] = f"{type(e).__name__} in {phase}: {e}"
         print(f"--- {name}: FAILED: {result['error']}", flush=True)
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
@@ -147,12 +150,12 @@ def write_tables(results, out):
         for r in results:
             w.writerow([r["point"], r["lr"], r["batch"], r["lr_bs_ratio"], r["status"], r.get("train_seconds", "")]
                        + [r.get("metrics", {}).get(m, "") for m in metrics])
-    lines = ["| lr | batch | lr/batch | " + " | ".join(metrics) + " | status |",
-             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    lines = ["| " + " | ".join(["lr", "batch", "lr/batch", *metrics, "status"]) + " |",
+             "|" + "---|" * (len(metrics) + 4)]
     for r in sorted(results, key=lambda r: (r["lr_bs_ratio"], r["batch"])):
         vals = [f"{100 * r['metrics'][m]:.1f}" if m in r.get("metrics", {}) else "-" for m in metrics]
-        lines.append(f"| {r['lr']:.3g} | {r['batch']} | {r['lr_bs_ratio']:.3g} | " + " | ".join(vals)
-                     + f" | {r['status']} |")
+        lines.append("| " + " | ".join([f"{r['lr']:.3g}", str(r["batch"]), f"{r['lr_bs_ratio']:.3g}", *vals,
+                                        r["status"]]) + " |")
     table = "\n".join(lines)
     with open(os.path.join(out, "sweep.md"), "w") as f:
         f.write("Metrics in %, rows sorted by lr / effective batch (batch: rows per optimizer step, packed rows when "

@@ -188,6 +188,7 @@ def test_setup_distributed_makes_the_chosen_gpu_the_current_one(monkeypatch):
     """Triton launches on the current device, and the CUDA RNG state is read from it: --device=cuda:1 must make
     GPU 1 current, and under torchrun each rank's LOCAL_RANK GPU (no CUDA here: set_device is recorded)."""
     made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -199,6 +200,12 @@ def test_setup_distributed_makes_the_chosen_gpu_the_current_one(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: a fixed GPU index would put every rank on one GPU
     with pytest.raises(ValueError, match="LOCAL_RANK"):
         common.setup_distributed("cuda:1")
+
+
+def test_setup_distributed_on_a_machine_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(common.ConfigError, match="device='cuda': .* sees no CUDA GPU"):
+        common.setup_distributed("cuda")
 
 
 def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
@@ -228,6 +235,37 @@ def test_run_dir_config_and_metrics_truncated_on_resume(tmp_path):
     # a fresh run (no --resume) starts its folder over
     common.prepare_run_dir(cfg, d)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp_path):
+    d = common.setup_distributed("cpu")
+    for earlier in ("checkpoints/step_0000004", "final"):
+        run = tmp_path / earlier.split("/")[0]
+        (run / earlier).mkdir(parents=True)
+        (run / earlier / "model.safetensors").write_text("weights")
+        (run / "metrics.jsonl").write_text('{"step": 4}\n')
+        fresh = common.parse_config(Cfg, [f"--run_dir={run}"])
+        with pytest.raises(common.ConfigError, match=r"holds an earlier run .*--resume=true.*--overwrite=true"):
+            common.prepare_run_dir(fresh, d)
+        assert (run / earlier / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
+        common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={run}", "--resume=true"]), d)
+        assert (run / earlier / "model.safetensors").exists()
+        common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={run}", "--overwrite=true"]), d)
+        assert not (run / earlier.split("/")[0]).exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_a_misspelt_schedule_fails_when_the_config_is_parsed():
+    # lr_at reads the schedule only after warmup, which on a paper preset is thousands of steps in
+    with pytest.raises(common.ConfigError, match="schedule='cosin': expected linear, cosine, constant"):
+        common.parse_config(Cfg, ["--schedule=cosin", "--warmup_ratio=0.5"])
+
+
+def test_help_shows_the_values_a_preset_and_overrides_set(tmp_path, capsys):
+    preset = write_json(tmp_path, {"lr": 9e-5, "max_steps": 7})
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, [f"--config={preset}", "--max_steps=3", "--help"])
+    out = capsys.readouterr().out
+    assert "--lr=9e-05" in out and "--max_steps=3" in out and "--batch_size=1" in out
 
 
 def test_help_lists_every_field_with_its_default_and_comment(capsys):

@@ -1,3 +1,4 @@
+import copy
 import glob
 import json
 import logging
@@ -325,6 +326,36 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
     data.tokenize_sft(rows, other_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     data.tokenize_sft(rows[1:], demo_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     assert len(os.listdir(cache)) == 5 and not any(f.endswith(".tmp") for f in os.listdir(cache))
+
+
+def test_template_name_of_a_saved_chat_template():
+    assert data.template_name(None) == data.template_name("tulu") == data.template_name(data.TULU_TEMPLATE) == "tulu"
+    assert data.template_name("chatml") == data.template_name(data.CHATML_TEMPLATE) == "chatml"
+    assert data.template_name("{{ '<|im_start|>' + message['role'] }}") == "chatml"  # SmolLM2-Instruct's own jinja
+
+
+@pytest.mark.parametrize("template", ["tulu", "chatml"])
+def test_a_saved_model_stops_at_its_templates_end_of_turn_in_transformers(demo_tok, tmp_path, template):
+    from transformers import GenerationConfig
+
+    from model import ModelConfig, Transformer
+    tok = copy.copy(demo_tok)
+    tok.chat_template = template
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(str(tmp_path), tokenizer=tok)
+    im_end = tok.token_to_id("<|im_end|>")
+    expected = 0 if template == "tulu" else [0, im_end]  # eos first, then ChatML's end of turn
+    assert GenerationConfig.from_pretrained(str(tmp_path)).eos_token_id == expected
+
+
+def test_sft_rows_cut_at_max_seq_len_are_reported(demo, demo_tok, caplog):
+    rows = demo["sft_train"][:40]
+    lengths = [len(ids) for ids, _ in data.tokenize_sft(rows, demo_tok, "tulu", 10_000, num_workers=1, progress=False)]
+    limit = sorted(lengths)[len(lengths) // 2]
+    with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+        cut = data.tokenize_sft(rows, demo_tok, "tulu", limit, num_workers=1, progress=False)
+    full = sum(len(ids) == limit for ids, _ in cut)
+    assert full >= sum(n > limit for n in lengths) > 0
+    assert f"{full} SFT rows fill max_seq_len={limit}: longer ones were cut at the end" in caplog.text
 
 
 def test_truncation_to_max_seq_len_drops_rows_left_with_nothing_to_train(demo, demo_tok, caplog):

@@ -259,6 +259,16 @@ def test_missing_data_file_names_the_expected_path(loaded, tmp_path):
             ev.evaluate_tasks(model, tok, [task], str(tmp_path))
 
 
+def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatch):
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    shutil.rmtree(tmp_path / "evals" / "bbh")
+    ran = []
+    monkeypatch.setitem(ev.TASKS, "arc", lambda ctx: ran.append("arc"))
+    with pytest.raises(FileNotFoundError, match="expected one file per BBH subtask"):
+        ev.evaluate_tasks(None, None, ["arc", "gsm8k", "bbh"], str(tmp_path / "evals"))
+    assert ran == []  # arc's finished scores would have been thrown away
+
+
 def test_bad_row_names_the_file_and_field(loaded, tmp_path):
     model, tok = loaded
     (tmp_path / "piqa").mkdir()

@@ -181,18 +181,27 @@ def test_collate_puts_response_tokens_in_label_layout():
 # ----------------------------------------------------------------------------------------------------------
 # Whole runs
 
-def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch):
+def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch, capsys):
     run = tmp_path / "ppo"
     clipped, clip_grad = [], common.clip_grad  # policy and value are clipped apart, as open-instruct's two engines
     monkeypatch.setattr(common, "clip_grad", lambda model, max_norm: clipped.append(type(model).__name__)
                         or clip_grad(model, max_norm))
-    train_rlvr.main(args_for(tiny, run, "--algo=ppo", "--num_samples=1", "--beta=0.05", "--eval_data="))
+    # the input model was saved with tulu: final/ must record the template the policy was trained with
+    train_rlvr.main(args_for(tiny, run, "--algo=ppo", "--num_samples=1", "--beta=0.05", "--eval_data=",
+                             "--template=chatml"))
+    assert "value model: a copy of the policy with a zero value head (no --value_model" in capsys.readouterr().out
+    assert data.Tokenizer.from_pretrained(str(run / "final")).chat_template == data.CHATML_TEMPLATE
     assert clipped == ["Transformer", "ValueModel"] * 8  # 2 steps x 2 epochs x 2 minibatches
     m = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in m] == [1, 2]
     assert all(r["rollouts"] == 4 and "vf_loss" in r and r["value_grad_norm"] > 0 and r["kl_k3"] >= 0 for r in m)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
     assert os.path.isfile(run / "final" / "model.safetensors") and os.path.isfile(run / "final" / "tokenizer.json")
+
+
+def test_a_value_model_with_grpo_is_an_error_not_ignored(tiny, tmp_path):
+    with pytest.raises(common.ConfigError, match="only --algo=ppo has a value model"):
+        train_rlvr.main(args_for(tiny, tmp_path / "run", "--algo=grpo", f"--value_model={tiny.model_dir}"))
 
 
 def test_two_ranks_run_and_shard_prompts(tiny, tmp_path):
