@@ -66,7 +66,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile each transformer block (compiling costs time at the start)
     precision: str = "auto"         # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU): autocast and FSDP2 params
     checkpoint_every: int = 0       # optimizer steps; 0 = no checkpoints
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2       # the newest N are kept (0 = all)
     resume: bool = False            # continue from the newest checkpoint in run_dir/checkpoints
     overwrite: bool = False         # a fresh run may delete an earlier run's checkpoints and final/ in run_dir
     log_every: int = 1
@@ -77,6 +77,18 @@ class TrainConfig:
         # Checked at start-up: lr_at reads the schedule only once warmup is over, thousands of steps in.
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r}: expected {', '.join(SCHEDULES)}")
+        for name, low in _AT_LEAST.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be at least {low}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be between 0 and 1")
+
+
+# the lowest value each numeric field may take (a zero batch would only fail later, dividing by it)
+_AT_LEAST = {"batch_size": 1, "grad_accum": 1, "epochs": 1, "log_every": 1, "total_batch_size": 0, "max_steps": 0,
+             "lr": 0.0, "lr_bs_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "checkpoint_every": 0,
+             "keep_checkpoints": 0, "eval_every": 0}
 
 
 class ConfigError(ValueError):
@@ -159,6 +171,8 @@ def parse_config(cls, argv=None):
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key == "config":
+            if not val:
+                raise ConfigError("command line: --config needs a preset file (--config=configs/NAME.json)")
             presets.append(val)
             continue
         if not eq:
@@ -509,8 +523,9 @@ def load_checkpoint(path, model, optimizer=None):
     """Restore model, optimizer and this rank's RNG state; returns {'step': int, 'extra': dict}."""
     model_sd = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
     optim_path = os.path.join(path, "optimizer.pt")
-    optim_sd = torch.load(optim_path, map_location="cpu", weights_only=False) \
-        if optimizer is not None and os.path.exists(optim_path) else None
+    if optimizer is not None and not os.path.exists(optim_path):
+        raise FileNotFoundError(f"{optim_path}: missing, so this checkpoint cannot resume training exactly")
+    optim_sd = torch.load(optim_path, map_location="cpu", weights_only=False) if optimizer is not None else None
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
             set_optimizer_state_dict
@@ -529,6 +544,13 @@ def load_checkpoint(path, model, optimizer=None):
     return {"step": state["step"], "extra": state["extra"]}
 
 
+# What a resumed run may change: where its folder is, how it reports, checkpoints, splits its batch and runs, not
+# what it trains on or how (the effective batch is total_batch_size, which is compared).
+RESUMABLE_CHANGES = {"run_dir", "resume", "overwrite", "device", "progress", "log_every", "eval_every", "eval_data",
+                     "checkpoint_every", "keep_checkpoints", "cache_dir", "batch_size", "grad_accum", "fsdp",
+                     "compile", "gradient_checkpointing"}
+
+
 def maybe_resume(cfg, model, optimizer, sampler):
     """With --resume and a checkpoint in run_dir: restore model, optimizer, RNG and the sampler position, and
     return the step to continue from; otherwise 0."""
@@ -538,6 +560,14 @@ def maybe_resume(cfg, model, optimizer, sampler):
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"
                    + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
         return 0
+    saved = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)["extra"].get("config")
+    now = config_dict(cfg)
+    changed = {k: (saved.get(k), v) for k, v in now.items()
+               if saved is not None and k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume: {path} was trained with other settings ({diff}); resume with the same ones, "
+                          f"or start a new run")
     state = load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["extra"]["sampler"])
     print0(f"resumed from step {state['step']} ({path})")
@@ -570,6 +600,26 @@ def prepare_run_dir(cfg, d):
     barrier()
 
 
+def drop_records_after(path, step):
+    """Keep only the records of a run log (jsonl, one 'step' per record) up to `step`, where a resumed run picks up;
+    step 0 (no checkpoint was reached: the run starts over) keeps none. Rewritten atomically: a run killed while
+    resuming keeps its history."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not JSON ({e.msg}); delete the line to resume") from None
+            if step and record.get("step", 0) <= step:
+                keep.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsLogger:
     """Appends one JSON line per call to run_dir/metrics.jsonl on rank 0. On resume it first drops the lines
     logged after the checkpoint, so the file reads as one uninterrupted run."""
@@ -577,12 +627,8 @@ class MetricsLogger:
     def __init__(self, run_dir, enabled=True, resume_step=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled
-        if enabled and resume_step is not None and os.path.exists(self.path):
-            # resume_step 0: no checkpoint was reached, the run starts over (its step-0 evaluation included)
-            with open(self.path) as f:
-                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step] if resume_step else []
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+        if enabled and resume_step is not None:
+            drop_records_after(self.path, resume_step)
 
     def log(self, record):
         if self.enabled:

@@ -49,7 +49,13 @@ def _read_json(path):
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 class Tokenizer:
@@ -83,9 +89,16 @@ class Tokenizer:
         tokenizer_config.json, special_tokens_map.json, generation_config.json (ids), then '<|endoftext|>'."""
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not path:
+            raise FileNotFoundError("tokenizer: no folder given (pass --model=PATH, or --tokenizer=PATH)")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer: {path} does not exist")
         if not os.path.exists(file):
             raise FileNotFoundError(f"tokenizer: no tokenizer.json at {file}")
-        tk = tokenizers.Tokenizer.from_file(file)
+        try:
+            tk = tokenizers.Tokenizer.from_file(file)
+        except Exception as e:  # the library raises a bare Exception for a broken file
+            raise ValueError(f"{file}: not a readable tokenizer ({e})") from None
         tok_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         special_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
         gen_config = _read_json(os.path.join(folder, "generation_config.json"))
@@ -274,6 +287,22 @@ def stop_token_ids(tok, template):
     return ids
 
 
+def check_vocab(tok, vocab_size, where):
+    """A token id past the embedding table fails deep inside the model (a device-side assert on GPU): say so here."""
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{vocab_size}; they must come from the same snapshot")
+
+
+def resolve_template(requested, tok):
+    """The chat template to train with: `requested`, else the one the model was saved with (tulu when none).
+    Training a model in another format than it was saved with is allowed, but said."""
+    saved = template_name(tok.chat_template) if tok.chat_template else None
+    if requested and saved and requested != saved:
+        log.warning(f"the model was saved with the {saved} chat template; training with {requested} (--template)")
+    return requested or saved or "tulu"
+
+
 def template_name(chat_template):
     """The template a saved tokenizer's chat_template names: our trainers save 'tulu' or 'chatml' (written out
     as jinja in tokenizer_config.json); any other jinja with ChatML's markers (SmolLM2-Instruct's) is chatml."""
@@ -339,17 +368,27 @@ def _iter_raw(spec):
             except ImportError:
                 raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to jsonl)")
             i = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            try:
+                parquet = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow's errors (a truncated download: "magic bytes not found") name no file
+                raise DataError(path, f"not a readable parquet file ({e})") from None
+            for batch in parquet.iter_batches(batch_size=1024):
                 for row in batch.to_pylist():
                     yield f"{path} row {i}", row
                     i += 1
             continue
         if path.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:  # line by line: a multi-GB export never sits in memory
-                yield from _jsonl_rows(path, f)
+                try:
+                    yield from _jsonl_rows(path, f)
+                except UnicodeDecodeError as e:
+                    raise DataError(path, f"not UTF-8 text ({e.reason}) after the rows read so far") from None
             continue
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            try:
+                text = f.read()
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not text.lstrip().startswith("["):  # datasets' to_json writes JSON lines into .json files
             # split on \n only: JSON strings may hold U+2028 and other characters that str.splitlines breaks on
             yield from _jsonl_rows(path, text.split("\n"))
@@ -664,7 +703,8 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
         log.warning(f"dropped {out.num_skipped} preference pairs longer than {max_seq_len} tokens (truncation='drop')")
     full = sum(1 for row in out if max_seq_len in (len(row["chosen"][0]), len(row["rejected"][0])))
     if truncation == "left" and full:
-        log.warning(f"{full} preference pairs fill max_seq_len={max_seq_len}: longer prompts were cut from the left")
+        log.warning(f"{full} preference pairs fill max_seq_len={max_seq_len}: longer ones lost their oldest prompt "
+                    f"tokens, and a response that still did not fit lost its end")
     return out
 
 

@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verifiers
-from data import DataError, Tokenizer, make_demo_data, read_rows, render_chat, stop_token_ids, template_name
+from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, stop_token_ids,
+                  template_name)
 from model import Transformer, generate
 
 ALL_TASKS = ("gsm8k", "ifeval", "arc", "hellaswag", "piqa", "mmlu_pro", "bbh")
@@ -74,8 +75,9 @@ def load_model_and_tokenizer(path, device="cpu", dtype=torch.float32):
         raise FileNotFoundError(f"no model at {path}: expected a folder with config.json, model weights and "
                                 f"tokenizer.json (as written by save_pretrained)")
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    model.eval()
-    return model, Tokenizer.from_pretrained(path)
+    tok = Tokenizer.from_pretrained(path)
+    check_vocab(tok, model.config.vocab_size, path)
+    return model.eval(), tok
 
 
 def find_split(data_dir, rel):
@@ -328,20 +330,26 @@ def task_mmlu_pro(ctx):
 def gsm8k_reference(answer, where):
     if "####" not in answer:
         raise DataError(where, "answer has no '#### <number>' line")
-    return answer.split("####")[-1].strip().replace(",", "")
+    reference = answer.split("####")[-1].strip().replace(",", "")
+    try:  # checked before any generation, not when the first score is taken
+        verifiers.gsm8k("", reference)
+    except ValueError as e:
+        raise DataError(where, str(e)) from None
+    return reference
 
 
 def task_gsm8k(ctx):
     test = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0]))
     train_path = find_split(ctx.data_dir, "gsm8k/train")
     if train_path is not None:
-        train = [row for _, row in load_rows(train_path)]
+        train = load_rows(train_path)
         shots = random.Random(ctx.seed).sample(train, min(5, len(train)))
     else:  # documented fallback: the first five test rows become the examples and are not scored
-        shots, test = [row for _, row in test[:5]], test[5:]
+        shots, test = test[:5], test[5:]
     if ctx.limit is not None:
         test = test[:ctx.limit]
-    header = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    header = "".join(f"Question: {field(s, 'question', where)}\nAnswer: {field(s, 'answer', where)}\n\n"
+                     for where, s in shots)
     prompts, refs = [], []
     for where, row in test:
         prompts.append(header + f"Question: {field(row, 'question', where)}\nAnswer:")
@@ -362,6 +370,10 @@ def task_ifeval(ctx):
     for where, row in rows:
         for key in ("prompt", "instruction_id_list", "kwargs"):
             field(row, key, where)
+        try:  # an unknown instruction or a malformed argument fails here, before any generation
+            verifiers.ifeval_row(row, "")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise DataError(where, f"{type(e).__name__}: {e}") from None
         messages = [{"role": "user", "content": row["prompt"]}]
         prompts.append(render_chat(ctx.tok, messages, template=ctx.template, add_generation_prompt=True)[0])
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 1280,
@@ -562,6 +574,8 @@ def main(argv=None):
         results = {"mode": "demo", "summary": summary, "examples": examples}
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            p.error(f"--tasks names no task; choose from {','.join(TASKS)}")
         per_task = evaluate_tasks(model, tok, tasks, args.data_dir, template, args.limit, args.batch_size,
                                   args.seed, args.max_new_tokens)
         rows = []

@@ -62,8 +62,10 @@ class ModelConfig:
                 raise ValueError(f"{where}: key {key!r} = true is not supported (this model has no biases)")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: key 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
-        if d.get("rope_scaling"):
-            raise ValueError(f"{where}: key 'rope_scaling' = {d['rope_scaling']} is not supported")
+        scaling = d.get("rope_scaling")
+        if scaling and not (isinstance(scaling, dict)
+                            and (scaling.get("rope_type") or scaling.get("type")) == "default"):
+            raise ValueError(f"{where}: key 'rope_scaling' = {scaling} is not supported")
         # transformers 5 moved rope_theta into rope_parameters; SmolLM2's own snapshots keep it at top level.
         rope = d.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
@@ -73,9 +75,14 @@ class ModelConfig:
                                "num_attention_heads") if k not in d]
         if missing:
             raise ValueError(f"{where}: missing required keys {missing}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = d.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{where}: key {key!r} = {value!r} must be a positive integer")
         num_heads = d["num_attention_heads"]
         # Fallbacks are LlamaConfig's own defaults, so a sparse config.json means what transformers reads.
-        return cls(
+        fields = dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -91,6 +98,10 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id", 1),
             eos_token_id=d.get("eos_token_id", 2),
         )
+        try:
+            return cls(**fields)
+        except ValueError as e:  # the dataclass's own checks (heads, head_dim) do not know the file
+            raise ValueError(f"{where}: {e}") from None
 
     def to_hf_dict(self, dtype=torch.float32):
         # Both rope forms, so transformers 4.x, 5.x and vLLM each find the theta where they look for it.
@@ -316,15 +327,17 @@ class Transformer(nn.Module):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path}: not found (expected a Hugging Face model folder)")
-        with open(config_path) as f:
-            config = ModelConfig.from_hf_dict(json.load(f), where=config_path)
+        config = ModelConfig.from_hf_dict(_read_json_object(config_path), where=config_path)
 
         index_path = os.path.join(path, "model.safetensors.index.json")
+        weight_map = None  # tensor name -> the shard the index says holds it
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             files = {"model.safetensors"}
         elif os.path.isfile(index_path):
-            with open(index_path) as f:
-                files = set(json.load(f)["weight_map"].values())
+            weight_map = _read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: no weight_map object (tensor name -> shard file)")
+            files = set(weight_map.values())
         else:
             raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
 
@@ -334,11 +347,22 @@ class Transformer(nn.Module):
         expected = {k: v.shape for k, v in to_hf_state(model.state_dict(), config).items()}
         tensors, where = {}, {}
         for file in sorted(files):
-            with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
+            try:
+                shard = safe_open(os.path.join(path, file), framework="pt", device=str(device))
+            except Exception as e:  # safetensors' errors name neither the file nor the folder
+                raise ValueError(f"{os.path.join(path, file)}: not a readable safetensors file ({e})") from None
+            with shard as f:
                 for name in f.keys():
                     if name.endswith("rotary_emb.inv_freq"):  # older transformers stored this derived buffer
                         continue
+                    if name in where or (weight_map is not None and weight_map.get(name) != file):
+                        raise ValueError(f"{path}: tensor {name} is in {file}, but "
+                                         + (f"also in {where[name]}" if name in where else
+                                            f"{index_path} puts it in {weight_map.get(name)}"))
                     tensors[name], where[name] = f.get_tensor(name).to(dtype), file
+        listed_nowhere = sorted(n for n in weight_map or () if n not in where and not n.endswith("rotary_emb.inv_freq"))
+        if listed_nowhere:
+            raise ValueError(f"{index_path}: lists tensors that no shard holds: {listed_nowhere}")
 
         if config.tie_word_embeddings and "lm_head.weight" in tensors:
             # Some exports write the tied head anyway; accept it only if it really is the embedding.
@@ -379,6 +403,17 @@ class Transformer(nn.Module):
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+def _read_json_object(path):
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def to_hf_state(state, config):

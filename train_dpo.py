@@ -59,7 +59,7 @@ class DPOConfig(common.TrainConfig):
     objective: str = "dpo"          # dpo | reward_model
     eval_data: str = ""             # held-out pairs ('' = eval_split of data; the demo has its own split)
     eval_split: float = 0.0         # fraction of data held out (seeded) when eval_data is empty
-    template: str = "tulu"          # tulu | chatml
+    template: str = ""              # tulu | chatml ('' = the one the model was saved with, tulu when none)
     max_seq_len: int = 2048
     truncation: str = "left"        # pairs over max_seq_len: left = cut the prompt from the left | drop
     loss_type: str = "dpo_norm"     # dpo | dpo_norm | simpo | ipo
@@ -88,6 +88,7 @@ def load_pairs(cfg, tok, d):
             eval_rows = [train_rows[i] for i in order[:n_eval]]
             train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
     else:
+        common.print0("data: the built-in synthetic demo pairs (no --data given)")
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows = [normalize_demo(r) for r in demo["pref_train"]]
         eval_rows = [normalize_demo(r) for r in demo["pref_heldout"]]
@@ -341,8 +342,10 @@ def main(argv=None):
     common.prepare_run_dir(cfg, d)
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    cfg.template = data.resolve_template(cfg.template, tok)
     tok.chat_template = cfg.template  # final/ records the template the pairs were rendered with
     raw = build_model(cfg, d)
+    data.check_vocab(tok, raw.config.vocab_size, cfg.tokenizer or cfg.model)
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
     weights = weights_digest(raw)  # before wrapping, which shards in place
     live = cfg.objective == "dpo" and cfg.reference_in_memory
@@ -412,8 +415,8 @@ def main(argv=None):
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             run_eval()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
-            common.save_checkpoint(cfg.run_dir, step, model, optimizer, extra={"sampler": sampler.state_dict()},
-                                   keep=cfg.keep_checkpoints)
+            common.save_checkpoint(cfg.run_dir, step, model, optimizer, keep=cfg.keep_checkpoints,
+                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
     bar.close()
     path = common.save_final(cfg.run_dir, model, tok)
     common.print0(f"saved {path}" + (f" (+ {VALUE_HEAD})" if cfg.objective == "reward_model" else ""))

@@ -244,6 +244,7 @@ def load_prompts(cfg, tok, template):
         heldout = data.load_rlvr_rows(cfg.eval_data, skip_bad=cfg.skip_bad_rows, check_ground_truth=check) \
             if cfg.eval_data else []
     else:
+        common.print0("data: the built-in synthetic demo prompts (no --data given)")
         demo = data.make_demo_data(cfg.demo_seed)
         train, heldout = demo["rlvr_train"], demo["rlvr_heldout"]
 
@@ -321,6 +322,13 @@ def heldout_accuracy(policy, tok, rows, cfg, stop_ids, d):
 def check_config(cfg, d):
     if cfg.algo not in ("grpo", "ppo"):
         raise common.ConfigError(f"algo={cfg.algo!r}: expected grpo or ppo")
+    for name in ("prompts_per_step", "num_samples", "max_prompt_len", "max_response_len", "ppo_epochs",
+                 "num_minibatches", "eval_max_new_tokens", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise common.ConfigError(f"{name}={getattr(cfg, name)}: must be at least 1")
+    for name in ("gen_batch_size", "samples_per_step", "beta", "clip_eps", "value_clip", "value_coef"):
+        if getattr(cfg, name) < 0:
+            raise common.ConfigError(f"{name}={getattr(cfg, name)}: must be at least 0")
     if cfg.prompts_per_step % d.world_size:
         raise common.ConfigError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the "
                                  f"{d.world_size} ranks")
@@ -359,7 +367,7 @@ def main(argv=None):
     common.seed_all(cfg.seed + d.rank)
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    template = cfg.template or data.template_name(tok.chat_template)
+    template = data.resolve_template(cfg.template, tok)
     tok.chat_template = template  # final/ records the template the policy was trained with
     stop_ids = data.stop_token_ids(tok, template)
     train_rows, eval_rows = load_prompts(cfg, tok, template)
@@ -369,6 +377,7 @@ def main(argv=None):
     datasets = sorted({r["dataset"] for r in train_rows})
 
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
+    data.check_vocab(tok, policy.config.vocab_size, cfg.tokenizer or cfg.model)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     # the reference is the initial policy: a frozen copy (rebuilt from cfg.model on resume)
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.beta > 0 else None
@@ -386,11 +395,8 @@ def main(argv=None):
     params = [p for p in trained.parameters() if p.requires_grad]
 
     step = common.maybe_resume(cfg, trained, optimizer, sampler)
-    if step and d.is_main and os.path.exists(samples_path):  # samples logged after the checkpoint are redone
-        with open(samples_path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(samples_path, "w") as f:
-            f.writelines(keep)
+    if step and d.is_main:  # samples logged after the checkpoint are redone
+        common.drop_records_after(samples_path, step)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     common.print0(f"{cfg.algo.upper()} from {cfg.model}: {len(train_rows)} prompts, {len(eval_rows)} held out; "
                   f"{policy.num_params() / 1e6:.2f}M params; {cfg.prompts_per_step} prompts x {cfg.num_samples} "
@@ -524,8 +530,8 @@ def main(argv=None):
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
             evaluate()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
-            common.save_checkpoint(cfg.run_dir, step, trained, optimizer, extra={"sampler": sampler.state_dict()},
-                                   keep=cfg.keep_checkpoints)
+            common.save_checkpoint(cfg.run_dir, step, trained, optimizer, keep=cfg.keep_checkpoints,
+                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
     bar.close()
     end_acc = evaluate()
     for k in end_acc:

@@ -43,10 +43,15 @@ class SFTConfig(common.TrainConfig):
 def load_data(cfg, d):
     """Rows -> tokenizer -> tokenized (ids, mask) examples for train and held-out."""
     if cfg.data:
+        if not (cfg.model or cfg.tokenizer):
+            raise common.ConfigError("--data needs --model=PATH (an HF folder: the weights and their tokenizer)")
         tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
         train_rows = data.load_sft_rows(cfg.data, skip_bad=cfg.skip_bad_rows)
         eval_rows = data.load_sft_rows(cfg.eval_data, skip_bad=cfg.skip_bad_rows) if cfg.eval_data else []
     else:
+        if cfg.model:  # the demo data comes with its own tokenizer, which a real model's embeddings do not fit
+            raise common.ConfigError(f"--model={cfg.model} without --data: pass the data to train on (only the "
+                                     f"from-scratch demo runs on the built-in synthetic data)")
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows, eval_rows = demo["sft_train"], demo["sft_heldout"]
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
@@ -78,6 +83,7 @@ def make_batches(cfg, examples):
 def build_model(cfg, tok, d):
     if cfg.model:
         model = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device="cpu")
+        data.check_vocab(tok, model.config.vocab_size, cfg.tokenizer or cfg.model)
     else:
         torch.manual_seed(cfg.seed)
         model = Transformer(ModelConfig.from_preset("demo", vocab_size=tok.vocab_size))
@@ -199,8 +205,8 @@ def main(argv=None):
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             evaluate()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
-            common.save_checkpoint(cfg.run_dir, step, model, optimizer, extra={"sampler": sampler.state_dict()},
-                                   keep=cfg.keep_checkpoints)
+            common.save_checkpoint(cfg.run_dir, step, model, optimizer, keep=cfg.keep_checkpoints,
+                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
     bar.close()
     tok.chat_template = cfg.template  # written into tokenizer_config.json, so transformers users get it too
     path = common.save_final(cfg.run_dir, model, tok)

@@ -49,8 +49,13 @@ def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     subprocess.run(cmd, check=True, env=env)
     seconds = time.perf_counter() - t0
     with open(os.path.join(run_dir, "demo_time.json"), "w") as f:
-        json.dump({"train_seconds": seconds}, f)
+        json.dump({"train_seconds": seconds, "settings": stage_settings(seed, extra_args)}, f)
     return seconds
+
+
+def stage_settings(seed, extra_args):
+    """What decides a stage's model besides its parent: a stage trained under other settings is not reused."""
+    return {"seed": seed, "args": extra_args.split()}
 
 
 def evaluate_stage(final, seed, limit=None):
@@ -159,9 +164,19 @@ def main(argv=None):
     for i, (name, trainer, parent) in enumerate(STAGES[:last + 1]):
         final = os.path.join(args.out, name, "final")
         timing = os.path.join(args.out, name, "demo_time.json")
-        # a stage runs when asked to, when it has no finished output, or when the stage it starts from changed
-        if i >= redo_from or upstream_ran or not (os.path.isdir(final) and os.path.exists(timing)):
-            run_stage(name, trainer, parent, args.out, args.seed, args.threads, getattr(args, f"{name}_args"))
+        # a stage runs when asked to, when it has no finished output, when it was trained under other settings
+        # (seed, extra arguments), or when the stage it starts from changed
+        extra = getattr(args, f"{name}_args")
+        done = os.path.isdir(final) and os.path.exists(timing)
+        if done:
+            with open(timing) as f:
+                before = json.load(f).get("settings")
+            if before != stage_settings(args.seed, extra):
+                print(f"=== {name}: trained before with {before}, now {stage_settings(args.seed, extra)}: "
+                      f"training it again", flush=True)
+                done = False
+        if i >= redo_from or upstream_ran or not done:
+            run_stage(name, trainer, parent, args.out, args.seed, args.threads, extra)
             upstream_ran = True
         else:
             print(f"=== {name}: reusing {final} (--redo={name} to run it again)", flush=True)

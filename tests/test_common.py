@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -154,6 +155,61 @@ def test_checkpoint_roundtrip_restores_model_optimizer_rng_and_extra(tmp_path):
         assert torch.equal(v, expected_weights[k]), k
 
 
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    from data import EpochSampler
+    model, sampler = Tiny(), EpochSampler(8, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--lr=0.01", "--batch_size=2", "--grad_accum=2"])
+    common.save_checkpoint(str(tmp_path), 3, model, opt,
+                           extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
+    changed = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--lr=0.1", "--model=other",
+                                        "--batch_size=2", "--grad_accum=2"])
+    with pytest.raises(common.ConfigError, match=r"other settings \(model: '' then, 'other' now, lr: 0.01 then, "
+                                                 r"0.1 now\)"):
+        common.maybe_resume(changed, model, opt, sampler)
+    # how the batch is split, how often it logs or checkpoints: a resumed run may change those
+    same = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--lr=0.01", "--batch_size=4",
+                                     "--grad_accum=1", "--log_every=5", "--checkpoint_every=9"])
+    assert common.maybe_resume(same, model, opt, sampler) == 3
+
+
+def test_a_checkpoint_without_its_optimizer_state_does_not_resume_with_a_fresh_one(tmp_path):
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    common.save_checkpoint(str(tmp_path), 1, model, opt)
+    path = common.latest_checkpoint(str(tmp_path))
+    os.remove(os.path.join(path, "optimizer.pt"))
+    with pytest.raises(FileNotFoundError, match="optimizer.pt: missing"):
+        common.load_checkpoint(path, model, opt)
+
+
+def test_dropping_records_after_the_resumed_step_is_atomic_and_names_a_bad_line(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed before the rename: the history is whole
+        common.drop_records_after(str(path), 2)
+    assert len(path.read_text().splitlines()) == 5
+    monkeypatch.setattr(os, "replace", real_replace)
+    common.drop_records_after(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2: not JSON"):
+        common.drop_records_after(str(path), 2)
+
+
+@pytest.mark.parametrize("arg,message", [("--batch_size=0", "batch_size=0: must be at least 1"),
+                                         ("--grad_accum=0", "grad_accum=0: must be at least 1"),
+                                         ("--log_every=0", "log_every=0: must be at least 1"),
+                                         ("--epochs=0", "epochs=0: must be at least 1"),
+                                         ("--checkpoint_every=-1", "checkpoint_every=-1: must be at least 0"),
+                                         ("--warmup_ratio=5", "warmup_ratio=5.0: must be between 0 and 1")])
+def test_numbers_out_of_range_fail_when_the_config_is_parsed(arg, message):
+    with pytest.raises(common.ConfigError, match=re.escape(message)):
+        common.parse_config(Cfg, [arg])
+
+
 def test_checkpoints_keep_last_k(tmp_path):
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())
@@ -252,6 +308,11 @@ def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp
         assert (run / earlier / "model.safetensors").exists()
         common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={run}", "--overwrite=true"]), d)
         assert not (run / earlier.split("/")[0]).exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_an_empty_config_flag_is_an_error_naming_it():
+    with pytest.raises(common.ConfigError, match="--config needs a preset file"):
+        common.parse_config(Cfg, ["--config="])
 
 
 def test_a_misspelt_schedule_fails_when_the_config_is_parsed():

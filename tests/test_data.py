@@ -149,6 +149,18 @@ def _write_all_formats(folder):
     pq.write_table(pa.Table.from_pylist(SFT_ROWS), os.path.join(folder, "c.parquet"))
 
 
+def test_unreadable_files_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps(SFT_ROWS[0]).encode() + b"\n" + b'{"messages": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: not UTF-8 text"):
+        list(data.read_rows(str(bad)))
+    _write_all_formats(str(tmp_path / "shards"))
+    cut = tmp_path / "shards" / "c.parquet"
+    cut.write_bytes(cut.read_bytes()[:40])  # a download cut short
+    with pytest.raises(DataError, match=r"c.parquet: not a readable parquet file"):
+        list(data.read_rows(str(cut)))
+
+
 def test_readers_jsonl_json_parquet_folder_glob(tmp_path):
     folder = str(tmp_path / "shards")
     _write_all_formats(folder)
@@ -332,6 +344,41 @@ def test_template_name_of_a_saved_chat_template():
     assert data.template_name(None) == data.template_name("tulu") == data.template_name(data.TULU_TEMPLATE) == "tulu"
     assert data.template_name("chatml") == data.template_name(data.CHATML_TEMPLATE) == "chatml"
     assert data.template_name("{{ '<|im_start|>' + message['role'] }}") == "chatml"  # SmolLM2-Instruct's own jinja
+
+
+def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok, caplog):
+    tok = copy.copy(demo_tok)
+    tok.chat_template = data.CHATML_TEMPLATE
+    assert data.resolve_template("", tok) == "chatml"
+    with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+        assert data.resolve_template("tulu", tok) == "tulu"
+    assert "saved with the chatml chat template; training with tulu" in caplog.text
+    tok.chat_template = None
+    assert data.resolve_template("", tok) == "tulu"
+
+
+def test_a_tokenizer_larger_than_the_models_vocab_is_an_error(demo_tok):
+    data.check_vocab(demo_tok, demo_tok.vocab_size, "m")
+    with pytest.raises(ValueError, match=f"m: the tokenizer has {demo_tok.vocab_size} ids but the model's vocab_size "
+                                         f"is {demo_tok.vocab_size - 1}"):
+        data.check_vocab(demo_tok, demo_tok.vocab_size - 1, "m")
+
+
+def test_broken_tokenizer_files_are_named(tok_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no folder given"):
+        data.Tokenizer.from_pretrained("")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        data.Tokenizer.from_pretrained(str(tmp_path / "nowhere"))
+    shutil.copytree(tok_dir, tmp_path / "a")
+    (tmp_path / "a" / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: invalid JSON at line 1"):
+        data.Tokenizer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: expected a JSON object, got list"):
+        data.Tokenizer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a readable tokenizer"):
+        data.Tokenizer.from_pretrained(str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("template", ["tulu", "chatml"])

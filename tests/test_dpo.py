@@ -267,7 +267,7 @@ def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys):
     rows.append({"prompt": long_prompt, "chosen": [{"role": "assistant", "content": "yes it is."}],
                  "rejected": [{"role": "assistant", "content": "No"}]})
     d = common.setup_distributed("cpu")
-    cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="left", cache_dir="")
+    cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="left", cache_dir="", template="tulu")
     pairs = train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)
     assert "train preference pairs: 4 of 4 kept; 0 dropped" in capsys.readouterr().out
     batch = train_dpo.collate_pairs(pairs, [3], tiny.tok.pad_id)
@@ -275,7 +275,7 @@ def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys):
     # the prompt lost its beginning, the response is intact and is all that is trained
     trained = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert tiny.tok.decode(trained, skip_special_tokens=False) == "yes it is." + tiny.tok.eos_token
-    cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="drop", cache_dir="")
+    cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="drop", cache_dir="", template="tulu")
     assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
     assert "train preference pairs: 3 of 4 kept; 1 dropped as longer than max_seq_len=128" in capsys.readouterr().out
 

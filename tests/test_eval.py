@@ -269,6 +269,24 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
     assert ran == []  # arc's finished scores would have been thrown away
 
 
+@pytest.mark.parametrize("task,split,edit,message", [
+    ("gsm8k", "gsm8k/test.jsonl", lambda r: {**r, "answer": "so #### twelve"}, "gsm8k ground truth is not a number"),
+    ("gsm8k", "gsm8k/train.jsonl", lambda r: {"q": r["question"], "answer": r["answer"]}, "question"),
+    ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["punctuation:no_commas"]},
+     "unknown instruction id 'punctuation:no_commas'"),
+    ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["detectable_format:number_highlighted_sections"],
+                                                "kwargs": ["two"]}, "AttributeError")])
+def test_a_bad_row_fails_before_any_generation_naming_its_line(loaded, tmp_path, monkeypatch, task, split, edit,
+                                                               message):
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    path = tmp_path / "evals" / split
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(edit(r) if i == 1 else r) + "\n" for i, r in enumerate(rows)))
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the rows"))
+    with pytest.raises(DataError, match=f"{re.escape(str(path))} line 2: .*{message}"):
+        ev.evaluate_tasks(*loaded, [task], str(tmp_path / "evals"))
+
+
 def test_bad_row_names_the_file_and_field(loaded, tmp_path):
     model, tok = loaded
     (tmp_path / "piqa").mkdir()

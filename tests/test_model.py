@@ -93,6 +93,32 @@ def test_untied_sharded_checkpoint(tmp_path):
     assert logits_diff(model, back, ids) <= 1e-6
 
 
+def test_a_shard_index_that_disagrees_with_its_shards_or_a_broken_file_is_named(tmp_path):
+    hf, _ = hf_llama(tmp_path, "hf", **SMALL)
+    path = tmp_path / "sharded"
+    hf.save_pretrained(str(path), max_shard_size="20KB")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    counts = {f: list(index["weight_map"].values()).count(f) for f in index["weight_map"].values()}
+    shards = sorted(counts, key=lambda f: -counts[f])  # the first holds several tensors: it stays listed
+    name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    moved = {**index, "weight_map": {**index["weight_map"], name: shards[1]}}
+    index_file.write_text(json.dumps(moved))
+    with pytest.raises(ValueError, match=f"tensor {name} is in {shards[0]}, but .*index.json puts it in {shards[1]}"):
+        Transformer.from_pretrained(str(path))
+    index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], "model.extra": shards[0]}}))
+    with pytest.raises(ValueError, match=r"lists tensors that no shard holds: \['model.extra'\]"):
+        Transformer.from_pretrained(str(path))
+    index_file.write_text(json.dumps(index))
+    shard = path / shards[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a download cut short
+    with pytest.raises(ValueError, match=f"{shards[0]}: not a readable safetensors file"):
+        Transformer.from_pretrained(str(path))
+    (path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json: invalid JSON at line 1"):
+        Transformer.from_pretrained(str(path))
+
+
 def test_dtype_and_device_arguments(smol):
     model = Transformer.from_pretrained(smol[1], dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -129,9 +155,17 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
         Transformer.from_pretrained(path)
 
 
+def test_config_checks_name_the_file_and_a_default_rope_scaling_is_no_scaling():
+    d = ModelConfig.from_preset("tiny").to_hf_dict()
+    assert ModelConfig.from_hf_dict({**d, "rope_scaling": {"rope_type": "default"}}) == ModelConfig.from_hf_dict(d)
+    with pytest.raises(ValueError, match="snap/config.json: num_heads=4 is not a multiple of num_kv_heads=3"):
+        ModelConfig.from_hf_dict({**d, "num_key_value_heads": 3}, where="snap/config.json")
+
+
 @pytest.mark.parametrize("key,value", [("attention_bias", True), ("mlp_bias", True),
                                        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-                                       ("architectures", ["MistralForCausalLM"]), ("hidden_act", "gelu")])
+                                       ("architectures", ["MistralForCausalLM"]), ("hidden_act", "gelu"),
+                                       ("vocab_size", "778"), ("num_hidden_layers", 0), ("head_dim", 2.5)])
 def test_unsupported_config_features_are_refused(key, value):
     d = ModelConfig.from_preset("tiny").to_hf_dict()
     d[key] = value

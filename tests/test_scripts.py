@@ -46,6 +46,12 @@ def test_demo_runs_every_stage_then_reuses_them_and_redo_reruns_downstream(tmp_p
     redone = stage_mtimes(out)
     assert redone["sft"] == first["sft"] and redone["dpo"] > first["dpo"] and redone["rlvr"] > first["rlvr"]
 
+    # other arguments for a stage: that stage is trained again, not reused
+    other = [a.replace("--max_response_len=16", "--max_response_len=12") for a in SHORT]
+    demo.main(["--out", out, *other])
+    changed = stage_mtimes(out)
+    assert changed["sft"] == first["sft"] and changed["dpo"] == redone["dpo"] and changed["rlvr"] > redone["rlvr"]
+
 
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):

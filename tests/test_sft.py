@@ -76,6 +76,14 @@ def torchrun(setup, run, nproc, **overrides):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
+def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(setup):
+    # the demo data brings its own tokenizer: a real model's embeddings would silently train on other token ids
+    with pytest.raises(common.ConfigError, match="without --data"):
+        train_sft.main(args(setup, "nodata", data=""))
+    with pytest.raises(common.ConfigError, match="--data needs --model"):
+        train_sft.main(args(setup, "nomodel", model=""))
+
+
 def test_packed_rows_give_the_same_loss_as_padded_rows(setup):
     cfg = train_sft.SFTConfig(max_seq_len=96)
     tok = data.Tokenizer.from_pretrained(str(setup / "base"))
