@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import common
 import data
-import kernels
+import nanotulu_kernels as kernels
 from model import Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 
 import common
 import data
-import kernels
+import nanotulu_kernels as kernels
 import verifiers
 from model import Transformer, generate
 

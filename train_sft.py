@@ -21,7 +21,7 @@ import torch
 
 import common
 import data
-import kernels
+import nanotulu_kernels as kernels
 from model import ModelConfig, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+import nanotulu_kernels as kernels  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 IGNORE = -100

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import data  # noqa: E402
-import kernels  # noqa: E402
+import nanotulu_kernels as kernels  # noqa: E402
 import train_sft  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 

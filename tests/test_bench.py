@@ -1,4 +1,4 @@
-"""bench/kernels.py races contenders that must all compute the same loss: check that they do (loss and both
+"""bench/fused_losses.py races contenders that must all compute the same loss: check that they do (loss and both
 gradients against the naive eager one), so that a GPU run times what it claims to time. Liger is not a test
 dependency; its contenders were checked by hand (bench/RESULTS.md)."""
 import importlib.util
@@ -17,7 +17,7 @@ def load_bench(name):
     return module
 
 
-bench_kernels = load_bench("kernels")
+bench_kernels = load_bench("fused_losses")
 
 
 @pytest.mark.parametrize("task", ["ce", "dpo"])

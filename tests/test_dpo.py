@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import common
 import data
-import kernels
+import nanotulu_kernels as kernels
 import train_dpo
 from model import Transformer
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cross_entropy, reference
+import nanotulu_kernels as kernels
+from nanotulu_kernels import cross_entropy, reference
 
 N, H, V = 48, 32, 300
 DEVICE = torch.device(os.environ.get("NANOTULU_TEST_DEVICE", "cpu"))
@@ -265,7 +265,7 @@ def test_int64_row_offsets_past_2_pow_31():
     in a subprocess so that a wild write fails this test instead of killing the session."""
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
-        from kernels import cross_entropy
+        from nanotulu_kernels import cross_entropy
         V, stride = 300, 2**30 + 64
         logits = torch.empty(2 * stride + V, dtype=torch.bfloat16).as_strided((3, V), (stride, 1))
         values = torch.randn(3, V, generator=torch.Generator().manual_seed(0)).bfloat16()
@@ -294,7 +294,7 @@ def test_kernels_compile_for_a_real_gpu(tmp_path):
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from kernels import cross_entropy, dpo
+        from nanotulu_kernels import cross_entropy, dpo
 
         def compile_for_h100(fn, signature, constexprs):
             signature = {**signature, **{name: "constexpr" for name in constexprs}}

@@ -1,7 +1,8 @@
 """scripts/demo.py and scripts/sweep.py, end to end with very short runs: their tables, plots and reports, the
 reuse of finished work on a second run, --redo, and a failed sweep point that does not stop the others; and
-scripts/install.sh's refusal of a torch that is too old."""
+scripts/install.sh's refusal of a torch that is too old; no module of the repository hiding an installed package."""
 import csv
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -126,3 +127,20 @@ def test_install_refuses_an_existing_torch_older_than_2_6(tmp_path):
     assert out.returncode != 0
     assert "nanotulu needs torch >= 2.6, found 2.4.1+cu121" in out.stderr
     assert "nanotulu: torch" not in out.stdout  # stopped before installing anything
+
+
+def test_no_module_of_the_repository_shadows_an_installed_package():
+    """Every script puts its own folder (and the repository root) first on sys.path, so a module there named like
+    an installed package hides that package from everything imported after it. transformers >= 5.25 imports
+    Hugging Face's `kernels`, which the fused losses' folder, once called kernels/, hid."""
+    installed = importlib.metadata.packages_distributions()
+    ours = set()
+    for folder in (ROOT, *(os.path.join(ROOT, d) for d in ("bench", "scripts", "tests"))):
+        for entry in os.listdir(folder):
+            path = os.path.join(folder, entry)
+            if entry.endswith(".py"):
+                ours.add(entry[:-3])
+            elif os.path.isfile(os.path.join(path, "__init__.py")):
+                ours.add(entry)
+    assert "nanotulu_kernels" in ours and "model" in ours  # the walk found the root's package and modules
+    assert {name: installed[name] for name in ours if name in installed} == {}

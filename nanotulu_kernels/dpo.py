@@ -1,7 +1,7 @@
 """Fused DPO-family loss in Triton.
 
 The expensive part, the policy's per-sequence label log-probs, goes through the fused linear cross-entropy
-(kernels/cross_entropy.py, reduction 'none'), so no [tokens, V] logits are ever held. The pair loss is a small
+(nanotulu_kernels/cross_entropy.py, reduction 'none'), so no [tokens, V] logits are ever held. The pair loss is a small
 kernel that computes, per pair, the loss of shared/DESIGN.md section 4, its gradient with respect to the two
 summed log-probs, and the rewards; the gradient flows back into sequence_logprobs as a per-token upstream.
 """
@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import DPOOutput, LOSS_TYPES, check_preference_args
+from nanotulu_kernels.reference import DPOOutput, LOSS_TYPES, check_preference_args
 
 BLOCK_PAIRS = 128
 
@@ -90,7 +90,7 @@ class PreferenceLossFunction(torch.autograd.Function):
 
 def preference_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, ref_chosen_logps,
                     ref_rejected_logps, loss_type="dpo_norm", beta=5.0, label_smoothing=0.0, simpo_gamma=0.5):
-    """Triton path of kernels.preference_loss (formulas in kernels/reference.py)."""
+    """Triton path of kernels.preference_loss (formulas in nanotulu_kernels/reference.py)."""
     check_preference_args(loss_type, beta, label_smoothing)
     loss, chosen_rewards, rejected_rewards = PreferenceLossFunction.apply(
         chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, ref_chosen_logps, ref_rejected_logps,

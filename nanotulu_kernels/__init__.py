@@ -1,9 +1,12 @@
 """Fused LM-head losses: cross-entropy and the DPO family, without materialising [tokens, V] logits.
 
-Two backends with the same signatures: Triton (kernels/cross_entropy.py, kernels/dpo.py) and pure PyTorch
-(kernels/reference.py, the spec). NANOTULU_KERNELS=triton|torch forces one; by default CUDA tensors take
+Two backends with the same signatures: Triton (cross_entropy.py, dpo.py) and pure PyTorch (reference.py, the
+spec). NANOTULU_KERNELS=triton|torch forces one; by default CUDA tensors take
 Triton and everything else the reference. Forcing Triton on CPU tensors needs TRITON_INTERPRET=1 set before
 triton is imported (the tests do this).
+
+The package is not called `kernels`: that is the import name of Hugging Face's kernel-hub package, which
+transformers >= 5.25 imports, and a `kernels/` folder in the repository root would shadow it.
 
 Precision: fp32 or bf16 (what the trainers use). fp16 works at small sizes, but the Triton path stores the
 mean-scaled logits gradient in the input dtype, so at real vocabularies and token counts most of it underflows
@@ -13,8 +16,8 @@ import os
 
 import torch
 
-from kernels import cross_entropy, dpo, reference
-from kernels.reference import DPOOutput
+from nanotulu_kernels import cross_entropy, dpo, reference
+from nanotulu_kernels.reference import DPOOutput
 
 __all__ = ["DPOOutput", "fused_linear_cross_entropy", "fused_linear_dpo_loss", "preference_loss",
            "sequence_logprobs", "backend_for"]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_linear_ce_inputs, chunk_rows
+from nanotulu_kernels.reference import check_linear_ce_inputs, chunk_rows
 
 # Logits elements one chunk may hold: 2^26 bf16 = 128 MiB, about 1365 rows at V = 49152, which keeps the
 # GEMMs large enough to run at full rate. Tests shrink both constants to force several chunks and tiles.
@@ -189,7 +189,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", z_loss=0.0):
-    """Triton path of kernels.fused_linear_cross_entropy (see kernels/reference.py for the spec)."""
+    """Triton path of kernels.fused_linear_cross_entropy (see nanotulu_kernels/reference.py for the spec)."""
     check_linear_ce_inputs(hidden, weight, labels, reduction)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"fused_linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) "

@@ -1,10 +1,10 @@
 """Readable PyTorch versions of the fused losses: the spec, the CPU path and the baseline.
 
-Same signatures as the Triton path in kernels/cross_entropy.py and kernels/dpo.py. All arithmetic is fp32
-(the weight is upcast once, so the weight gradient is summed over chunks in fp32 and cast to the parameter's
-dtype once). The LM head is applied chunk by chunk with activation checkpointing, so at most one chunk of
-`[rows, V]` logits is alive at a time in forward and in backward: memory bounded, though slower than the
-kernels (the chunk's logits are computed twice).
+Same signatures as the Triton path in cross_entropy.py and dpo.py. All arithmetic is fp32 (the weight is
+upcast once, so the weight gradient is summed over chunks in fp32 and cast to the parameter's dtype once). The
+LM head is applied chunk by chunk with activation checkpointing, so at most one chunk of `[rows, V]` logits is
+alive at a time in forward and in backward: memory bounded, though slower than the kernels (the chunk's logits
+are computed twice).
 """
 from dataclasses import dataclass
 

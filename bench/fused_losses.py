@@ -1,8 +1,8 @@
 """Forward + backward time and peak memory of the LM-head losses: ours vs the naive eager computation,
 torch.compile of it, the chunked PyTorch reference, and Liger Kernel when it is installed.
 
-  python bench/kernels.py                      # GPU when there is one: SmolLM2 shapes, bf16
-  python bench/kernels.py --device=cpu         # CPU: reference vs naive at a CPU-sized shape, fp32
+  python bench/fused_losses.py                 # GPU when there is one: SmolLM2 shapes, bf16
+  python bench/fused_losses.py --device=cpu    # CPU: reference vs naive at a CPU-sized shape, fp32
 
 Peak memory is reported ABOVE the inputs and their gradients (what the loss itself costs). On CUDA it comes
 from the caching allocator's peak; on CPU each measurement runs in a fresh subprocess and reads the peak
@@ -27,7 +27,7 @@ if "--cpu_triton" in sys.argv or any(a in sys.argv for a in ("--_variant=triton"
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import cross_entropy, dpo, reference  # noqa: E402
+from nanotulu_kernels import cross_entropy, dpo, reference  # noqa: E402
 
 VOCAB = 49152
 
@@ -78,7 +78,7 @@ def make_fn(task, variant):
         return torch.compile(naive)
     if task == "ce":
         return {"reference": reference, "triton": cross_entropy}[variant].fused_linear_cross_entropy
-    # the DPO loss is one composition (kernels/__init__.py) of a backend's cross-entropy and pair loss
+    # the DPO loss is one composition (nanotulu_kernels/__init__.py) of a backend's cross-entropy and pair loss
     pieces = {"reference": (reference.fused_linear_cross_entropy, reference.preference_loss),
               "triton": (cross_entropy.fused_linear_cross_entropy, dpo.preference_loss)}[variant]
     return lambda *inputs: reference.fused_linear_dpo_loss(*inputs, loss_type="dpo_norm", beta=5.0,
