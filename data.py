@@ -58,11 +58,19 @@ def _read_json(path):
     return obj
 
 
+# tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over)
+_SETTINGS_WE_WRITE = {"bos_token", "eos_token", "pad_token", "chat_template"}
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens a chat model needs (bos, eos, pad)."""
 
-    def __init__(self, tk, bos_token, eos_token, pad_token=None, chat_template=None):
+    def __init__(self, tk, bos_token, eos_token, pad_token=None, chat_template=None, settings=None):
         self._tk = tk
+        # The snapshot's other tokenizer_config.json settings (model_max_length, unk_token,
+        # additional_special_tokens, ...): not used here, but written back on save so that transformers and lm-eval
+        # see the saved tokenizer exactly as they saw the snapshot's.
+        self.settings = dict(settings or {})
         # Offsets come from a copy without the post-processor: ByteLevel's post-processor trims whitespace out of
         # the offsets (a lone ' ' or '\n' token gets an empty span), which would break span-based masks. It adds no
         # tokens when add_special_tokens=False, so the ids of both are identical.
@@ -119,8 +127,9 @@ class Tokenizer:
         eos = resolve("eos_token", eos_token)
         if eos is None:
             raise ValueError(f"tokenizer: no eos token found in {folder}; pass eos_token=")
+        settings = {k: v for k, v in {**special_map, **tok_config}.items() if k not in _SETTINGS_WE_WRITE}
         return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
-                   chat_template=tok_config.get("chat_template"))
+                   chat_template=tok_config.get("chat_template"), settings=settings)
 
     def encode(self, text):
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -150,8 +159,9 @@ class Tokenizer:
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
         self._tk.save(os.path.join(path, "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-                  "eos_token": self.eos_token, "pad_token": self.pad_token, "clean_up_tokenization_spaces": False}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  **self.settings, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "pad_token": self.pad_token}
         if self.chat_template is not None:
             config["chat_template"] = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -159,11 +169,11 @@ class Tokenizer:
 
     def __getstate__(self):  # picklable for the tokenization worker processes
         return {"json": self._tk.to_str(), "bos": self.bos_token, "eos": self.eos_token, "pad": self.pad_token,
-                "chat_template": self.chat_template}
+                "chat_template": self.chat_template, "settings": self.settings}
 
     def __setstate__(self, state):
         self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["bos"], state["eos"], state["pad"],
-                      state["chat_template"])
+                      state["chat_template"], state["settings"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -67,6 +68,32 @@ def test_tokenizer_special_tokens_from_config_and_overrides(tok_dir, tmp_path):
     assert gen.eos_token == "<|im_end|>" and gen.bos_token == "<|endoftext|>" and gen.pad_id == gen.eos_id
     with pytest.raises(ValueError, match="not in the vocabulary"):
         data.Tokenizer.from_pretrained(tok_dir, eos_token="<|nope|>")
+
+
+def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
+    """model_max_length (lm-eval's context length), unk and additional special tokens (what decode skips) survive a
+    load and save, from tokenizer_config.json or special_tokens_map.json; the special tokens we resolve win."""
+    import transformers
+    snapshot, saved = tmp_path / "snapshot", tmp_path / "saved"
+    snapshot.mkdir()
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), snapshot / "tokenizer.json")
+    (snapshot / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 8192, "unk_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "add_prefix_space": False}))
+    (snapshot / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "model_max_length": 1}))
+    tok = data.Tokenizer.from_pretrained(str(snapshot), eos_token="<|im_end|>")
+    tok.chat_template = "chatml"
+    tok.save_pretrained(str(saved))
+    config = json.loads((saved / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 8192 and config["unk_token"] == "<|endoftext|>"  # tokenizer_config wins
+    assert config["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and config["add_prefix_space"] is False
+    assert config["eos_token"] == "<|im_end|>" and config["chat_template"] == data.CHAT_TEMPLATES["chatml"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(saved))
+    assert hf.model_max_length == 8192 and hf.eos_token == "<|im_end|>"
+    assert hf.decode(tok.encode("<|im_start|>hi<|im_end|>"), skip_special_tokens=True) == "hi"
+    assert pickle.loads(pickle.dumps(tok)).settings == tok.settings  # the tokenization workers get them too
 
 
 @pytest.mark.parametrize("template", ["tulu", "chatml"])
