@@ -828,12 +828,35 @@ def _parse_constraints(ground_truth):
     return gt
 
 
+def _is_count(v):
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _is_str_list(v):
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
+# keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
+_RLVR_ARG_CHECKS = {"N": (_is_count, "a whole number"), "i": (_is_count, "a whole number"),
+                    "keyword_list": (_is_str_list, "a list of strings"),
+                    "forbidden_words": (_is_str_list, "a list of strings"),
+                    "options": (_is_str_list, "a list of strings"),
+                    **{k: (lambda v: isinstance(v, str), "a string")
+                       for k in ("word", "letter", "language", "first_word", "postscript_marker", "section_splitter",
+                                 "original_prompt", "end_phrase", "quantifier")}}
+
+
 def _check_constraint(response, constraint):
     args = {k: v for k, v in constraint.items() if v is not None}
     name = args.pop("func_name", None)
     fn = RLVR_IF_FUNCTIONS.get(name)
     if fn is None:
         raise ValueError(f"ifeval ground truth: unknown func_name {name!r}")
+    for key, value in args.items():  # an argument the function does not take fails in the call below
+        ok, what = _RLVR_ARG_CHECKS.get(key, (lambda v: True, ""))
+        if not ok(value):
+            raise ValueError(f"ifeval ground truth for {name}: {key} must be {what}, got {value!r}")
     try:
         return bool(fn(response, **args))
     except (TypeError, AttributeError, ValueError) as e:  # missing, extra or mistyped arguments

@@ -313,11 +313,25 @@ def test_rlvr_list_and_partial_credit():
     ("ifeval", '{"func_name": "verify_letter_frequency", "letter": "ab", "N": 1}', "one character"),
     ("gsm8k", "n/a", "gsm8k"), ("squad", "1", "unknown dataset 'squad'"),
     ("ifeval", '{"func_name": "validate_word_constraint", "N": 5, "quantifier": "atleast"}', "quantifier 'atleast'"),
-    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": [1]}', "verify_keywords: bad arguments"),
+    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": [1]}', "keyword_list must be a list of strings"),
+    # each of these would pass an empty response and then score every response of the run wrongly, or crash
+    ("ifeval", '{"func_name": "verify_bullet_points", "N": "3"}', "verify_bullet_points: N must be a whole number"),
+    ("ifeval", '{"func_name": "verify_paragraph_count", "N": 2.5}', "N must be a whole number, got 2.5"),
+    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": "zebra"}', "keyword_list must be a list of"),
+    ("ifeval", '{"func_name": "validate_choice", "options": "yes or no"}', "options must be a list of strings"),
+    ("ifeval", '{"func_name": "verify_keyword_frequency", "word": 7, "N": 1}', "word must be a string, got 7"),
+    ("ifeval", '{"func_name": "validate_title", "N": 2}', "validate_title: bad arguments"),
 ])
 def test_verify_rejects_malformed(dataset, gt, match):
     with pytest.raises(ValueError, match=match):
         V.verify(dataset, "x", gt)
+    if dataset == "ifeval":  # and on the empty response train_rlvr.py checks every row with at load
+        with pytest.raises(ValueError, match=match):
+            V.verify(dataset, "", gt)
+
+
+def test_whole_number_arguments_may_be_written_as_floats():
+    assert V.verify("ifeval", "* a\n* b", '{"func_name": "verify_bullet_points", "N": 2.0}') == 1.0
 
 
 @pytest.mark.parametrize("lang,text", [
