@@ -12,6 +12,7 @@ Run folder layout (every trainer):
 import dataclasses
 import datetime
 import inspect
+import hashlib
 import json
 import math
 import os
@@ -477,6 +478,13 @@ def checkpoint_dir(run_dir):
     return os.path.join(run_dir, "checkpoints")
 
 
+def _write_checkpoint_file(obj, path):
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the folder is renamed into place, so a crash cannot half-write it
+
+
 def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
     """Write run_dir/checkpoints/step_XXXXXXX atomically and delete all but the newest `keep`.
 
@@ -493,10 +501,10 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
         tmp = os.path.join(root, f".tmp_step_{step:07d}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save(model_sd, os.path.join(tmp, "model.pt"))
+        _write_checkpoint_file(model_sd, os.path.join(tmp, "model.pt"))
         if optim_sd is not None:
-            torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
-        torch.save({"step": step, "rng": rngs, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+            _write_checkpoint_file(optim_sd, os.path.join(tmp, "optimizer.pt"))
+        _write_checkpoint_file({"step": step, "rng": rngs, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
         if os.path.exists(final):  # re-saving the same step (e.g. the end of a resumed run): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -519,13 +527,25 @@ def latest_checkpoint(run_dir):
     return ckpts[-1] if ckpts else None
 
 
+def _read_checkpoint_file(path, weights_only=False):
+    """torch.load, with an error that names the file and what to do when it is missing or cannot be read (a save
+    is atomic, so that takes a damaged disk or a copy cut short)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing, so this checkpoint cannot resume training exactly")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        folder = os.path.dirname(path)
+        older = [c for c in list_checkpoints(os.path.dirname(os.path.dirname(folder))) if c < folder]
+        hint = f"delete {folder} to resume from {older[-1]}" if older else "no earlier checkpoint is left"
+        raise RuntimeError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or cut "
+                           f"short: {hint}") from e
+
+
 def load_checkpoint(path, model, optimizer=None):
     """Restore model, optimizer and this rank's RNG state; returns {'step': int, 'extra': dict}."""
-    model_sd = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-    optim_path = os.path.join(path, "optimizer.pt")
-    if optimizer is not None and not os.path.exists(optim_path):
-        raise FileNotFoundError(f"{optim_path}: missing, so this checkpoint cannot resume training exactly")
-    optim_sd = torch.load(optim_path, map_location="cpu", weights_only=False) if optimizer is not None else None
+    model_sd = _read_checkpoint_file(os.path.join(path, "model.pt"), weights_only=True)
+    optim_sd = _read_checkpoint_file(os.path.join(path, "optimizer.pt")) if optimizer is not None else None
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
             set_optimizer_state_dict
@@ -538,7 +558,7 @@ def load_checkpoint(path, model, optimizer=None):
         unwrap(model).load_state_dict(model_sd)
         if optim_sd is not None:
             optimizer.load_state_dict(optim_sd)
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    state = _read_checkpoint_file(os.path.join(path, "state.pt"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     _set_rng_state(state["rng"][rank % len(state["rng"])])
     return {"step": state["step"], "extra": state["extra"]}
@@ -551,16 +571,32 @@ RESUMABLE_CHANGES = {"run_dir", "resume", "overwrite", "device", "progress", "lo
                      "compile", "gradient_checkpointing"}
 
 
-def maybe_resume(cfg, model, optimizer, sampler):
+def weights_digest(model):
+    """A hash of every weight. Take it before wrapping: FSDP2 shards the parameters in place."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
     """With --resume and a checkpoint in run_dir: restore model, optimizer, RNG and the sampler position, and
-    return the step to continue from; otherwise 0."""
+    return the step to continue from; otherwise 0. `start_weights`: the weights_digest of the model the run
+    started from, where it matters after step 0 (DPO's and RLVR's reference is that model, rebuilt from --model
+    on resume), checked against the one the checkpoint recorded under extra['start_weights']."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if not path:
         if cfg.resume:
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"
                    + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
         return 0
-    saved = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)["extra"].get("config")
+    extra = _read_checkpoint_file(os.path.join(path, "state.pt"))["extra"]
+    if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
+        raise ConfigError(f"--resume: the weights at --model={cfg.model} are not the ones the run in {cfg.run_dir} "
+                          f"started from (were they retrained?), and the reference must be that starting model: "
+                          f"put those weights back, or start a new run")
+    saved = extra.get("config")
     now = config_dict(cfg)
     changed = {k: (saved.get(k), v) for k, v in now.items()
                if saved is not None and k not in RESUMABLE_CHANGES and saved.get(k) != v}

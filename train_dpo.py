@@ -190,15 +190,6 @@ def batch_logps(model, batch, device, precision="auto"):
     return logps.float()
 
 
-def weights_digest(model):
-    """A hash of every weight. Taken before wrapping: FSDP2 shards the parameters in place."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def fingerprint(weights, pairs, settings):
     """Any change to the weights, the tokenized pairs or the settings that move the numbers gives a new key."""
     h = hashlib.sha256(json.dumps({"weights": weights, **settings}, sort_keys=True).encode())
@@ -347,7 +338,7 @@ def main(argv=None):
     raw = build_model(cfg, d)
     data.check_vocab(tok, raw.config.vocab_size, cfg.tokenizer or cfg.model)
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
-    weights = weights_digest(raw)  # before wrapping, which shards in place
+    weights = common.weights_digest(raw)  # before wrapping, which shards in place
     live = cfg.objective == "dpo" and cfg.reference_in_memory
     frozen = copy.deepcopy(raw).eval().requires_grad_(False) if live else None
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
@@ -369,7 +360,7 @@ def main(argv=None):
     total_steps = common.total_steps_for(cfg, steps_per_epoch)
     optimizer = common.build_optimizer(model, cfg, d.device)
 
-    step = common.maybe_resume(cfg, model, optimizer, sampler)
+    step = common.maybe_resume(cfg, model, optimizer, sampler, start_weights=weights)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     what = "reward model (Bradley-Terry)" if cfg.objective == "reward_model" else \
         f"{cfg.loss_type} beta={cfg.beta} reference={'in memory' if cfg.reference_in_memory else 'cached'}"
@@ -416,7 +407,8 @@ def main(argv=None):
             run_eval()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
             common.save_checkpoint(cfg.run_dir, step, model, optimizer, keep=cfg.keep_checkpoints,
-                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
+                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg),
+                                          "start_weights": weights})
     bar.close()
     path = common.save_final(cfg.run_dir, model, tok)
     common.print0(f"saved {path}" + (f" (+ {VALUE_HEAD})" if cfg.objective == "reward_model" else ""))

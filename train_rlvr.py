@@ -381,6 +381,7 @@ def main(argv=None):
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     # the reference is the initial policy: a frozen copy (rebuilt from cfg.model on resume)
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.beta > 0 else None
+    start_weights = common.weights_digest(policy) if ref is not None else None
     value = build_value_model(cfg, policy).to(d.device) if cfg.algo == "ppo" else None
     if value is not None:
         value.backbone.gradient_checkpointing = cfg.gradient_checkpointing
@@ -394,7 +395,7 @@ def main(argv=None):
     optimizer = common.build_optimizer(trained, cfg, d.device)
     params = [p for p in trained.parameters() if p.requires_grad]
 
-    step = common.maybe_resume(cfg, trained, optimizer, sampler)
+    step = common.maybe_resume(cfg, trained, optimizer, sampler, start_weights=start_weights)
     if step and d.is_main:  # samples logged after the checkpoint are redone
         common.drop_records_after(samples_path, step)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
@@ -531,7 +532,8 @@ def main(argv=None):
             evaluate()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
             common.save_checkpoint(cfg.run_dir, step, trained, optimizer, keep=cfg.keep_checkpoints,
-                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
+                                   extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg),
+                                          "start_weights": start_weights})
     bar.close()
     end_acc = evaluate()
     for k in end_acc:

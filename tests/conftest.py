@@ -28,3 +28,16 @@ def write_tiny_demo_model():
         model.save_pretrained(str(root / "model"), tokenizer=tok)
         return demo, tok, model
     return write
+
+
+@pytest.fixture(scope="session")
+def retrain_in_place():
+    """A function model_dir -> None that changes one weight of the saved model, as retraining it would."""
+    from safetensors.torch import load_file, save_file
+
+    def retrain(model_dir):
+        path = f"{model_dir}/model.safetensors"
+        weights = load_file(path)
+        weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+        save_file(weights, path, metadata={"format": "pt"})
+    return retrain

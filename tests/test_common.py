@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -183,6 +184,26 @@ def test_a_checkpoint_without_its_optimizer_state_does_not_resume_with_a_fresh_o
         common.load_checkpoint(path, model, opt)
 
 
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "state.pt"])
+def test_a_checkpoint_file_cut_short_is_named_with_the_checkpoint_to_fall_back_on(tmp_path, name):
+    from data import EpochSampler
+    model, sampler = Tiny(), EpochSampler(8, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true"])
+    for step in (1, 2):
+        common.save_checkpoint(str(tmp_path), step, model, opt,
+                               extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
+    older, newest = common.list_checkpoints(str(tmp_path))
+    damaged = os.path.join(newest, name)
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    with pytest.raises(RuntimeError, match=re.escape(f"{damaged}: cannot be read") + ".*" +
+                       re.escape(f"delete {newest} to resume from {older}")):
+        common.maybe_resume(cfg, model, opt, sampler)
+    shutil.rmtree(newest)  # what the message says to do
+    assert common.maybe_resume(cfg, model, opt, sampler) == 1
+
+
 def test_dropping_records_after_the_resumed_step_is_atomic_and_names_a_bad_line(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)))
@@ -226,10 +247,10 @@ def test_interrupted_save_leaves_previous_checkpoints_intact(tmp_path, monkeypat
     common.save_checkpoint(str(tmp_path), 1, model, opt)
     real_save = torch.save
 
-    def crash_on_optimizer(obj, path, *a, **k):
-        if str(path).endswith("optimizer.pt"):
+    def crash_on_optimizer(obj, f, *a, **k):
+        if f.name.endswith("optimizer.pt"):
             raise KeyboardInterrupt("killed mid-save")
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", crash_on_optimizer)
     with pytest.raises(KeyboardInterrupt):

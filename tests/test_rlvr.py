@@ -264,6 +264,18 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
         torch.testing.assert_close(weights[k], full_weights[k], rtol=0, atol=0, msg=k)
 
 
+def test_resume_refuses_a_starting_model_retrained_since(tiny, tmp_path, retrain_in_place):
+    """The KL reference is --model, rebuilt on resume: retrained weights there would change it mid-run."""
+    start = tmp_path / "start"
+    shutil.copytree(tiny.model_dir, start)
+    args = args_for(tiny, tmp_path / "run", "--checkpoint_every=1", "--max_steps=1", "--eval_data=",
+                    f"--model={start}")
+    train_rlvr.main(args)
+    retrain_in_place(start)
+    with pytest.raises(common.ConfigError, match=f"the weights at --model={start} are not the ones the run"):
+        train_rlvr.main(args + ["--resume"])
+
+
 def test_a_ground_truth_the_reward_cannot_use_fails_at_load_naming_its_row(tiny, tmp_path):
     rows = tiny.demo["rlvr_train"][:3] + [dict(tiny.demo["rlvr_train"][0], dataset="ifeval",
                                                ground_truth='{"func_name": "validate_word_constraint", "N": 5, '
