@@ -128,6 +128,12 @@ class Tokenizer:
         if eos is None:
             raise ValueError(f"tokenizer: no eos token found in {folder}; pass eos_token=")
         settings = {k: v for k, v in {**special_map, **tok_config}.items() if k not in _SETTINGS_WE_WRITE}
+        # special_tokens_map.json may spell tokens as AddedToken dicts, which tokenizer_config.json does not take
+        for key in ("unk_token", "sep_token", "cls_token", "mask_token"):
+            if key in settings:
+                settings[key] = _token_str(settings[key])
+        if isinstance(settings.get("additional_special_tokens"), list):
+            settings["additional_special_tokens"] = [_token_str(t) for t in settings["additional_special_tokens"]]
         return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
                    chat_template=tok_config.get("chat_template"), settings=settings)
 

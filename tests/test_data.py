@@ -80,8 +80,9 @@ def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     (snapshot / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": 8192, "unk_token": "<|endoftext|>",
         "eos_token": "<|endoftext|>", "add_prefix_space": False}))
-    (snapshot / "special_tokens_map.json").write_text(json.dumps({
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "model_max_length": 1}))
+    (snapshot / "special_tokens_map.json").write_text(json.dumps({  # tokens as strings or AddedToken dicts
+        "additional_special_tokens": ["<|im_start|>", {"content": "<|im_end|>", "lstrip": False}],
+        "model_max_length": 1}))
     tok = data.Tokenizer.from_pretrained(str(snapshot), eos_token="<|im_end|>")
     tok.chat_template = "chatml"
     tok.save_pretrained(str(saved))
