@@ -270,4 +270,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from demo import pin_cpu_kernels  # as the demo: the same seed gives the same table on any x86-64 with AVX2
+    pin_cpu_kernels()
     main()

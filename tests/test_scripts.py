@@ -54,6 +54,18 @@ def test_demo_runs_every_stage_then_reuses_them_and_redo_reruns_downstream(tmp_p
     assert changed["sft"] == first["sft"] and changed["dpo"] == redone["dpo"] and changed["rlvr"] > redone["rlvr"]
 
 
+def test_demo_as_a_script_runs_the_avx2_cpu_kernels_and_records_them(tmp_path):
+    """`python scripts/demo.py` pins PyTorch's CPU kernels before torch loads, in itself and in its trainers, so that
+    a seed's table does not depend on the processor's vector width; the report says which kernels ran."""
+    env = {k: v for k, v in os.environ.items() if k not in demo.CPU_KERNELS}
+    pinned = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                            env={**env, **demo.CPU_KERNELS}, capture_output=True, text=True, check=True).stdout.strip()
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), f"--out={out}", "--stages=sft",
+                    *SHORT], env=env, capture_output=True, text=True, check=True, timeout=600)
+    assert f"CPU kernels {pinned} (ATEN_CPU_CAPABILITY=avx2)" in (out / "report.md").read_text()
+
+
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--redo=ppo"])
