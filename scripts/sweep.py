@@ -21,7 +21,8 @@ data, seed, trainer options, evaluation) is an error rather than a stale row; a 
 the table (status 'failed', its log in the point's folder) and the others go on. Every other --key=value after
 the known options is passed to the trainer unchanged (e.g. --epochs=1 --max_seq_len=1024), except those the
 grid sets. "batch" is the trainer's effective batch: rows per optimizer step, which are packed rows of several
-conversations when the preset packs (the demo presets do; the paper's presets do not).
+conversations when the preset packs (the demo presets do; the paper's presets do not). As the demo does, it runs
+PyTorch's AVX2 CPU kernels, so that the CPU grid gives the same table on any x86-64 CPU with AVX2 (scripts/demo.py).
 """
 import argparse
 import csv
