@@ -36,6 +36,11 @@ def pin_cpu_kernels():
     trainers it starts. Must run before torch is imported; no effect on what runs on a GPU."""
     for key, value in CPU_KERNELS.items():
         os.environ.setdefault(key, value)
+    # torch.compile's kernel cache does not tell kernel widths apart: C++ compiled by a run with the CPU's own
+    # kernels, then loaded by a run pinned to AVX2, crashed with a segfault (torch 2.13, --compile=true), so a
+    # pinned run keeps a cache of its own.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(ROOT, "runs", f"torchinductor_{os.environ['ATEN_CPU_CAPABILITY']}"))
 
 STAGES = [  # name, trainer, the stage it starts from
     ("sft", "train_sft.py", None),

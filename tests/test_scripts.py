@@ -66,6 +66,19 @@ def test_demo_as_a_script_runs_the_avx2_cpu_kernels_and_records_them(tmp_path):
     assert f"CPU kernels {pinned} (ATEN_CPU_CAPABILITY=avx2)" in (out / "report.md").read_text()
 
 
+def test_pinned_cpu_kernels_keep_their_own_compile_cache_and_leave_a_users_choice(monkeypatch):
+    for key in (*demo.CPU_KERNELS, "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    demo.pin_cpu_kernels()
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["MKL_CBWR"] == "AVX2"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(ROOT, "runs", "torchinductor_avx2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    demo.pin_cpu_kernels()
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx512"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("torchinductor_avx512")
+
+
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--redo=ppo"])
