@@ -331,7 +331,9 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
 def test_demo_dpo_raises_preference_accuracy_without_lowering_task_accuracy(demo_sft_model, tmp_path):
     """DPO with the demo preset from a demo SFT model, scored by eval.py on the held-out split (100 arithmetic
     problems, 100 constraint prompts, 200 pairs): preference accuracy must rise clearly and the verified task
-    accuracies must not fall beyond noise (2 points on 100 examples is about 0.4 standard errors)."""
+    accuracies must not fall beyond noise: 10 points, two standard errors on 100 examples. Measured with PyTorch's
+    AVX2, AVX-512 and scalar CPU kernels (ATEN_CPU_CAPABILITY), whose rounding trains another SFT model: preference
+    +0.375, +0.325, +0.32; constraints +0.41, +0.37, +0.33; arithmetic -0.02, -0.01, -0.03."""
     import eval as evaluation
     demo = data.make_demo_data(0)
     before = evaluation.evaluate_demo(*evaluation.load_model_and_tokenizer(demo_sft_model), demo)
@@ -339,8 +341,8 @@ def test_demo_dpo_raises_preference_accuracy_without_lowering_task_accuracy(demo
                     "--eval_every=0", f"--cache_dir={tmp_path / 'cache'}"])
     after = evaluation.evaluate_demo(*evaluation.load_model_and_tokenizer(str(tmp_path / "dpo" / "final")), demo)
     assert after["pref_acc"] >= before["pref_acc"] + 0.15, (before, after)
-    assert after["arith_acc"] >= before["arith_acc"] - 0.05, (before, after)
-    assert after["constraint_acc"] >= before["constraint_acc"] - 0.05, (before, after)
+    assert after["arith_acc"] >= before["arith_acc"] - 0.1, (before, after)
+    assert after["constraint_acc"] >= before["constraint_acc"] - 0.1, (before, after)
 
 
 def test_fsdp_bf16_reference_matches_the_policy_at_step_0(tiny, tmp_path):

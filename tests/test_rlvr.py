@@ -299,5 +299,8 @@ def test_rlvr_raises_heldout_verified_accuracy_of_the_demo_sft_model(demo_sft_mo
     result = train_rlvr.main([f"--model={demo_sft_model}", f"--run_dir={tmp_path / 'rlvr'}", "--max_steps=30",
                               "--eval_every=0", "--progress=false"])
     before, after = result["before"], result["after"]
-    assert after["eval_acc_ifeval"] >= before["eval_acc_ifeval"] + 0.2, (before, after)  # n = 100 held-out prompts
-    assert after["eval_acc_gsm8k"] >= before["eval_acc_gsm8k"] - 0.05, (before, after)  # and no loss on arithmetic
+    # n = 100 held-out prompts each, so a score's standard error is about 0.05. Measured with PyTorch's AVX2,
+    # AVX-512 and scalar CPU kernels (ATEN_CPU_CAPABILITY), whose rounding trains another SFT model: constraints
+    # +0.41, +0.42, +0.34; arithmetic +0.04, -0.01, -0.08.
+    assert after["eval_acc_ifeval"] >= before["eval_acc_ifeval"] + 0.2, (before, after)
+    assert after["eval_acc_gsm8k"] >= before["eval_acc_gsm8k"] - 0.1, (before, after)  # no loss beyond 2 SE
