@@ -26,8 +26,9 @@ sys.path.insert(0, ROOT)
 
 # PyTorch picks each CPU kernel's vector width (AVX2, AVX-512) for the processor it runs on, and the widths round
 # differently; a tiny model trained from scratch amplifies that into another table: seed 0's SFT row was
-# 55 / 33 / 54 on an AVX2 box and 71 / 52 / 61.5 on an AVX-512 AMD EPYC, which with ATEN_CPU_CAPABILITY=avx2 gives
-# 55 / 33 / 54 again (MKL_CBWR made no difference there; it pins MKL's matrix products on Intel CPUs likewise).
+# 55 / 33 / 54 on the first development box and 71 / 52 / 61.5 on an AVX-512 AMD EPYC, which with
+# ATEN_CPU_CAPABILITY=avx2 gives 55 / 33 / 54 again (MKL_CBWR made no difference there; it pins MKL's matrix
+# products on Intel CPUs likewise).
 CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 
 
