@@ -592,10 +592,6 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
                    + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
         return 0
     extra = _read_checkpoint_file(os.path.join(path, "state.pt"))["extra"]
-    if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
-        raise ConfigError(f"--resume: the weights at --model={cfg.model} are not the ones the run in {cfg.run_dir} "
-                          f"started from (were they retrained?), and the reference must be that starting model: "
-                          f"put those weights back, or start a new run")
     saved = extra.get("config")
     now = config_dict(cfg)
     changed = {k: (saved.get(k), v) for k, v in now.items()
@@ -604,6 +600,11 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
         diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
         raise ConfigError(f"--resume: {path} was trained with other settings ({diff}); resume with the same ones, "
                           f"or start a new run")
+    # after the settings, which name a changed --model (or beta) for what it is
+    if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
+        raise ConfigError(f"--resume: the weights at --model={cfg.model} are not the ones the run in {cfg.run_dir} "
+                          f"started from (were they retrained?), and the reference must be that starting model: "
+                          f"put those weights back, or start a new run")
     state = load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["extra"]["sampler"])
     print0(f"resumed from step {state['step']} ({path})")
