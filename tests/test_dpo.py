@@ -5,8 +5,6 @@ Everything runs a tiny random-init model (ModelConfig 'tiny') on a slice of data
 import json
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +17,7 @@ import data
 import nanotulu_kernels as kernels
 import train_dpo
 from model import Transformer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multirank import torchrun
 
 
 def write_jsonl(path, rows):
@@ -191,14 +188,10 @@ def test_two_ranks_equal_one_rank(tiny, tmp_path, wrap):
     one, two = tmp_path / "one", tmp_path / "two"
     train_dpo.main(args_for(tiny, one, "--batch_size=2", "--grad_accum=2", f"--cache_dir={tmp_path / 'c1'}",
                             ROUNDING_SAFE_ADAM))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_dpo.py"),
-           *args_for(tiny, two, "--batch_size=2", "--grad_accum=1", f"--cache_dir={tmp_path / 'c2'}",
-                     ROUNDING_SAFE_ADAM, *(["--fsdp=true", "--checkpoint_every=2"] if wrap == "fsdp" else []))]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "effective batch 4 pairs (2 x 1 accum x 2 ranks)" in out.stdout
+    sharded = ["--fsdp=true", "--checkpoint_every=2"] if wrap == "fsdp" else []
+    out = torchrun("train_dpo.py", args_for(tiny, two, "--batch_size=2", "--grad_accum=1",
+                                            f"--cache_dir={tmp_path / 'c2'}", ROUNDING_SAFE_ADAM, *sharded))
+    assert "effective batch 4 pairs (2 x 1 accum x 2 ranks)" in out
     # the reference tables (sharded over ranks, then all-reduced) are identical to the one-process tables
     def tables(cache):
         return sorted((load_file(cache / n)["logps"] for n in os.listdir(cache) if n.startswith("ref_logps-")), key=len)
@@ -351,16 +344,11 @@ def test_fsdp_bf16_reference_matches_the_policy_at_step_0(tiny, tmp_path):
     the step-0 rewards were up to 2.7e-4 here; through the wrapped model they are 0 for the live reference and
     within 2.7e-5 for the cached one (its chunks are padded unlike the training batches). 12-pair chunks do not
     divide evenly over the ranks, so one rank runs a throwaway forward to keep FSDP's all-gathers in step."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for mode, tolerance in (("live", 0.0), ("cached", 1e-4)):
         run = tmp_path / mode
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "train_dpo.py"),
-               *args_for(tiny, run, "--batch_size=2", "--grad_accum=1", "--fsdp=true", "--precision=bf16",
-                         "--max_steps=1", f"--cache_dir={tmp_path / 'cache'}", "--ref_batch_size=12",
-                         *(["--reference_in_memory"] if mode == "live" else []))]
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
+        torchrun("train_dpo.py", args_for(tiny, run, "--batch_size=2", "--grad_accum=1", "--fsdp=true",
+                                          "--precision=bf16", "--max_steps=1", f"--cache_dir={tmp_path / 'cache'}",
+                                          "--ref_batch_size=12", *(["--reference_in_memory"] if mode == "live" else [])))
         eval0, train1 = metrics(run)[:2]
         assert (eval0["step"], train1["step"]) == (0, 1) and "eval_loss" in eval0 and "loss" in train1
         # the policy has not moved during step 0's evaluation nor during step 1's forwards

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import common
 import data
 import train_rlvr
+from multirank import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"gen_s", "learn_s", "gen_tok_per_s"}
@@ -207,11 +206,7 @@ def test_a_value_model_with_grpo_is_an_error_not_ignored(tiny, tmp_path):
 def test_two_ranks_run_and_shard_prompts(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train_rlvr.main(args_for(tiny, one))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_rlvr.py"), *args_for(tiny, two)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun("train_rlvr.py", args_for(tiny, two))
     m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     # the same global batch: 4 prompts x 4 samples per step, whatever the number of ranks
     assert [r["rollouts"] for r in m1 if "rollouts" in r] == [r["rollouts"] for r in m2 if "rollouts" in r] == [16, 16]
@@ -232,12 +227,8 @@ def test_a_step_without_signal_leaves_the_weights_alone_on_two_ranks(tiny, tmp_p
     dropped: no update, on 1 rank as on 2 (where gradients are zero-filled for the all-reduce and weight decay
     would otherwise still shrink the weights)."""
     run = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_rlvr.py"), *args_for(tiny, run, "--apply_non_stop_penalty=true",
-                                                          "--weight_decay=0.1", "--max_steps=1", "--eval_data=")]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun("train_rlvr.py", args_for(tiny, run, "--apply_non_stop_penalty=true", "--weight_decay=0.1",
+                                       "--max_steps=1", "--eval_data="))
     record = read_jsonl(run / "metrics.jsonl")[-1]
     assert record["zero_std_groups"] == 4 and record["trained_seqs"] == 0 and record["grad_norm"] == 0.0
     before, after = load_file(os.path.join(tiny.model_dir, "model.safetensors")), \

@@ -3,8 +3,6 @@ and the demo preset. Runs the real entry point (main) in-process, and under torc
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import common
 import data
 import train_sft
 from model import ModelConfig, Transformer
+from multirank import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,12 +67,8 @@ def assert_same_run(a, b, rtol=1e-5, atol=1e-5):
         torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
-def torchrun(setup, run, nproc, **overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train_sft.py"), *args(setup, run, **overrides)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def train_on_ranks(setup, run, nproc, **overrides):
+    torchrun("train_sft.py", args(setup, run, **overrides), nproc=nproc, timeout=240)
 
 
 def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(setup):
@@ -157,7 +152,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(setup, fsdp, compil
     if not os.path.exists(setup / "ref_1rank"):
         train_sft.main(args(setup, "ref_1rank", batch_size=2, grad_accum=2, eval_every=2))
     run = f"two_ranks_{'fsdp' if fsdp else 'ddp'}{'_compiled' if compile else ''}"
-    torchrun(setup, run, 2, fsdp=fsdp, compile=compile, **TWO_RANKS)
+    train_on_ranks(setup, run, 2, fsdp=fsdp, compile=compile, **TWO_RANKS)
     assert ((2, "eval_loss")) in losses(setup / run)
     assert json.load(open(setup / run / "config.json"))["total_batch_size"] == 4
     assert_same_run(setup / "ref_1rank", setup / run)
@@ -166,14 +161,14 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(setup, fsdp, compil
 def test_fsdp2_interrupted_and_resumed_run_reproduces_the_uninterrupted_run(setup):
     full = setup / "two_ranks_fsdp"  # the uninterrupted run of the test above, when it ran first
     if not os.path.exists(full / "final"):
-        torchrun(setup, full.name, 2, fsdp=True, **TWO_RANKS)
+        train_on_ranks(setup, full.name, 2, fsdp=True, **TWO_RANKS)
     assert sorted(os.listdir(full / "checkpoints")) == ["step_0000002", "step_0000004"]
     # killed during step 3: sharded weights and optimizer state come back from checkpoint 2
     resumed = setup / "fsdp_resumed"
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "final")
     shutil.rmtree(resumed / "checkpoints" / "step_0000004")
-    torchrun(setup, resumed.name, 2, fsdp=True, resume=True, **TWO_RANKS)
+    train_on_ranks(setup, resumed.name, 2, fsdp=True, resume=True, **TWO_RANKS)
     logged = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
     assert_same_run(full, resumed, rtol=1e-6, atol=1e-7)
