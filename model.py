@@ -60,6 +60,9 @@ class ModelConfig:
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key):
                 raise ValueError(f"{where}: key {key!r} = true is not supported (this model has no biases)")
+        if d.get("attention_dropout", 0.0):
+            raise ValueError(f"{where}: key 'attention_dropout' = {d['attention_dropout']}; attention dropout is not "
+                             "supported (transformers would apply it in training, this model never does)")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: key 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
         scaling = d.get("rope_scaling")

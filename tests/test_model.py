@@ -162,7 +162,7 @@ def test_config_checks_name_the_file_and_a_default_rope_scaling_is_no_scaling():
         ModelConfig.from_hf_dict({**d, "num_key_value_heads": 3}, where="snap/config.json")
 
 
-@pytest.mark.parametrize("key,value", [("attention_bias", True), ("mlp_bias", True),
+@pytest.mark.parametrize("key,value", [("attention_bias", True), ("mlp_bias", True), ("attention_dropout", 0.1),
                                        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
                                        ("architectures", ["MistralForCausalLM"]), ("hidden_act", "gelu"),
                                        ("vocab_size", "778"), ("num_hidden_layers", 0), ("head_dim", 2.5)])
