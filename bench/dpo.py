@@ -106,13 +106,14 @@ def main():
     args.seq_len = args.seq_len or (2048 if args.device == "cuda" else 256)
     if args.variant:
         return run_variant(args)
-    results = {}
+    results, failed = {}, []
     for variant in ("naive", "fused"):
         cmd = [sys.executable, os.path.abspath(__file__), f"--device={args.device}", f"--pairs={args.pairs}",
                f"--seq_len={args.seq_len}", f"--steps={args.steps}", f"--variant={variant}"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{variant}: failed\n{out.stderr[-2000:]}")
+            failed.append(variant)
             continue
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     shape = f"{args.pairs} pairs x 2 x {args.seq_len} tokens"
@@ -127,6 +128,8 @@ def main():
         print(f"fused vs naive: {n['step_s'] / f['step_s']:.2f}x step speed, "
               f"{n['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}x less peak memory; "
               f"loss naive {n['loss']:.5f} fused {f['loss']:.5f}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

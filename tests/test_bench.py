@@ -1,8 +1,9 @@
 """bench/fused_losses.py races contenders that must all compute the same loss: check that they do (loss and both
 gradients against the naive eager one), so that a GPU run times what it claims to time. Liger is not a test
-dependency; its contenders were checked by hand (bench/RESULTS.md)."""
+dependency; its contenders were checked by hand (bench/RESULTS.md). bench/gpu_checks.sh refuses a misspelt step."""
 import importlib.util
 import os
+import subprocess
 
 import pytest
 import torch
@@ -33,3 +34,11 @@ def test_every_kernel_bench_contender_computes_the_eager_loss_and_gradients(task
         results[name] = (loss.detach(), copies[0].grad, copies[1].grad)
     for got, want in zip(results[variant], results["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_checks_refuses_an_unknown_step_and_names_the_steps(tmp_path):
+    out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path), "kernels", "modle360"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "unknown step 'modle360'; the steps: kernels fused_losses model360 model1.7b sft dpo rlvr" in out.stderr
+    assert os.listdir(tmp_path) == []  # refused before running anything
