@@ -10,8 +10,8 @@ import tempfile
 if os.environ.get("NANOTULU_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# A native abort in a torchrun child (seen once in the 2-rank FSDP DPO test, not reproduced in 22 reruns) printed
-# no Python stack; with the fault handler on, every subprocess the tests start prints where it died.
+# With the fault handler on, every subprocess the tests start prints its Python stack when a signal kills it, and
+# tests/multirank.py makes a hung rank print it that way (which is how the hang at the end of 2-rank runs was found).
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 # torch.compile's on-disk kernel cache does not tell CPU kernel widths apart: kernels compiled by an earlier run under
 # another ATEN_CPU_CAPABILITY (the demo pins AVX2) crashed the tests that loaded them with a segfault (torch 2.13), so

@@ -1,9 +1,11 @@
-"""common.py: config parsing, batch / lr resolution, schedules, optimizer groups, checkpoints, run folder."""
+"""common.py: config parsing, batch / lr resolution, schedules, optimizer groups, checkpoints, run folder, the end
+of a multi-rank run."""
 import json
 import os
 import random
 import re
 import shutil
+import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import common
+from multirank import ROOT, torchrun
 
 
 @dataclass
@@ -391,3 +394,38 @@ def test_every_shipped_preset_parses_under_its_trainer(name):
                     "rlvr": train_rlvr.RLVRConfig, "sweep": train_sft.SFTConfig}[name.split("_")[0]]
     cfg = common.parse_config(config_class, [f"--config={os.path.join(CONFIGS, name)}"])
     assert cfg.lr > 0
+
+
+# gloo's worker threads run only when nothing else of the rank can, so that one which completes a collective is
+# preempted by the main thread it wakes before it lets go of the collective's tensor (which takes the GIL). Without
+# teardown's wait for it, 8 of 10 such runs aborted at exit ("terminate called without an active exception", the
+# FSDP test's one failure) where the 2-rank DPO test, on a loaded box, hung in DDP's destructor instead.
+SLOW_GLOO_WORKERS = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    import torch.distributed as dist
+    import common
+
+    rank = int(os.environ["RANK"])
+    os.sched_setaffinity(0, {rank % os.cpu_count()})  # one core per rank; the threads started from here inherit it
+    d = common.setup_distributed("cpu")
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # its reducer holds the group
+    model(torch.ones(3, 2)).sum().backward()
+    workers = [int(t) for t in os.listdir("/proc/self/task")
+               if open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop"]
+    assert workers, "no gloo worker threads found"
+    for tid in workers:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    dist.all_reduce(torch.ones(1))  # a tensor of Python's: the worker lets go of it only with the GIL
+    common.teardown_distributed()
+    del model  # the group's last reference: its destructor joins gloo's worker threads
+    print(f"rank {rank}: clean exit", flush=True)
+""")
+
+
+def test_the_ranks_end_cleanly_when_gloo_is_slow_to_let_go_of_the_last_collective(tmp_path):
+    script = tmp_path / "slow_gloo_workers.py"
+    script.write_text(SLOW_GLOO_WORKERS)
+    out = torchrun(str(script), [ROOT], timeout=120)
+    assert sorted(re.findall(r"rank \d: clean exit", out)) == ["rank 0: clean exit", "rank 1: clean exit"]
