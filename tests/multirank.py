@@ -6,6 +6,7 @@ every rank, so that the fault handler (PYTHONFAULTHANDLER, set in the root conft
 was, then fails the test with those stacks.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def torchrun(script, args, nproc=2, timeout=300):
     """Run ROOT/script under torchrun on nproc ranks (one thread each); -> its stdout. Fails the test with the
-    output's tail if it exits non-zero, and with every process's Python stack if it outlives `timeout` seconds."""
+    output's tail if it exits non-zero, and with every rank's Python stack if it outlives `timeout` seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, script), *map(str, args)]
@@ -28,7 +29,7 @@ def torchrun(script, args, nproc=2, timeout=300):
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         out, err = abort_with_stacks(proc)
-        pytest.fail(f"{script} on {nproc} ranks did not finish in {timeout} s. Every process was aborted; their "
+        pytest.fail(f"{script} on {nproc} ranks did not finish in {timeout} s. Every rank was aborted; their "
                     f"stacks (stderr):\n{err[-15000:]}\nstdout:\n{out[-3000:]}")
     assert proc.returncode == 0, f"{script} on {nproc} ranks failed:\n{out[-3000:]}\n{err[-3000:]}"
     return out
@@ -70,7 +71,5 @@ def descendants(pid):
 
 
 def signal_if_alive(pid, sig):
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it ended by itself meanwhile
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
