@@ -57,8 +57,7 @@ def descendants(pid):
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+                parent = int(proc_stat(entry)[1])
             except (OSError, IndexError, ValueError):
                 continue  # exited while we looked
             children.setdefault(parent, []).append(int(entry))
@@ -68,6 +67,13 @@ def descendants(pid):
         found += kids
         todo += kids
     return found
+
+
+def proc_stat(pid):
+    """/proc/PID/stat's fields after the process name (state, parent, ...); the name, in parentheses, may hold
+    spaces."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
 
 
 def signal_if_alive(pid, sig):

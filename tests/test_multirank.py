@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from multirank import torchrun
+from multirank import proc_stat, torchrun
 
 HANG = textwrap.dedent("""
     import os, sys, time
@@ -23,8 +23,7 @@ HANG = textwrap.dedent("""
 def running(pid):
     """Alive and not a zombie (an orphan's exit may wait for a reaper that a container lacks)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except FileNotFoundError:
         return False
 
