@@ -58,6 +58,28 @@ def _read_json(path):
     return obj
 
 
+def _saved_chat_template(folder, tok_config):
+    """The chat template a snapshot was saved with, looked up as transformers does: chat_template.jinja (where
+    transformers 5 saves it) before tokenizer_config.json's chat_template, which may also be a list of named
+    templates, of which the one named 'default' is used."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    saved = tok_config.get("chat_template")
+    where = os.path.join(folder, "tokenizer_config.json")
+    if isinstance(saved, list):
+        named = {t.get("name"): t.get("template") for t in saved if isinstance(t, dict)}
+        if not isinstance(named.get("default"), str):
+            raise ValueError(f"{where}: chat_template lists the templates {sorted(map(str, named))}, none of them a "
+                             "string named 'default'")
+        saved = named["default"]
+    if saved is not None and not isinstance(saved, str):
+        raise ValueError(f"{where}: chat_template must be a jinja string or a list of {{name, template}}, got "
+                         f"{type(saved).__name__}")
+    return saved
+
+
 # tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over)
 _SETTINGS_WE_WRITE = {"bos_token", "eos_token", "pad_token", "chat_template"}
 
@@ -66,6 +88,10 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens a chat model needs (bos, eos, pad)."""
 
     def __init__(self, tk, bos_token, eos_token, pad_token=None, chat_template=None, settings=None):
+        # A tokenizer.json may carry truncation or padding settings (transformers writes them when a script asked for
+        # them once); transformers applies them only to calls that ask, and so do we: never here.
+        tk.no_truncation()
+        tk.no_padding()
         self._tk = tk
         # The snapshot's other tokenizer_config.json settings (model_max_length, unk_token,
         # additional_special_tokens, ...): not used here, but written back on save so that transformers and lm-eval
@@ -95,10 +121,10 @@ class Tokenizer:
     def from_pretrained(cls, path, bos_token=None, eos_token=None, pad_token=None):
         """Load tokenizer.json from a folder (or the file itself). Special tokens come from, in order: the arguments,
         tokenizer_config.json, special_tokens_map.json, generation_config.json (ids), then '<|endoftext|>'."""
-        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not path:
             raise FileNotFoundError("tokenizer: no folder given (pass --model=PATH, or --tokenizer=PATH)")
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer: {path} does not exist")
         if not os.path.exists(file):
@@ -135,7 +161,7 @@ class Tokenizer:
         if isinstance(settings.get("additional_special_tokens"), list):
             settings["additional_special_tokens"] = [_token_str(t) for t in settings["additional_special_tokens"]]
         return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
-                   chat_template=tok_config.get("chat_template"), settings=settings)
+                   chat_template=_saved_chat_template(folder, tok_config), settings=settings)
 
     def encode(self, text):
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -311,21 +337,30 @@ def check_vocab(tok, vocab_size, where):
 
 
 def resolve_template(requested, tok):
-    """The chat template to train with: `requested`, else the one the model was saved with (tulu when none).
-    Training a model in another format than it was saved with is allowed, but said."""
-    saved = template_name(tok.chat_template) if tok.chat_template else None
-    if requested and saved and requested != saved:
-        log.warning(f"the model was saved with the {saved} chat template; training with {requested} (--template)")
-    return requested or saved or "tulu"
+    """The chat template to render with: `requested`, else the one the model was saved with (tulu when none).
+    Rendering in another format than the model was saved with is allowed, but said; a saved template that is
+    neither of ours needs a `requested` one."""
+    saved = template_name(tok.chat_template)
+    if requested:
+        if saved and requested != saved:
+            log.warning(f"the model was saved with the {saved} chat template; using {requested} (--template)")
+        return requested
+    if tok.chat_template and saved is None:
+        raise ValueError("the model's saved chat template is neither tulu nor chatml (it has neither '<|assistant|>' "
+                         "nor '<|im_start|>'); pass --template=tulu or --template=chatml")
+    return saved or "tulu"
 
 
 def template_name(chat_template):
-    """The template a saved tokenizer's chat_template names: our trainers save 'tulu' or 'chatml' (written out
-    as jinja in tokenizer_config.json); any other jinja with ChatML's markers (SmolLM2-Instruct's) is chatml."""
+    """Which of our templates a saved chat_template is: our trainers save 'tulu' or 'chatml' (written out as jinja in
+    tokenizer_config.json); other jinja with ChatML's markers (SmolLM2-Instruct's) is chatml, with Tulu's (AllenAI's
+    Tulu 3 models') tulu. None when there is no template, or one that is neither."""
+    if chat_template in ("tulu", "chatml"):
+        return chat_template
     saved = chat_template or ""
-    if saved in ("tulu", "chatml"):
-        return saved
-    return "chatml" if "<|im_start|>" in saved else "tulu"
+    if "<|im_start|>" in saved:
+        return "chatml"
+    return "tulu" if "<|assistant|>" in saved else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

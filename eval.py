@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verifiers
-from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, stop_token_ids,
-                  template_name)
+from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, resolve_template,
+                  stop_token_ids)
 from model import Transformer, generate
 
 ALL_TASKS = ("gsm8k", "ifeval", "arc", "hellaswag", "piqa", "mmlu_pro", "bbh")
@@ -565,7 +565,7 @@ def main(argv=None):
         model, tok = load_model_and_tokenizer(args.model, args.device, dtype)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}" + ("\n(the demo model: train it first with `python train_sft.py`)" if demo else ""))
-    template = args.template or template_name(tok.chat_template)
+    template = resolve_template(args.template, tok)
     t0 = time.time()
     if demo:
         summary, examples = run_demo_eval(model, tok, make_demo_data(args.demo_seed), template, args.limit,

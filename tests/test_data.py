@@ -369,9 +369,12 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
 
 
 def test_template_name_of_a_saved_chat_template():
-    assert data.template_name(None) == data.template_name("tulu") == data.template_name(data.TULU_TEMPLATE) == "tulu"
+    assert data.template_name("tulu") == data.template_name(data.TULU_TEMPLATE) == "tulu"
+    assert data.template_name("{{ '<|assistant|>\\n' + message['content'] }}") == "tulu"  # Tulu 3's own jinja
     assert data.template_name("chatml") == data.template_name(data.CHATML_TEMPLATE) == "chatml"
     assert data.template_name("{{ '<|im_start|>' + message['role'] }}") == "chatml"  # SmolLM2-Instruct's own jinja
+    assert data.template_name(None) is None
+    assert data.template_name("{{ '<|start_header_id|>' + message['role'] }}") is None  # Llama 3's: neither
 
 
 def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok, caplog):
@@ -380,9 +383,60 @@ def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok,
     assert data.resolve_template("", tok) == "chatml"
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         assert data.resolve_template("tulu", tok) == "tulu"
-    assert "saved with the chatml chat template; training with tulu" in caplog.text
+    assert "saved with the chatml chat template; using tulu" in caplog.text
     tok.chat_template = None
     assert data.resolve_template("", tok) == "tulu"
+    tok.chat_template = "{{ '<|start_header_id|>' + message['role'] }}"
+    with pytest.raises(ValueError, match="neither tulu nor chatml.*pass --template=tulu or --template=chatml"):
+        data.resolve_template("", tok)
+    assert data.resolve_template("chatml", tok) == "chatml"
+
+
+def test_the_chat_template_is_found_where_transformers_saves_it(tok_dir, tmp_path):
+    """transformers 5 saves the template as chat_template.jinja, which wins over tokenizer_config.json's; the
+    config's may also be a list of named templates, of which transformers uses 'default'."""
+    import transformers
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    hf.chat_template = data.CHATML_TEMPLATE
+    hf.save_pretrained(str(tmp_path / "hf"))
+    assert os.path.exists(tmp_path / "hf" / "chat_template.jinja")
+    assert data.Tokenizer.from_pretrained(str(tmp_path / "hf")).chat_template == data.CHATML_TEMPLATE
+
+    def folder(name, chat_template):
+        shutil.copytree(tok_dir, tmp_path / name)
+        config = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": chat_template}))
+        return str(tmp_path / name)
+
+    listed = folder("listed", [{"name": "tool_use", "template": data.TULU_TEMPLATE},
+                               {"name": "default", "template": data.CHATML_TEMPLATE}])
+    assert data.Tokenizer.from_pretrained(listed).chat_template == data.CHATML_TEMPLATE
+    conv = CONVERSATIONS[1]
+    assert data.render_chat(data.Tokenizer.from_pretrained(listed), conv, "chatml")[0] == \
+        transformers.AutoTokenizer.from_pretrained(listed).apply_chat_template(conv, tokenize=True)["input_ids"]
+    with pytest.raises(ValueError, match=r"listed2.tokenizer_config.json: chat_template lists the templates "
+                                         r"\['tool_use'\], none of them a string named 'default'"):
+        data.Tokenizer.from_pretrained(folder("listed2", [{"name": "tool_use", "template": data.TULU_TEMPLATE}]))
+    with pytest.raises(ValueError, match="chat_template must be a jinja string .* got int"):
+        data.Tokenizer.from_pretrained(folder("number", 3))
+
+
+def test_truncation_and_padding_stored_in_tokenizer_json_are_not_applied(tok_dir, tmp_path):
+    """transformers writes them into tokenizer.json after a call that asked for them, and applies them only to calls
+    that ask again: the ids of a long conversation still equal apply_chat_template's, and nothing is padded."""
+    import transformers
+    shutil.copytree(tok_dir, tmp_path / "t")
+    core = HFTokenizerCore.from_file(str(tmp_path / "t" / "tokenizer.json"))
+    core.enable_truncation(max_length=8)
+    core.enable_padding(length=64, pad_id=0, pad_token="<|endoftext|>")
+    core.save(str(tmp_path / "t" / "tokenizer.json"))
+    tok = data.Tokenizer.from_pretrained(str(tmp_path / "t"))
+    conv = CONVERSATIONS[1]
+    ids, mask = data.render_chat(tok, conv, "tulu")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "t"))
+    hf.chat_template = data.TULU_TEMPLATE
+    assert len(ids) > 8 and ids == hf.apply_chat_template(conv, tokenize=True)["input_ids"] and sum(mask) > 0
+    assert tok.encode("Hello") == hf.encode("Hello", add_special_tokens=False) and len(tok.encode("Hello")) < 8
 
 
 def test_a_tokenizer_larger_than_the_models_vocab_is_an_error(demo_tok):
@@ -393,8 +447,9 @@ def test_a_tokenizer_larger_than_the_models_vocab_is_an_error(demo_tok):
 
 
 def test_broken_tokenizer_files_are_named(tok_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no folder given"):
-        data.Tokenizer.from_pretrained("")
+    for nothing in ("", None):
+        with pytest.raises(FileNotFoundError, match="no folder given"):
+            data.Tokenizer.from_pretrained(nothing)
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         data.Tokenizer.from_pretrained(str(tmp_path / "nowhere"))
     shutil.copytree(tok_dir, tmp_path / "a")
