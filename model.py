@@ -65,15 +65,16 @@ class ModelConfig:
                              "supported (transformers would apply it in training, this model never does)")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: key 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
-        scaling = d.get("rope_scaling")
-        if scaling and not (isinstance(scaling, dict)
-                            and (scaling.get("rope_type") or scaling.get("type")) == "default"):
-            raise ValueError(f"{where}: key 'rope_scaling' = {scaling} is not supported")
-        # transformers 5 moved rope_theta into rope_parameters; SmolLM2's own snapshots keep it at top level.
-        rope = d.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{where}: key 'rope_parameters.rope_type' = {rope['rope_type']!r}; "
-                             "only 'default' rope is supported")
+        # transformers 5 reads rope_scaling, when set, as the older name of rope_parameters, and either may carry the
+        # theta, which SmolLM2's own snapshots keep at the top level.
+        rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        rope = d.get(rope_key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{where}: key {rope_key!r} = {rope!r} must be a dict")
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"{where}: key {rope_key!r} has rope type {rope_type!r}; only 'default' rope is "
+                             "supported")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
@@ -286,6 +287,9 @@ class Transformer(nn.Module):
         # cos/sin [T, 1, D] or [B, T, 1, D]: broadcast over the heads of [B, T, heads, D] (and over B when every
         # row has the same positions)
         if position_ids is None:
+            if start + T > self.config.max_position_embeddings:
+                raise ValueError(f"positions {start}..{start + T - 1} exceed max_position_embeddings "
+                                 f"({self.config.max_position_embeddings})")
             cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
@@ -397,7 +401,7 @@ class Transformer(nn.Module):
             json.dump(self.config.to_hf_dict(dtype), f, indent=2)
         eos = self.config.eos_token_id
         if tokenizer is not None:  # a data.Tokenizer: generation also stops at its template's end of turn
-            eos = list(dict.fromkeys([eos, *tokenizer.end_of_turn_ids()]))
+            eos = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *tokenizer.end_of_turn_ids()]))
             eos = eos[0] if len(eos) == 1 else eos
         with open(os.path.join(path, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": self.config.bos_token_id, "eos_token_id": eos}, f, indent=2)
@@ -538,8 +542,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
             raise ValueError(f"generate: prompt {i} is empty")
     lengths = [len(p) for p in prompts]
     P, limit = max(lengths), model.config.max_position_embeddings
-    if max(lengths) + max_new_tokens > limit:
-        raise ValueError(f"generate: longest prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) exceeds "
+    if P + max_new_tokens - 1 > limit:  # the last new token is sampled, never fed back, so it needs no position
+        raise ValueError(f"generate: longest prompt ({P}) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
                          f"max_position_embeddings ({limit})")
     if max_new_tokens <= 0:
         return Generation([[] for _ in prompts], [[] for _ in prompts], [False] * B)

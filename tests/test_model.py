@@ -1,5 +1,6 @@
 """model.py against transformers' LlamaForCausalLM (random weights, no downloads), plus packing and generation."""
 
+import copy
 import json
 import os
 
@@ -171,10 +172,28 @@ def test_unsupported_config_features_are_refused(key, value):
     d[key] = value
     with pytest.raises(ValueError, match=f"key '{key}'"):
         ModelConfig.from_hf_dict(d)
-    d = ModelConfig.from_preset("tiny").to_hf_dict()
-    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
-    with pytest.raises(ValueError, match="rope_parameters.rope_type"):
-        ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 500.0},
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 500.0}},  # transformers 5: an older name, read first
+    {"rope_scaling": {"type": "default"}, "rope_parameters": {"rope_type": "default", "rope_theta": 77.0}},
+    {"rope_parameters": {"type": "default", "rope_theta": 500.0}},
+    {"rope_parameters": {"type": "linear", "factor": 4.0, "rope_theta": 500.0}},
+    {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": {"rope_type": "default"}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+])
+def test_rope_settings_are_read_where_transformers_reads_them(rope):
+    """The theta transformers would use, or a refusal naming the key when its rope is not the default one."""
+    d = {k: v for k, v in ModelConfig.from_preset("tiny").to_hf_dict().items()
+         if k not in ("rope_theta", "rope_parameters", "rope_scaling", "torch_dtype")}
+    d.update(copy.deepcopy(rope))
+    theirs = LlamaConfig(**copy.deepcopy(d)).rope_parameters
+    if theirs["rope_type"] == "default":
+        assert ModelConfig.from_hf_dict(d).rope_theta == theirs["rope_theta"]
+    else:
+        with pytest.raises(ValueError, match=f"key '{next(iter(rope))}' has rope type '{theirs['rope_type']}'"):
+            ModelConfig.from_hf_dict(d)
 
 
 def test_config_round_trip_and_presets():
@@ -326,6 +345,33 @@ def test_generate_restores_training_mode_and_rejects_empty_prompt(tiny):
     for bad in (dict(temperature=-1.0), dict(temperature=1.0, top_p=0.0), dict(temperature=1.0, top_k=-1)):
         with pytest.raises(ValueError, match="temperature >= 0, 0 < top_p <= 1 and top_k >= 0"):
             generate(tiny, [[1]], max_new_tokens=2, **bad)
+
+
+def test_generation_and_forward_within_max_position_embeddings(tiny):
+    """A prompt filling every position still gets one new token (it is sampled, never fed back); a sequence past
+    the last position is an error that names the limit, not a shape mismatch deep inside attention."""
+    limit = tiny.config.max_position_embeddings
+    full = [1 + i % 100 for i in range(limit)]
+    out = generate(tiny, [full, [1, 2]], max_new_tokens=1)
+    assert len(out.tokens[0]) == 1 and out.tokens[0][0] == tiny(torch.tensor([full]))[0, -1].argmax().item()
+    with pytest.raises(ValueError, match=rf"longest prompt \({limit}\) \+ max_new_tokens \(2\) - 1 exceeds "
+                                         rf"max_position_embeddings \({limit}\)"):
+        generate(tiny, [full], max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"positions 0..{limit} exceed max_position_embeddings \({limit}\)"):
+        tiny(torch.ones(1, limit + 1, dtype=torch.long))
+
+
+def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids(tmp_path):
+    """config.json may list several eos ids (LlamaConfig takes int or list); generation_config.json keeps them all
+    and adds the chat template's end of turn."""
+    import data
+    tok = data.build_demo_tokenizer(data.make_demo_data(0, n_train=32, n_heldout=8), vocab_size=300)
+    tok.chat_template = "chatml"
+    im_end = tok.token_to_id("<|im_end|>")
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=[0, 5]))
+    model.save_pretrained(str(tmp_path / "m"), tokenizer=tok)
+    assert json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"] == [0, 5, im_end]
+    assert Transformer.from_pretrained(str(tmp_path / "m")).config.eos_token_id == [0, 5]
 
 
 def test_to_hf_state_splits_fused_projections(tiny):
