@@ -79,17 +79,22 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r}: expected {', '.join(SCHEDULES)}")
         for name, low in _AT_LEAST.items():
-            if getattr(self, name) < low:
+            if hasattr(self, name) and getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be at least {low}")
-        for name in ("warmup_ratio", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be between 0 and 1")
+        for name, interval in _BETWEEN.items():
+            value = getattr(self, name, None)
+            if value is not None and not (0.0 <= value < 1.0 or (value == 1.0 and interval.endswith("]"))):
+                raise ConfigError(f"{name}={value!r}: must be in {interval}")
 
 
 # the lowest value each numeric field may take (a zero batch would only fail later, dividing by it)
 _AT_LEAST = {"batch_size": 1, "grad_accum": 1, "epochs": 1, "log_every": 1, "total_batch_size": 0, "max_steps": 0,
              "lr": 0.0, "lr_bs_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "checkpoint_every": 0,
-             "keep_checkpoints": 0, "eval_every": 0}
+             "keep_checkpoints": 0, "eval_every": 0, "adam_eps": 0.0,
+             "max_seq_len": 1, "ref_batch_size": 1}  # (the last two: the trainers that have them)
+# fractions: [0, 1], or [0, 1) where 1 breaks the run (Adam divides by 1 - beta; a held-out share of 1 leaves no data)
+_BETWEEN = {"warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+            "eval_split": "[0, 1)"}
 
 
 class ConfigError(ValueError):
@@ -131,14 +136,13 @@ def _coerce(key, value, typ, where):
     if typ is float:
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            raise bad from None
+        if number is None or not math.isfinite(number):  # an inf lr or a nan clip would only fail (or not) later
+            raise bad
+        return number
     if typ is str:
         if isinstance(value, str):
             return value

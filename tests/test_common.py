@@ -228,10 +228,19 @@ def test_dropping_records_after_the_resumed_step_is_atomic_and_names_a_bad_line(
                                          ("--log_every=0", "log_every=0: must be at least 1"),
                                          ("--epochs=0", "epochs=0: must be at least 1"),
                                          ("--checkpoint_every=-1", "checkpoint_every=-1: must be at least 0"),
-                                         ("--warmup_ratio=5", "warmup_ratio=5.0: must be between 0 and 1")])
+                                         ("--warmup_ratio=5", "warmup_ratio=5.0: must be in [0, 1]"),
+                                         ("--adam_beta2=1", "adam_beta2=1.0: must be in [0, 1)"),
+                                         ("--adam_eps=-1", "adam_eps=-1.0: must be at least 0.0"),
+                                         ("--lr=inf", "lr='inf' is not a valid float"),
+                                         ("--grad_clip=nan", "grad_clip='nan' is not a valid float"),
+                                         ("--max_seq_len=-3", "max_seq_len=-3: must be at least 1"),
+                                         ("--ref_batch_size=0", "ref_batch_size=0: must be at least 1"),
+                                         ("--eval_split=-0.25", "eval_split=-0.25: must be in [0, 1)"),
+                                         ("--eval_split=1", "eval_split=1.0: must be in [0, 1)")])
 def test_numbers_out_of_range_fail_when_the_config_is_parsed(arg, message):
+    import train_dpo
     with pytest.raises(common.ConfigError, match=re.escape(message)):
-        common.parse_config(Cfg, [arg])
+        common.parse_config(train_dpo.DPOConfig, [arg])
 
 
 def test_checkpoints_keep_last_k(tmp_path):
