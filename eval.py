@@ -29,7 +29,8 @@ How each task is scored (DESIGN.md section 4):
   ...; HellaSwag lm-eval's preprocessing, "{label}: {ctx_a} {Ctx_b}" | " {ending}" (smollm's leaves a trailing
   space that becomes a second space before each ending). ARC is the mean of Easy and Challenge.
 - GSM8K, 5-shot, greedy: "Question: {q}\nAnswer: {worked answer}" examples separated by blank lines, generation
-  stops at "Question:" or a blank line, and the last number must equal the reference (verifiers.gsm8k). The
+  stops at "Question:" (as smollm's and lm-eval's gsm8k do; a blank line would cut a worked answer with
+  paragraphs short), and the last number must equal the reference (verifiers.gsm8k). The
   5 examples are drawn with --seed from gsm8k/train; without that file, the first 5 test rows are the
   examples and are left out of the scored set.
 - IFEval, 0-shot: the prompt as a user turn in the chat template (--template), greedy until eos; verifiers'
@@ -355,7 +356,7 @@ def task_gsm8k(ctx):
         prompts.append(header + f"Question: {field(row, 'question', where)}\nAnswer:")
         refs.append(gsm8k_reference(field(row, "answer", where), where))
     outputs = generate_until(ctx.model, ctx.tok, [ctx.tok.encode(p) for p in prompts], ctx.max_new_tokens or 256,
-                             stop_strings=("Question:", "\n\n"), stop_ids=[ctx.tok.eos_id],
+                             stop_strings=("Question:",), stop_ids=[ctx.tok.eos_id],
                              batch_size=ctx.batch_size, desc="gsm8k")
     examples = [{"id": where, "question": row["question"], "output": out, "reference": ref,
                  "score": verifiers.gsm8k(out, ref)} for (where, row), out, ref in zip(test, outputs, refs)]
@@ -370,8 +371,8 @@ def task_ifeval(ctx):
     for where, row in rows:
         for key in ("prompt", "instruction_id_list", "kwargs"):
             field(row, key, where)
-        try:  # an unknown instruction or a malformed argument fails here, before any generation
-            verifiers.ifeval_row(row, "")
+        try:  # an unknown instruction or a malformed argument fails here, before any generation (on a non-empty
+            verifiers.ifeval_row(row, "x")  # response: an empty one follows nothing, so no check would even run)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise DataError(where, f"{type(e).__name__}: {e}") from None
         messages = [{"role": "user", "content": row["prompt"]}]

@@ -275,7 +275,9 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["punctuation:no_commas"]},
      "unknown instruction id 'punctuation:no_commas'"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["detectable_format:number_highlighted_sections"],
-                                                "kwargs": ["two"]}, "AttributeError")])
+                                                "kwargs": ["two"]}, "AttributeError"),
+    ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["keywords:existence"], "kwargs": [{}]},
+     "missing kwarg 'keywords'")])
 def test_a_bad_row_fails_before_any_generation_naming_its_line(loaded, tmp_path, monkeypatch, task, split, edit,
                                                                message):
     shutil.copytree(FIXTURES, tmp_path / "evals")
@@ -285,6 +287,19 @@ def test_a_bad_row_fails_before_any_generation_naming_its_line(loaded, tmp_path,
     monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the rows"))
     with pytest.raises(DataError, match=f"{re.escape(str(path))} line 2: .*{message}"):
         ev.evaluate_tasks(*loaded, [task], str(tmp_path / "evals"))
+
+
+def test_a_gsm8k_answer_with_paragraphs_is_scored_on_its_final_number(loaded, monkeypatch):
+    """Generation stops at the next "Question:", not at a blank line inside a worked answer."""
+    model, tok = loaded
+    answer = tok.encode(" 6 plus 6.\n\nThat makes 12 in all.\n#### 12\n\nQuestion: next")
+
+    def scripted(model, prompts, max_new_tokens, **kwargs):
+        return Generation([answer for _ in prompts], [[0.0] * len(answer) for _ in prompts], [False] * len(prompts))
+    monkeypatch.setattr(ev, "generate", scripted)
+    result = ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, max_new_tokens=64)["gsm8k"]
+    assert all(e["output"] == " 6 plus 6.\n\nThat makes 12 in all.\n#### 12\n\n" for e in result["examples"])
+    assert [e["score"] for e in result["examples"]] == [float(e["reference"] == "12") for e in result["examples"]]
 
 
 def test_bad_row_names_the_file_and_field(loaded, tmp_path):
