@@ -874,14 +874,24 @@ class EpochSampler:
         return out
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "num_items": self.num_items, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "num_items": self.num_items, "seed": self.seed,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state):
         for key in ("num_items", "seed"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"EpochSampler.load_state_dict: checkpoint has {key}={state[key]}, "
                                  f"this run has {getattr(self, key)} (the data or seed changed)")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # The ranks deal one epoch order between them, so `position` items into it on each of W ranks, the first
+        # position x W of that order are used, whatever W was: a run resumed on other ranks continues from there,
+        # when they can split that point evenly.
+        saved_world = int(state.get("world_size", self.world_size))
+        used = int(state["position"]) * saved_world
+        if used % self.world_size:
+            raise ValueError(f"EpochSampler.load_state_dict: the checkpoint's {saved_world} rank(s) had used {used} "
+                             f"items of epoch {state['epoch']}, which {self.world_size} ranks cannot split evenly; "
+                             f"resume on {saved_world} rank(s), or on a number that divides {used}")
+        self.epoch, self.position = int(state["epoch"]), used // self.world_size
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -611,6 +611,29 @@ def test_sampler_deterministic_sharded_and_resumable():
         data.EpochSampler(11, seed=3).load_state_dict(state)
 
 
+def test_a_sampler_resumed_on_another_number_of_ranks_continues_the_same_order():
+    """One rank that took 6 of an epoch's 20 items leaves the same 14 for 2 or 3 ranks resumed from its state; a
+    point the new ranks cannot split evenly is refused, not skipped past."""
+    one = data.EpochSampler(20, seed=3)
+    one.next_batch(6)
+    state = one.state_dict()
+    rest = one.next_batch(14)
+    for world in (2, 3):
+        ranks = [data.EpochSampler(20, seed=3, rank=r, world_size=world) for r in range(world)]
+        for r in ranks:
+            r.load_state_dict(state)
+        dealt = [r.next_batch(14 // world) for r in ranks]
+        assert [dealt[i % world][i // world] for i in range(14 // world * world)] == rest[:14 // world * world]
+    with pytest.raises(ValueError, match="1 rank\\(s\\) had used 6 items of epoch 0, which 4 ranks cannot split "
+                                         "evenly; resume on 1 rank\\(s\\)"):
+        data.EpochSampler(20, seed=3, rank=0, world_size=4).load_state_dict(state)
+    two = data.EpochSampler(20, seed=3, rank=1, world_size=2)
+    two.next_batch(3)
+    resumed = data.EpochSampler(20, seed=3)
+    resumed.load_state_dict(two.state_dict())
+    assert resumed.position == 6
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic demo data
 
