@@ -396,7 +396,7 @@ def main(argv=None):
     params = [p for p in trained.parameters() if p.requires_grad]
 
     step = common.maybe_resume(cfg, trained, optimizer, sampler, start_weights=start_weights)
-    if step and d.is_main:  # samples logged after the checkpoint are redone
+    if cfg.resume and d.is_main:  # samples logged after the checkpoint (all of them, when none was reached) are redone
         common.drop_records_after(samples_path, step)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     common.print0(f"{cfg.algo.upper()} from {cfg.model}: {len(train_rows)} prompts, {len(eval_rows)} held out; "

@@ -236,6 +236,18 @@ def test_a_step_without_signal_leaves_the_weights_alone_on_two_ranks(tiny, tmp_p
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_resume_before_the_first_checkpoint_starts_the_sample_log_over(tiny, tmp_path):
+    run = tmp_path / "run"
+    args = args_for(tiny, run, "--max_steps=2", "--eval_data=", "--prompts_per_step=4", "--num_samples=2")
+    train_rlvr.main(args)
+    first = read_jsonl(run / "samples.jsonl")
+    shutil.rmtree(run / "final")  # killed before it finished, with no checkpoint written
+    train_rlvr.main(args + ["--resume"])
+    steps = [r["step"] for r in read_jsonl(run / "samples.jsonl")]
+    assert steps == sorted(steps) and set(steps) == {1, 2}  # logged once: the step numbers never start over
+    assert read_jsonl(run / "samples.jsonl") == first
+
+
 def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
     run = tmp_path / "run"
     args = args_for(tiny, run, "--checkpoint_every=2", "--keep_checkpoints=3", "--max_steps=4", "--eval_data=",
