@@ -631,6 +631,8 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
                           f"put those weights back, or start a new run")
     state = load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["extra"]["sampler"])
+    if int(os.environ.get("RANK", 0)) == 0:  # the run's settings, now that they are known to fit its checkpoint
+        write_run_config(cfg)
     print0(f"resumed from step {state['step']} ({path})")
     return state["step"]
 
@@ -639,10 +641,11 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
 # Run folder, metrics, progress bar, final save
 
 def prepare_run_dir(cfg, d):
-    """Create run_dir and write the resolved config. A fresh (non --resume) run starts its folder over, since old
-    checkpoints and metrics would otherwise be mistaken for this run's; but only with --overwrite=true when the
-    folder holds an earlier run's checkpoints or final model, which a relaunch that forgot --resume=true would
-    otherwise destroy."""
+    """Create run_dir and write the resolved config (a resumed run's once maybe_resume has checked it against the
+    checkpoint: a refused resume leaves the record of the run its checkpoints belong to). A fresh (non --resume)
+    run starts its folder over, since old checkpoints and metrics would otherwise be mistaken for this run's; but
+    only with --overwrite=true when the folder holds an earlier run's checkpoints or final model, which a relaunch
+    that forgot --resume=true would otherwise destroy."""
     earlier = [p for p in (checkpoint_dir(cfg.run_dir), os.path.join(cfg.run_dir, "final"))
                if os.path.isdir(p) and os.listdir(p)]
     if earlier and not (cfg.resume or cfg.overwrite):
@@ -656,9 +659,14 @@ def prepare_run_dir(cfg, d):
             metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
             if os.path.exists(metrics):
                 os.remove(metrics)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(config_dict(cfg), f, indent=2)
+        if not (cfg.resume and latest_checkpoint(cfg.run_dir)):  # else maybe_resume, once the settings agree
+            write_run_config(cfg)
     barrier()
+
+
+def write_run_config(cfg):
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(config_dict(cfg), f, indent=2)
 
 
 def drop_records_after(path, step):

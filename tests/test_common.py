@@ -168,13 +168,18 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
                            extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
     changed = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--lr=0.1", "--model=other",
                                         "--batch_size=2", "--grad_accum=2"])
+    (tmp_path / "config.json").write_text(json.dumps(common.config_dict(cfg)))
+    common.prepare_run_dir(changed, common.setup_distributed("cpu"))
     with pytest.raises(common.ConfigError, match=r"other settings \(model: '' then, 'other' now, lr: 0.01 then, "
                                                  r"0.1 now\)"):
         common.maybe_resume(changed, model, opt, sampler)
+    # the refused settings are not recorded as the run's
+    assert json.loads((tmp_path / "config.json").read_text()) == common.config_dict(cfg)
     # how the batch is split, how often it logs or checkpoints: a resumed run may change those
     same = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--lr=0.01", "--batch_size=4",
                                      "--grad_accum=1", "--log_every=5", "--checkpoint_every=9"])
     assert common.maybe_resume(same, model, opt, sampler) == 3
+    assert json.loads((tmp_path / "config.json").read_text()) == common.config_dict(same)
 
 
 def test_a_checkpoint_without_its_optimizer_state_does_not_resume_with_a_fresh_one(tmp_path):
