@@ -81,6 +81,7 @@ def load_pairs(cfg, tok, d):
     if cfg.data:
         train_rows = data.load_preference_rows(cfg.data, skip_bad=cfg.skip_bad_rows)
         if cfg.eval_data:
+            common.refuse_unused(cfg, ["eval_split"], "not used with --eval_data (which holds the held-out pairs)")
             eval_rows = data.load_preference_rows(cfg.eval_data, skip_bad=cfg.skip_bad_rows)
         else:
             order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
@@ -88,12 +89,17 @@ def load_pairs(cfg, tok, d):
             eval_rows = [train_rows[i] for i in order[:n_eval]]
             train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
     else:
+        common.refuse_unused(cfg, ["eval_data", "eval_split"], "not used without --data (the demo pairs have their "
+                             "own held-out split)")
         common.print0("data: the built-in synthetic demo pairs (no --data given)")
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows = [normalize_demo(r) for r in demo["pref_train"]]
         eval_rows = [normalize_demo(r) for r in demo["pref_heldout"]]
-    return tokenize(cfg, tok, train_rows, "train", d), (tokenize(cfg, tok, eval_rows, "held-out", d)
-                                                        if eval_rows else [])
+    train = tokenize(cfg, tok, train_rows, "train", d)
+    if not train:
+        raise data.DataError(f"data={cfg.data or 'demo'}", f"none of its {len(train_rows)} training pairs fits "
+                             f"max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}): nothing to train on")
+    return train, (tokenize(cfg, tok, eval_rows, "held-out", d) if eval_rows else [])
 
 
 def normalize_demo(row):

@@ -244,6 +244,8 @@ def load_prompts(cfg, tok, template):
         heldout = data.load_rlvr_rows(cfg.eval_data, skip_bad=cfg.skip_bad_rows, check_ground_truth=check) \
             if cfg.eval_data else []
     else:
+        common.refuse_unused(cfg, ["eval_data"], "not used without --data (the demo prompts have their own "
+                             "held-out split)")
         common.print0("data: the built-in synthetic demo prompts (no --data given)")
         demo = data.make_demo_data(cfg.demo_seed)
         train, heldout = demo["rlvr_train"], demo["rlvr_heldout"]
@@ -261,7 +263,8 @@ def load_prompts(cfg, tok, template):
 
     train = render(train, "train")
     if not train:
-        raise data.DataError(f"data={cfg.data or 'demo'}: no RLVR prompts left to train on")
+        raise data.DataError(f"data={cfg.data or 'demo'}", f"no RLVR prompts left to train on (every prompt is longer "
+                             f"than max_prompt_len={cfg.max_prompt_len})")
     return train, render(heldout, "held-out")
 
 

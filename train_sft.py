@@ -52,6 +52,8 @@ def load_data(cfg, d):
         if cfg.model:  # the demo data comes with its own tokenizer, which a real model's embeddings do not fit
             raise common.ConfigError(f"--model={cfg.model} without --data: pass the data to train on (only the "
                                      f"from-scratch demo runs on the built-in synthetic data)")
+        common.refuse_unused(cfg, ["tokenizer", "eval_data"], "not used without --data (the demo has its own "
+                             "tokenizer and held-out split)")
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows, eval_rows = demo["sft_train"], demo["sft_heldout"]
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
@@ -66,7 +68,11 @@ def load_data(cfg, d):
             out = data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len, cache_dir=cache, progress=False)
         return out
 
-    return tok, tokenize(train_rows), (tokenize(eval_rows) if eval_rows else [])
+    train = tokenize(train_rows)
+    if not train:
+        raise data.DataError(f"data={cfg.data or 'demo'}", f"none of its {len(train_rows)} rows has a trained token "
+                             f"within max_seq_len={cfg.max_seq_len}: nothing to train on")
+    return tok, train, (tokenize(eval_rows) if eval_rows else [])
 
 
 def make_batches(cfg, examples):

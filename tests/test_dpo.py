@@ -315,6 +315,10 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--loss_type=kto"))
     with pytest.raises(common.ConfigError, match="truncation"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--truncation=right"))
+    with pytest.raises(common.ConfigError, match=r"--eval_split=0.2: not used with --eval_data"):
+        train_dpo.main(args_for(tiny, tmp_path / "run", "--eval_split=0.2"))
+    with pytest.raises(data.DataError, match=r"none of its \d+ training pairs fits max_seq_len=16 \(truncation=drop\)"):
+        train_dpo.main(args_for(tiny, tmp_path / "run", "--max_seq_len=16", "--truncation=drop"))
     missing = str(tmp_path / "sft_demo" / "final")
     monkeypatch.setattr(train_dpo, "DEMO_MODEL", missing)
     with pytest.raises(FileNotFoundError, match="python train_sft.py"):

@@ -289,6 +289,14 @@ def test_a_ground_truth_the_reward_cannot_use_fails_at_load_naming_its_row(tiny,
         train_rlvr.main(args_for(tiny, tmp_path / "run", f"--data={bad}"))
 
 
+def test_settings_with_nothing_to_train_on_or_that_would_be_ignored_are_errors(tiny, tmp_path):
+    with pytest.raises(data.DataError, match=r"no RLVR prompts left to train on \(every prompt is longer than "
+                                             r"max_prompt_len=4\)"):
+        train_rlvr.main(args_for(tiny, tmp_path / "run", "--max_prompt_len=4"))
+    with pytest.raises(common.ConfigError, match=r"--eval_data=\S+: not used without --data"):
+        train_rlvr.main(args_for(tiny, tmp_path / "run", "--data="))
+
+
 def test_demo_without_a_starting_model_says_to_run_train_sft(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/dpo_demo/final, no runs/sft_demo/final here
     with pytest.raises(FileNotFoundError, match="python train_sft.py"):

@@ -77,6 +77,15 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
         train_sft.main(args(setup, "nodata", data=""))
     with pytest.raises(common.ConfigError, match="--data needs --model"):
         train_sft.main(args(setup, "nomodel", model=""))
+    # the demo's own held-out split and tokenizer would be used instead of these
+    with pytest.raises(common.ConfigError, match=r"--eval_data=\S*heldout.jsonl: not used without --data"):
+        train_sft.main(args(setup, "demo", data="", model=""))
+
+
+def test_data_with_nothing_to_train_within_max_seq_len_is_an_error_naming_it(setup):
+    with pytest.raises(data.DataError, match=r"data=\S*train.jsonl: none of its \d+ rows has a trained token within "
+                                             r"max_seq_len=8"):
+        train_sft.main(args(setup, "short", max_seq_len=8, eval_data=""))
 
 
 def test_packed_rows_give_the_same_loss_as_padded_rows(setup):
