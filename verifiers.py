@@ -204,7 +204,7 @@ def strip_string(s):
     s = s.replace("\\$", "")
     if "\\text{ " in s:  # "\text{ " only ever introduces units in MATH
         s = s.split("\\text{ ", 1)[0]
-    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace("\\%", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s

@@ -88,6 +88,7 @@ def test_math_equivalent_forms(response, truth):
 @pytest.mark.parametrize("response,truth", [
     ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"), ("no answer at all", "3"), ("\\boxed{3", "3"), ("\\boxed{12}", "1"),
     ("\\boxed{0.51}", "\\frac{1}{2}"), ("\\boxed{12}", "1,2"), ("the answer is 10", "10"),
+    ("\\boxed{50%}", "50"),  # Hendrycks' normalisation drops only LaTeX's \\%
 ])
 def test_math_wrong(response, truth):
     assert V.math(response, truth) == 0.0
