@@ -838,13 +838,22 @@ def _is_str_list(v):
 
 # What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
 # keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
-_RLVR_ARG_CHECKS = {"N": (_is_count, "a whole number"), "i": (_is_count, "a whole number"),
+# the codes langdetect can return: a row asking for another language could never earn its reward
+LANGDETECT_CODES = set("af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi hr hu id it ja kn ko lt lv mk ml mr "
+                       "ne nl no pa pl pt ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
+# Argument checks at load time, so that a row whose reward no response could earn (or a malformed one) is named
+# there, not trained on as a prompt that always scores 0.
+_RLVR_ARG_CHECKS = {"N": (lambda v: _is_count(v) and v >= 0, "a whole number >= 0"),
+                    "i": (lambda v: _is_count(v) and v >= 1, "a whole number >= 1"),
                     "keyword_list": (_is_str_list, "a list of strings"),
                     "forbidden_words": (_is_str_list, "a list of strings"),
-                    "options": (_is_str_list, "a list of strings"),
+                    "options": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings"),
+                    "language": (lambda v: v in LANGDETECT_CODES, "a language code langdetect returns"),
                     **{k: (lambda v: isinstance(v, str), "a string")
-                       for k in ("word", "letter", "language", "first_word", "postscript_marker", "section_splitter",
+                       for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
                                  "original_prompt", "end_phrase", "quantifier")}}
+_RLVR_SATISFIABLE = {"validate_paragraphs": (lambda a: a.get("i", 1) <= a.get("N", 1), "i must not exceed N"),
+                     "verify_paragraph_count": (lambda a: a.get("N", 1) >= 1, "N must be at least 1")}
 
 
 def _check_constraint(response, constraint):
@@ -857,6 +866,9 @@ def _check_constraint(response, constraint):
         ok, what = _RLVR_ARG_CHECKS.get(key, (lambda v: True, ""))
         if not ok(value):
             raise ValueError(f"ifeval ground truth for {name}: {key} must be {what}, got {value!r}")
+    ok, what = _RLVR_SATISFIABLE.get(name, (lambda a: True, ""))
+    if not ok(args):
+        raise ValueError(f"ifeval ground truth for {name}: {what} (no response could meet {args})")
     try:
         return bool(fn(response, **args))
     except (TypeError, AttributeError, ValueError) as e:  # missing, extra or mistyped arguments

@@ -317,11 +317,17 @@ def test_rlvr_list_and_partial_credit():
     ("ifeval", '{"func_name": "verify_keywords", "keyword_list": [1]}', "keyword_list must be a list of strings"),
     # each of these would pass an empty response and then score every response of the run wrongly, or crash
     ("ifeval", '{"func_name": "verify_bullet_points", "N": "3"}', "verify_bullet_points: N must be a whole number"),
-    ("ifeval", '{"func_name": "verify_paragraph_count", "N": 2.5}', "N must be a whole number, got 2.5"),
+    ("ifeval", '{"func_name": "verify_paragraph_count", "N": 2.5}', "N must be a whole number >= 0, got 2.5"),
     ("ifeval", '{"func_name": "verify_keywords", "keyword_list": "zebra"}', "keyword_list must be a list of"),
-    ("ifeval", '{"func_name": "validate_choice", "options": "yes or no"}', "options must be a list of strings"),
+    ("ifeval", '{"func_name": "validate_choice", "options": "yes or no"}', "options must be a non-empty list of"),
     ("ifeval", '{"func_name": "verify_keyword_frequency", "word": 7, "N": 1}', "word must be a string, got 7"),
     ("ifeval", '{"func_name": "validate_title", "N": 2}', "validate_title: bad arguments"),
+    # and these no response could ever meet: every rollout of their prompt would score 0
+    ("ifeval", '{"func_name": "validate_paragraphs", "N": 2, "i": 3, "first_word": "So"}', "i must not exceed N"),
+    ("ifeval", '{"func_name": "verify_paragraph_count", "N": 0}', "N must be at least 1"),
+    ("ifeval", '{"func_name": "validate_choice", "options": []}', "options must be a non-empty list of strings"),
+    ("ifeval", '{"func_name": "verify_keyword_frequency", "word": "a", "N": -1}', "N must be a whole number >= 0"),
+    ("ifeval", '{"func_name": "validate_response_language", "language": "xx"}', "language must be a language code"),
 ])
 def test_verify_rejects_malformed(dataset, gt, match):
     with pytest.raises(ValueError, match=match):
