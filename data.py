@@ -558,7 +558,12 @@ def _normalize_preference(row, where):
 def load_preference_rows(spec, skip_bad=False):
     """Preference rows, normalised to {'prompt': messages, 'chosen': [assistant msg], 'rejected': [...]}.
     Accepts Tulu's full chosen/rejected lists (sharing the prompt) and the prompt + chosen + rejected form."""
-    return _load(spec, _normalize_preference, "preference", skip_bad)
+    rows = _load(spec, _normalize_preference, "preference", skip_bad)
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    if same:  # kept (they are valid rows), but said: they teach nothing and count as misranked
+        log.warning(f"{spec if isinstance(spec, str) else 'preference rows'}: {same} of {len(rows)} pairs have the "
+                    "same chosen and rejected answer (no gradient; counted as wrong in preference accuracy)")
+    return rows
 
 
 def _normalize_rlvr(row, where, check_ground_truth=None):

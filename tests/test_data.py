@@ -501,6 +501,13 @@ def test_truncation_to_max_seq_len_drops_rows_left_with_nothing_to_train(demo, d
         assert np.array_equal(ci, ki) and np.array_equal(cm, km)
 
 
+def test_pairs_with_the_same_chosen_and_rejected_answer_are_kept_and_counted(caplog):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "a"}]
+    with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+        assert len(data.load_preference_rows(rows)) == 2
+    assert "preference rows: 1 of 2 pairs have the same chosen and rejected answer" in caplog.text
+
+
 def test_tokenize_preference_trains_only_final_response_and_truncates(demo_tok):
     user = {"role": "user", "content": "Tell me about cats. Use only lowercase letters."}
     row = {"prompt": [user, {"role": "assistant", "content": "earlier answer"}, user],
