@@ -549,7 +549,7 @@ def list_checkpoints(run_dir):
     root = checkpoint_dir(run_dir)
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit())
+    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
     return [os.path.join(root, n) for n in names]
 
 
@@ -567,7 +567,8 @@ def _read_checkpoint_file(path, weights_only=False):
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         folder = os.path.dirname(path)
-        older = [c for c in list_checkpoints(os.path.dirname(os.path.dirname(folder))) if c < folder]
+        ckpts = list_checkpoints(os.path.dirname(os.path.dirname(folder)))
+        older = ckpts[:ckpts.index(folder)] if folder in ckpts else []
         hint = f"delete {folder} to resume from {older[-1]}" if older else "no earlier checkpoint is left"
         raise RuntimeError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or cut "
                            f"short: {hint}") from e
@@ -684,13 +685,17 @@ def drop_records_after(path, step):
         return
     keep = []
     with open(path) as f:
-        for i, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i}: not JSON ({e.msg}); delete the line to resume") from None
-            if step and record.get("step", 0) <= step:
-                keep.append(line)
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not line.endswith("\n"):  # cut short by the kill this run resumes from
+                print0(f"{path}: dropping its last line, written only in part ({line[:40]!r}...)")
+                continue
+            raise ValueError(f"{path} line {i}: not JSON ({e.msg}); delete the line to resume") from None
+        if step and record.get("step", 0) <= step:
+            keep.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

@@ -212,7 +212,7 @@ def test_a_checkpoint_file_cut_short_is_named_with_the_checkpoint_to_fall_back_o
     assert common.maybe_resume(cfg, model, opt, sampler) == 1
 
 
-def test_dropping_records_after_the_resumed_step_is_atomic_and_names_a_bad_line(tmp_path, monkeypatch):
+def test_dropping_records_after_the_resumed_step_is_atomic_drops_a_torn_last_line_and_names_a_bad_one(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)))
     real_replace = os.replace
@@ -223,7 +223,10 @@ def test_dropping_records_after_the_resumed_step_is_atomic_and_names_a_bad_line(
     monkeypatch.setattr(os, "replace", real_replace)
     common.drop_records_after(str(path), 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
-    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    path.write_text('{"step": 1}\n{"step": 2, "lo')  # a kill while a record was written: that part is dropped
+    common.drop_records_after(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # anything else broken is not guessed at
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2: not JSON"):
         common.drop_records_after(str(path), 2)
 
@@ -256,6 +259,9 @@ def test_checkpoints_keep_last_k(tmp_path):
     names = [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))]
     assert names == ["step_0000030", "step_0000040"]
     assert sorted(os.listdir(common.checkpoint_dir(str(tmp_path)))) == names
+    for step in (9_999_999, 10_000_000):  # past 7 digits the names no longer sort as the numbers do
+        common.save_checkpoint(str(tmp_path), step, model, opt, keep=2)
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == ["step_9999999", "step_10000000"]
 
 
 def test_interrupted_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
