@@ -429,13 +429,15 @@ def _iter_raw(spec):
                     i += 1
             continue
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:  # line by line: a multi-GB export never sits in memory
+            # utf-8-sig: a byte-order mark (Windows tools write one) is skipped; line by line: a multi-GB export
+            # never sits in memory
+            with open(path, encoding="utf-8-sig") as f:
                 try:
                     yield from _jsonl_rows(path, f)
                 except UnicodeDecodeError as e:
                     raise DataError(path, f"not UTF-8 text ({e.reason}) after the rows read so far") from None
             continue
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 text = f.read()
             except UnicodeDecodeError as e:

@@ -201,6 +201,10 @@ def test_readers_jsonl_json_parquet_folder_glob(tmp_path):
                                                f"{folder}/b.json row 0"]
     assert [r for _, r in data.read_rows(folder + "/*.parquet")] == SFT_ROWS
     assert data.load_sft_rows([folder + "/a.jsonl", folder + "/b.json"]) == SFT_ROWS
+    # a byte-order mark before the first row (Windows tools write one) is not part of it
+    for name, text in (("bom.jsonl", "\n".join(json.dumps(r) for r in SFT_ROWS)), ("bom.json", json.dumps(SFT_ROWS))):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert data.load_sft_rows(str(tmp_path / name)) == SFT_ROWS, name
     # the JSON-lines-in-a-.json-file layout that datasets' to_json writes
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in SFT_ROWS))
     assert data.load_sft_rows(str(tmp_path / "lines.json")) == SFT_ROWS
