@@ -19,7 +19,8 @@ non_stop_penalty instead (open-instruct replaces the score rather than adding to
                per-token reward -beta * (logp_old - logp_ref) with the score added at the last response token;
                GAE (gamma, lam); advantages whitened over the global batch; clipped policy and value losses.
 
-The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each. All log-probs (old,
+The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the learning-rate schedule
+counts those optimizer steps, as open-instruct's does). All log-probs (old,
 reference, current) come from a training-mode forward with the fused LM head + cross-entropy kernel, so the
 [tokens, vocab] logits never exist; the generator's own log-probs are not reused because they come from a
 different code path (KV cache, other kernels) and would put a small bias into the first ratio.
@@ -456,14 +457,20 @@ def main(argv=None):
 
         # ---- update: ppo_epochs passes, each split into num_minibatches optimizer steps
         t1 = time.perf_counter()
-        lr = common.lr_at(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_ratio, cfg.min_lr_ratio)
-        common.set_lr(optimizer, lr)
+        # The schedule runs over optimizer steps, as open-instruct's does: warmup rises within the first rollout's
+        # updates instead of holding them all at lr 0, and the decay is a line, not a staircase.
+        updates = cfg.ppo_epochs * cfg.num_minibatches
+        update = step * updates
         trained.train()
         sums = torch.zeros(6, dtype=torch.float64, device=d.device)  # pg, clipped, k3, vf, vf clipped, tokens
         grad_norm = value_grad_norm = 0.0  # stay 0 when no group carried a signal and nothing was updated
         for _ in range(cfg.ppo_epochs):
             order = rows_kept[torch.randperm(len(rows_kept), device=d.device)]
             for mb in order.tensor_split(cfg.num_minibatches):
+                lr = common.lr_at(update, total_steps * updates, cfg.lr, cfg.schedule, cfg.warmup_ratio,
+                                  cfg.min_lr_ratio)
+                common.set_lr(optimizer, lr)
+                update += 1
                 denom = common.all_reduce_sum(mask[mb].sum().double())
                 if denom.item() == 0:
                     # no rank kept a row here (every GRPO group had equal rewards): no step, or the zero gradients

@@ -236,6 +236,18 @@ def test_a_step_without_signal_leaves_the_weights_alone_on_two_ranks(tiny, tmp_p
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_the_learning_rate_schedule_counts_optimizer_steps_not_rollouts(tiny, tmp_path, monkeypatch):
+    """4 rollouts x 2 epochs x 2 minibatches = 16 optimizer steps: warmup rises over the first 4 of them (open-instruct
+    steps its scheduler after every optimizer step), instead of holding the whole first rollout at lr 0."""
+    seen = []
+    real_set_lr = common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: (seen.append(lr), real_set_lr(opt, lr)))
+    train_rlvr.main(args_for(tiny, tmp_path / "run", "--max_steps=4", "--schedule=linear", "--warmup_ratio=0.25",
+                             "--eval_data=", "--samples_per_step=0"))
+    assert seen == pytest.approx([common.lr_at(k, 16, 1e-3, "linear", 0.25) for k in range(16)])
+    assert seen[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
 def test_a_resume_before_the_first_checkpoint_starts_the_sample_log_over(tiny, tmp_path):
     run = tmp_path / "run"
     args = args_for(tiny, run, "--max_steps=2", "--eval_data=", "--prompts_per_step=4", "--num_samples=2")
