@@ -46,7 +46,7 @@ def _chunk_token_losses(hidden, weight32, labels, ignore_index, z_loss):
     lse = torch.logsumexp(logits, dim=-1)
     valid = labels != ignore_index
     target = logits.gather(1, torch.where(valid, labels, 0).long().unsqueeze(1)).squeeze(1)
-    loss = lse - target + z_loss * lse.square()
+    loss = lse - target + lse * (z_loss * lse)  # not z_loss * lse**2: that is 0 * inf = nan once lse**2 overflows
     return torch.where(valid, loss, 0.0)
 
 

@@ -235,6 +235,18 @@ def test_z_loss(backend, reduction):
         assert_close(a, b, 1e-5, name)
 
 
+def test_a_log_sum_exp_whose_square_overflows_fp32_gives_a_finite_loss_without_z_loss(backend):
+    """Past |lse| ~ 1.8e19 its square is inf; with z_loss = 0 that term must be 0, not 0 x inf = nan."""
+    weight = torch.zeros(V, H)
+    weight[:, 0] = torch.arange(V, dtype=torch.float32)
+    hidden = torch.zeros(4, H)
+    hidden[:, 0] = 3e17  # logits up to ~3e19
+    labels = torch.tensor([V - 1, 0, V - 1, 0])
+    got = kernels.fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+    want = F.cross_entropy(hidden @ weight.t(), labels, reduction="none")
+    assert torch.isfinite(got).all() and torch.allclose(got, want.to(got.device))
+
+
 def test_weight_gradient_summed_in_fp32_across_chunks(monkeypatch):
     """bf16 with three rows per chunk (16 chunks) vs one chunk: the per-chunk weight-gradient products are summed
     in fp32 and rounded to bf16 once, so the result does not depend on the chunking (up to one final bf16
