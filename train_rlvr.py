@@ -135,11 +135,13 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries of every rank (unbiased std, as open-instruct's whiten)."""
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
-    s, ss, n = common.all_reduce_sum(stats).tolist()
+    """(x - mean) / std over the masked entries of every rank (unbiased std, as open-instruct's whiten). Two passes
+    in float64: E[x^2] - mean^2 in float32 loses the std when the mean is far larger (a value model on another
+    scale)."""
+    xd, md = x.double(), mask.double()
+    s, n = common.all_reduce_sum(torch.stack([(xd * md).sum(), md.sum()])).tolist()
     mean = s / max(n, 1)
-    var = (ss - n * mean * mean) / max(n - 1, 1)
+    var = common.all_reduce_sum(((xd - mean).square() * md).sum()).item() / max(n - 1, 1)
     return (x - mean) / math.sqrt(var + eps) * mask
 
 

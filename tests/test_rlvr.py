@@ -91,6 +91,10 @@ def test_whitening_uses_only_masked_tokens():
     x = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
     mask = torch.tensor([[1., 1.], [1., 0.]])
     torch.testing.assert_close(train_rlvr.masked_whiten(x, mask, eps=0.0), torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    # a mean 1000 x the std over 65k tokens: the whitened std is still 1
+    big = 1000.0 + torch.randn(32, 2048, generator=torch.Generator().manual_seed(0))
+    white = train_rlvr.masked_whiten(big, torch.ones_like(big), eps=0.0)
+    assert abs(white.std().item() - 1.0) < 1e-4 and abs(white.mean().item()) < 1e-4
 
 
 def test_clipped_policy_loss_hand_worked():
