@@ -183,6 +183,18 @@ def test_fsdp2_interrupted_and_resumed_run_reproduces_the_uninterrupted_run(setu
     assert_same_run(full, resumed, rtol=1e-6, atol=1e-7)
 
 
+def test_a_one_rank_run_resumed_on_two_ranks_reproduces_the_uninterrupted_run(setup):
+    """The ranks deal one data order between them, so the point a 1-rank checkpoint reached is where 2 ranks go on."""
+    full = setup / "one_rank_checkpointed"
+    train_sft.main(args(setup, full.name, batch_size=2, grad_accum=2, checkpoint_every=2))
+    resumed = setup / "resumed_on_two_ranks"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    train_on_ranks(setup, resumed.name, 2, resume=True, batch_size=2, grad_accum=1, checkpoint_every=2)
+    assert_same_run(full, resumed)
+
+
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_run(setup):
     full = setup / "full"
     train_sft.main(args(setup, "full", max_steps=6, checkpoint_every=2, keep_checkpoints=3, packing=True,
