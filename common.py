@@ -87,13 +87,6 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r}: must be in {interval}")
 
 
-def refuse_unused(cfg, names, why):
-    """A setting the run would ignore is an error, not a silent no-op."""
-    given = [f"--{name}={getattr(cfg, name)}" for name in names if getattr(cfg, name)]
-    if given:
-        raise ConfigError(f"{' '.join(given)}: {why}")
-
-
 # the lowest value each numeric field may take (a zero batch would only fail later, dividing by it)
 _AT_LEAST = {"batch_size": 1, "grad_accum": 1, "epochs": 1, "log_every": 1, "total_batch_size": 0, "max_steps": 0,
              "lr": 0.0, "lr_bs_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "checkpoint_every": 0,
@@ -106,6 +99,13 @@ _BETWEEN = {"warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "adam_beta1": "[
 
 class ConfigError(ValueError):
     pass
+
+
+def refuse_unused(cfg, names, why):
+    """A setting the run would ignore is an error, not a silent no-op."""
+    given = [f"--{name}={getattr(cfg, name)}" for name in names if getattr(cfg, name)]
+    if given:
+        raise ConfigError(f"{' '.join(given)}: {why}")
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -549,7 +549,8 @@ def list_checkpoints(run_dir):
     root = checkpoint_dir(run_dir)
     if not os.path.isdir(root):
         return []
-    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()),
+                   key=lambda n: int(n[5:]))
     return [os.path.join(root, n) for n in names]
 
 

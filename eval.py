@@ -371,8 +371,10 @@ def task_ifeval(ctx):
     for where, row in rows:
         for key in ("prompt", "instruction_id_list", "kwargs"):
             field(row, key, where)
-        try:  # an unknown instruction or a malformed argument fails here, before any generation (on a non-empty
-            verifiers.ifeval_row(row, "x")  # response: an empty one follows nothing, so no check would even run)
+        # An unknown instruction or a malformed argument fails here, before any generation. Checked on a non-empty
+        # response: an empty one follows nothing, so no check would even run.
+        try:
+            verifiers.ifeval_row(row, "x")
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise DataError(where, f"{type(e).__name__}: {e}") from None
         messages = [{"role": "user", "content": row["prompt"]}]

@@ -20,10 +20,10 @@ non_stop_penalty instead (open-instruct replaces the score rather than adding to
                GAE (gamma, lam); advantages whitened over the global batch; clipped policy and value losses.
 
 The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the learning-rate schedule
-counts those optimizer steps, as open-instruct's does). All log-probs (old,
-reference, current) come from a training-mode forward with the fused LM head + cross-entropy kernel, so the
-[tokens, vocab] logits never exist; the generator's own log-probs are not reused because they come from a
-different code path (KV cache, other kernels) and would put a small bias into the first ratio.
+counts those optimizer steps, as open-instruct's does). All log-probs (old, reference, current) come from a
+training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab] logits never exist; the
+generator's own log-probs are not reused because they come from a different code path (KV cache, other kernels)
+and would put a small bias into the first ratio.
 
 Per-token tensors are stored in "label layout", like the SFT collator: column t holds the quantity of token t+1
 (labels[t] = ids[t+1] on response tokens, -100 elsewhere), so hidden[:, t] is the state that produced it.

@@ -836,19 +836,20 @@ def _is_str_list(v):
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-# What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
-# keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
 # the codes langdetect can return: a row asking for another language could never earn its reward
 LANGDETECT_CODES = set("af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi hr hu id it ja kn ko lt lv mk ml mr "
                        "ne nl no pa pl pt ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
-# Argument checks at load time, so that a row whose reward no response could earn (or a malformed one) is named
-# there, not trained on as a prompt that always scores 0.
+# What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
+# keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
+# A row no response could satisfy (a negative count, no options, _RLVR_SATISFIABLE below) is named at load too, not
+# trained on as a prompt that always scores 0.
 _RLVR_ARG_CHECKS = {"N": (lambda v: _is_count(v) and v >= 0, "a whole number >= 0"),
                     "i": (lambda v: _is_count(v) and v >= 1, "a whole number >= 1"),
                     "keyword_list": (_is_str_list, "a list of strings"),
                     "forbidden_words": (_is_str_list, "a list of strings"),
                     "options": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings"),
-                    "language": (lambda v: v in LANGDETECT_CODES, "a language code langdetect returns"),
+                    "language": (lambda v: isinstance(v, str) and v in LANGDETECT_CODES,
+                                 "a language code langdetect returns"),
                     **{k: (lambda v: isinstance(v, str), "a string")
                        for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
                                  "original_prompt", "end_phrase", "quantifier")}}
