@@ -605,8 +605,12 @@ RESUMABLE_CHANGES = {"run_dir", "resume", "overwrite", "device", "progress", "lo
 
 
 def weights_digest(model):
-    """A hash of every weight. Take it before wrapping: FSDP2 shards the parameters in place."""
+    """A hash of every weight and of the config that gives them their meaning (rope_theta, rms_norm_eps, the head
+    split: none of it is in the state dict, and a config.json corrected in place changes every log-prob). Take it
+    before wrapping: FSDP2 shards the parameters in place."""
     h = hashlib.sha256()
+    if hasattr(model, "config"):
+        h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -635,9 +639,9 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
                           f"or start a new run")
     # after the settings, which name a changed --model (or beta) for what it is
     if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
-        raise ConfigError(f"--resume: the weights at --model={cfg.model} are not the ones the run in {cfg.run_dir} "
-                          f"started from (were they retrained?), and the reference must be that starting model: "
-                          f"put those weights back, or start a new run")
+        raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "
+                          f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
+                          f"reference must be that starting model: put it back, or start a new run")
     state = load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["extra"]["sampler"])
     if int(os.environ.get("RANK", 0)) == 0:  # the run's settings, now that they are known to fit its checkpoint

@@ -2,6 +2,7 @@
 reward model and DPO learning on the synthetic pairs, the over-length policy and bad inputs.
 
 Everything runs a tiny random-init model (ModelConfig 'tiny') on a slice of data.make_demo_data."""
+import glob
 import json
 import os
 import shutil
@@ -231,8 +232,28 @@ def test_resume_refuses_a_starting_model_retrained_since(tiny, tmp_path, retrain
     args = args_for(tiny, tmp_path / "run", "--checkpoint_every=2", "--max_steps=2", f"--model={sft}")
     train_dpo.main(args)
     retrain_in_place(sft)
-    with pytest.raises(common.ConfigError, match=f"the weights at --model={sft} are not the ones the run"):
+    refused = rf"the model at --model={sft} \(its weights or config.json\) is not the one the run"
+    with pytest.raises(common.ConfigError, match=refused):
         train_dpo.main(args + ["--resume"])
+
+
+def test_a_config_edited_in_place_is_another_reference(tiny, tmp_path):
+    """rope_theta lives in config.json, not in the weights: correcting it in place must not reuse the cached
+    reference log-probs of the old config, nor resume a run that started from the old one."""
+    sft = tmp_path / "sft"
+    shutil.copytree(tiny.model_dir, sft)
+    args = args_for(tiny, tmp_path / "run", "--checkpoint_every=2", "--max_steps=2", f"--model={sft}",
+                    f"--cache_dir={tmp_path / 'cache'}")
+    train_dpo.main(args)
+    cached = set(glob.glob(str(tmp_path / "cache" / "ref_logps-*")))
+    config = json.loads((sft / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"] = 500.0
+    (sft / "config.json").write_text(json.dumps(config))
+    with pytest.raises(common.ConfigError, match=rf"the model at --model={sft} \(its weights or config.json\)"):
+        train_dpo.main(args + ["--resume"])
+    train_dpo.main(args + ["--overwrite"])
+    # the train and held-out tables computed anew
+    assert len(set(glob.glob(str(tmp_path / "cache" / "ref_logps-*"))) - cached) == len(cached) == 2
 
 
 def test_dpo_raises_heldout_preference_accuracy(tiny, tmp_path):

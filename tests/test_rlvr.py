@@ -291,7 +291,8 @@ def test_resume_refuses_a_starting_model_retrained_since(tiny, tmp_path, retrain
                     f"--model={start}")
     train_rlvr.main(args)
     retrain_in_place(start)
-    with pytest.raises(common.ConfigError, match=f"the weights at --model={start} are not the ones the run"):
+    refused = rf"the model at --model={start} \(its weights or config.json\) is not the one the run"
+    with pytest.raises(common.ConfigError, match=refused):
         train_rlvr.main(args + ["--resume"])
 
 
