@@ -65,8 +65,9 @@ def train_command(args, run_dir, lr, batch, passthrough):
     if args.nproc_per_node > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
     # --overwrite: a point is only trained again when it has no result or failed (--retry_failed)
+    # --lr_bs_ratio=0: a preset's ratio would otherwise replace the grid's lr
     cmd = launcher + [os.path.join(ROOT, TRAINERS[args.stage]), f"--run_dir={run_dir}", f"--lr={lr!r}",
-                      f"--total_batch_size={batch}", f"--seed={args.seed}", "--overwrite=true"]
+                      "--lr_bs_ratio=0", f"--total_batch_size={batch}", f"--seed={args.seed}", "--overwrite=true"]
     if args.config:
         cmd.insert(len(launcher) + 1, f"--config={args.config}")
     for key in ("model", "data"):
@@ -98,9 +99,16 @@ def evaluate(args, final, run_dir):
 
 
 def point_settings(args, lr, batch, passthrough):
-    """Everything that decides a point's numbers: a stored result counts only under the same settings."""
+    """Everything that decides a point's numbers: a stored result counts only under the same settings. The preset
+    and the data files count by what they hold (the preset's values; each file's size and modification time), so
+    that editing either in place does not leave stale rows."""
+    import data
     keys = ("stage", "config", "model", "data", "seed", "eval_tasks", "eval_data_dir", "eval_limit", "nproc_per_node")
-    return {"lr": lr, "batch": batch, "trainer_options": passthrough, **{k: getattr(args, k) for k in keys}}
+    with open(args.config) as f:
+        preset = json.load(f)
+    files = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in data.data_files(args.data)] if args.data else []
+    return {"lr": lr, "batch": batch, "trainer_options": passthrough, "preset": preset, "data_files": files,
+            **{k: getattr(args, k) for k in keys}}
 
 
 def run_point(args, lr, batch, ratio, passthrough):
@@ -247,6 +255,9 @@ def main(argv=None):
     if args.data and not args.config:
         ap.error("--data needs --config, the trainer preset for real data (e.g. configs/sft_smoltulu_1130.json); "
                  "without one the trainer would take its CPU demo preset")
+    if args.data and not args.eval_data_dir:
+        ap.error("--data needs --eval_data_dir, the benchmark files to score each point on (without it the points "
+                 "would be scored on the synthetic demo task)")
     if not args.config:
         args.config = os.path.join(ROOT, DEMO_CONFIGS[args.stage])
     args.batch_sizes = args.batch_sizes or DEFAULT_BATCHES[args.stage]

@@ -1,6 +1,7 @@
 """scripts/demo.py and scripts/sweep.py, end to end with very short runs: their tables, plots and reports, the
 reuse of finished work on a second run, --redo, and a failed sweep point that does not stop the others; and
 scripts/install.sh's refusal of a torch that is too old; no module of the repository hiding an installed package."""
+import argparse
 import csv
 import importlib.metadata
 import json
@@ -13,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+import common  # noqa: E402
 import demo  # noqa: E402
 import sweep  # noqa: E402
 
@@ -120,9 +122,30 @@ def test_sweep_grid_tables_plots_resume_and_a_failed_point(tmp_path, capsys, mon
 
 
 def test_sweep_refuses_options_the_grid_sets_and_real_data_without_a_preset(tmp_path):
-    for extra in (["--lr=1e-3"], ["--total_batch_size=8"], ["--lr_bs_ratio=1e-4"], ["--data=x.jsonl"]):
+    for extra in (["--lr=1e-3"], ["--total_batch_size=8"], ["--lr_bs_ratio=1e-4"], ["--data=x.jsonl"],
+                  ["--data=x.jsonl", "--config=configs/sft_smoltulu_1130.json"]):  # and no --eval_data_dir
         with pytest.raises(SystemExit):
             sweep.main([f"--out={tmp_path}", *extra])
+
+
+def test_a_sweep_point_counts_its_preset_and_data_by_content_and_runs_the_grids_lr(tmp_path):
+    preset, rows = tmp_path / "preset.json", tmp_path / "rows.jsonl"
+    preset.write_text(json.dumps({"epochs": 1, "lr_bs_ratio": 1e-5}))
+    rows.write_text('{"messages": []}\n')
+    args = argparse.Namespace(stage="sft", config=str(preset), model="m", data=str(rows), seed=0, eval_tasks="arc",
+                              eval_data_dir="evals", eval_limit=0, nproc_per_node=1)
+    before = sweep.point_settings(args, 1e-3, 8, [])
+    assert sweep.point_settings(args, 1e-3, 8, []) == before
+    preset.write_text(json.dumps({"epochs": 2, "lr_bs_ratio": 1e-5}))  # edited in place: another point
+    assert sweep.point_settings(args, 1e-3, 8, [])["preset"] != before["preset"]
+    rows.write_text('{"messages": []}\n{"messages": []}\n')
+    assert sweep.point_settings(args, 1e-3, 8, [])["data_files"] != before["data_files"]
+    # the preset's lr_bs_ratio would replace the grid's lr in the trainer
+    import train_sft
+    cmd = sweep.train_command(args, str(tmp_path / "run"), 1e-3, 8, [])
+    cfg = common.parse_config(train_sft.SFTConfig, cmd[cmd.index(f"--config={preset}"):])
+    common.resolve_batch(cfg, 1)
+    assert cfg.lr == 1e-3
 
 
 def test_sweep_contour_plots_with_a_full_grid(tmp_path):
