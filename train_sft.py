@@ -135,6 +135,9 @@ def main(argv=None):
     cfg = common.parse_config(SFTConfig, argv)
     if cfg.loss_reduction not in ("mean", "sum"):
         raise common.ConfigError(f"loss_reduction={cfg.loss_reduction!r}: expected mean or sum")
+    if cfg.loss_reduction == "sum" and cfg.packing:
+        raise common.ConfigError("loss_reduction=sum with packing=true: Tulu 3's sum loss is per conversation, and a "
+                                 "packed row holds several; pass --packing=false")
     d = common.setup_distributed(cfg.device)
     cfg.precision = common.resolved_precision(cfg.precision, d.device)
     effective_batch = common.resolve_batch(cfg, d.world_size)
@@ -182,8 +185,7 @@ def main(argv=None):
         n_trained, n_processed = counts.tolist()
         # mean: per trained token. sum: open-instruct's sum loss sums token losses within a micro-batch and
         # averages over micro-batches; with its per-device batch of 1 that is the sum per sequence, which is
-        # what we divide by, so that it too does not depend on how the global batch is split. With --packing a
-        # packed row counts as one sequence, so keep packing off for it (the Tulu 3 preset does).
+        # what we divide by, so that it too does not depend on how the global batch is split (hence no packing).
         denom = max(n_trained, 1.0) if cfg.loss_reduction == "mean" else float(effective_batch)
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_ratio, cfg.min_lr_ratio)
         common.set_lr(optimizer, lr)

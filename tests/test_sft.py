@@ -77,6 +77,8 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
         train_sft.main(args(setup, "nodata", data=""))
     with pytest.raises(common.ConfigError, match="--data needs --model"):
         train_sft.main(args(setup, "nomodel", model=""))
+    with pytest.raises(common.ConfigError, match="loss_reduction=sum with packing=true"):
+        train_sft.main(args(setup, "sum_packed", loss_reduction="sum", packing=True))
     # the demo's own held-out split and tokenizer would be used instead of these
     with pytest.raises(common.ConfigError, match=r"--eval_data=\S*heldout.jsonl: not used without --data"):
         train_sft.main(args(setup, "demo", data="", model=""))
