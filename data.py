@@ -701,8 +701,12 @@ def _tokenize_cached(kind, fn, rows, key_parts, extra, tok, cache_dir, num_worke
         key = hashlib.sha256(json.dumps([CACHE_VERSION, kind] + list(key_parts)).encode()).hexdigest()[:24]
         path = os.path.join(cache_dir, f"{kind}-{key}.npz")
         if os.path.exists(path):
-            with np.load(path) as z:
-                ids, mask, offsets = z["ids"], z["mask"], z["offsets"]
+            try:
+                with np.load(path) as z:
+                    ids, mask, offsets = z["ids"], z["mask"], z["offsets"]
+            except Exception as e:  # a disk that broke the file after its atomic write
+                raise RuntimeError(f"{path}: the cached tokenized {kind} data cannot be read ({type(e).__name__}: "
+                                   f"{e}); delete the file to tokenize again") from e
             log.info(f"loaded {len(offsets) - 1} tokenized {kind} sequences from {path}")
             return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
     seqs = _map_chunks(fn, rows, extra, tok, num_workers, progress, f"tokenizing {kind}")

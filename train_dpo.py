@@ -215,9 +215,20 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
                 "fsdp": cfg.fsdp and d.is_distributed, "kernels": kernels.backend_for(torch.empty(0, device=d.device))}
     path = os.path.join(cfg.cache_dir or os.path.join(cfg.run_dir, "cache"),
                         f"ref_logps-{fingerprint(weights, pairs, settings)}.safetensors")
-    if os.path.exists(path):
+    # all ranks or none take the cached table: another run finishing it between two ranks' checks would otherwise
+    # leave the ranks that computed waiting in the all-reduce below for the one that did not
+    found = torch.tensor([float(os.path.exists(path))], device=d.device)
+    if common.all_reduce_sum(found).item() == d.world_size:
         common.print0(f"reference log-probs ({name}): cached in {path}")
-        return load_file(path)["logps"]
+        try:
+            table = load_file(path)["logps"]
+        except Exception as e:  # a disk that broke the file after its atomic write
+            raise RuntimeError(f"{path}: the cached reference log-probs cannot be read ({type(e).__name__}: {e}); "
+                               "delete the file to compute them again") from e
+        if table.shape != (len(pairs), 2):
+            raise RuntimeError(f"{path}: holds a {list(table.shape)} table for {len(pairs)} pairs; delete the file "
+                               "to compute them again")
+        return table
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=d.device)
     chunks = list(range(0, len(pairs), cfg.ref_batch_size))
     model.eval()

@@ -370,6 +370,11 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
     data.tokenize_sft(rows, other_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     data.tokenize_sft(rows[1:], demo_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     assert len(os.listdir(cache)) == 5 and not any(f.endswith(".tmp") for f in os.listdir(cache))
+    # a cache file broken after it was written is named, with what to do
+    (tmp_path / "cache" / files[0]).write_bytes(b"not a zip")
+    with pytest.raises(RuntimeError, match=rf"{files[0]}: the cached tokenized sft data cannot be read .*delete the "
+                                           "file to tokenize again"):
+        data.tokenize_sft(rows, demo_tok, "tulu", 64, cache_dir=cache, progress=False)
 
 
 def test_template_name_of_a_saved_chat_template():

@@ -147,6 +147,17 @@ def test_reward_model_loss_is_bradley_terry_at_last_token(tiny):
     torch.testing.assert_close(rm(padded, batch["lengths"]), r, rtol=1e-5, atol=1e-5)
 
 
+def test_a_broken_cached_reference_table_is_named(tiny, tmp_path):
+    cache = tmp_path / "refcache"
+    args = args_for(tiny, tmp_path / "run", f"--cache_dir={cache}", "--max_steps=1")
+    train_dpo.main(args)
+    table = next(p for p in cache.iterdir() if p.name.startswith("ref_logps-"))
+    table.write_bytes(b"not safetensors")
+    with pytest.raises(RuntimeError, match=rf"{table.name}: the cached reference log-probs cannot be read .*delete "
+                                           "the file"):
+        train_dpo.main(args + ["--overwrite"])
+
+
 def test_cached_reference_equals_live_reference(tiny, tmp_path, capsys):
     cached, live, again = tmp_path / "cached", tmp_path / "live", tmp_path / "again"
     tiny_cache = tmp_path / "refcache"
