@@ -14,6 +14,7 @@ Output folder (default runs/demo): one run folder per stage, report.md, curves.p
 The same seed gives the same table on any x86-64 CPU with AVX2: see pin_cpu_kernels.
 """
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -70,13 +71,18 @@ def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     subprocess.run(cmd, check=True, env=env)
     seconds = time.perf_counter() - t0
     with open(os.path.join(run_dir, "demo_time.json"), "w") as f:
-        json.dump({"train_seconds": seconds, "settings": stage_settings(seed, extra_args)}, f)
+        json.dump({"train_seconds": seconds, "settings": stage_settings(out, parent, seed, extra_args)}, f)
     return seconds
 
 
-def stage_settings(seed, extra_args):
-    """What decides a stage's model besides its parent: a stage trained under other settings is not reused."""
-    return {"seed": seed, "args": extra_args.split()}
+def stage_settings(out, parent, seed, extra_args):
+    """What decides a stage's model: its seed and extra arguments, and the model it started from (a hash of the
+    parent stage's weights), so that no stage is reused on top of a parent trained again since."""
+    start = None
+    if parent:
+        with open(os.path.join(out, parent, "final", "model.safetensors"), "rb") as f:
+            start = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"seed": seed, "args": extra_args.split(), "start": start}
 
 
 def evaluate_stage(final, seed, limit=None):
@@ -192,9 +198,9 @@ def main(argv=None):
         if done:
             with open(timing) as f:
                 before = json.load(f).get("settings")
-            if before != stage_settings(args.seed, extra):
-                print(f"=== {name}: trained before with {before}, now {stage_settings(args.seed, extra)}: "
-                      f"training it again", flush=True)
+            now = stage_settings(args.out, parent, args.seed, extra)
+            if before != now:
+                print(f"=== {name}: trained before with {before}, now {now}: training it again", flush=True)
                 done = False
         if i >= redo_from or upstream_ran or not done:
             run_stage(name, trainer, parent, args.out, args.seed, args.threads, extra)

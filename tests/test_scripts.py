@@ -55,6 +55,13 @@ def test_demo_runs_every_stage_then_reuses_them_and_redo_reruns_downstream(tmp_p
     changed = stage_mtimes(out)
     assert changed["sft"] == first["sft"] and changed["dpo"] == redone["dpo"] and changed["rlvr"] > redone["rlvr"]
 
+    # SFT trained again on its own (or in a run killed after it): the stages after it are not reused on top of it
+    longer = [a.replace("--max_steps=3", "--max_steps=4") for a in other]
+    demo.main(["--out", out, "--stages=sft", *longer])
+    demo.main(["--out", out, *longer])
+    last = stage_mtimes(out)
+    assert last["sft"] > changed["sft"] and last["dpo"] > changed["dpo"] and last["rlvr"] > changed["rlvr"]
+
 
 def test_demo_as_a_script_runs_the_avx2_cpu_kernels_and_records_them(tmp_path):
     """`python scripts/demo.py` pins PyTorch's CPU kernels before torch loads, in itself and in its trainers, so that
