@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs nanotulu's dependencies into the current Python. An existing torch (a CUDA build on a GPU node) is
-# kept; where there is none, torch==2.13.0 is installed, which resolves to the CPU wheel on CPU machines instead of
-# the multi-GB CUDA build an unpinned `torch` would pull.
+# kept; where there is none, torch==2.13.0 is installed: the development machines' pip finds its CPU wheel on disk,
+# where an unpinned `torch` would pull a multi-GB CUDA build. (On plain PyPI the Linux torch wheel is a CUDA build:
+# install the torch you want first, e.g. from https://download.pytorch.org/whl/cpu, and it is kept.)
 #   scripts/install.sh         runtime dependencies
 #   scripts/install.sh --dev   plus pytest and transformers (tests, bench)
 set -euo pipefail
@@ -14,7 +15,7 @@ fi
 "$PY" -c "
 import sys, torch
 if tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 6):
-    sys.exit(f'nanotulu needs torch >= 2.6, found {torch.__version__}: upgrade it (pip install -U torch)')
+    sys.exit(f'nanotulu needs torch >= 2.6, found {torch.__version__}: upgrade it (pip install torch==2.13.0, from your CUDA version\'s index on a GPU node)')
 "
 req=requirements.txt
 [ "${1:-}" = "--dev" ] && req=requirements-dev.txt

@@ -181,6 +181,7 @@ def test_install_refuses_an_existing_torch_older_than_2_6(tmp_path):
                          text=True, timeout=120)
     assert out.returncode != 0
     assert "nanotulu needs torch >= 2.6, found 2.4.1+cu121" in out.stderr
+    assert "pip install torch==2.13.0" in out.stderr and "-U torch" not in out.stderr  # never an unpinned torch
     assert "nanotulu: torch" not in out.stdout  # stopped before installing anything
 
 
