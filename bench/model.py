@@ -83,7 +83,9 @@ def train_step(model, x, y, device, hf=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
 
     def step():
-        logits = model(input_ids=x).logits if hf else model(x)
+        # use_cache=False: no KV cache in training; the DynamicCache transformers would build fails a guard in each
+        # compiled block, and past the recompile limit (8) its blocks ran eagerly in the compiled race
+        logits = model(input_ids=x, use_cache=False).logits if hf else model(x)
         F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

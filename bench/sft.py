@@ -148,7 +148,9 @@ def hf_train_step(hf_dir, device, liger=False, compile=False):
         # our labels are already shifted (labels[t] is the target of position t); transformers shifts them itself
         unshifted = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)
         with common.autocast(device):
-            loss = hf(input_ids=ids, labels=unshifted).loss
+            # use_cache=False: a training step needs no KV cache, and the DynamicCache it would pass each compiled
+            # block fails a guard per layer, so that all but the first 8 blocks ran eagerly (the recompile limit)
+            loss = hf(input_ids=ids, labels=unshifted, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """bench/fused_losses.py races contenders that must all compute the same loss: check that they do (loss and both
 gradients against the naive eager one), so that a GPU run times what it claims to time. Liger is not a test
-dependency; its contenders were checked by hand (bench/RESULTS.md). bench/gpu_checks.sh refuses a misspelt step."""
+dependency; its contenders were checked by hand (bench/RESULTS.md). bench/gpu_checks.sh refuses a misspelt step and exits non-zero when a step fails."""
 import importlib.util
 import os
 import subprocess
@@ -42,3 +42,16 @@ def test_gpu_checks_refuses_an_unknown_step_and_names_the_steps(tmp_path):
     assert out.returncode == 2
     assert "unknown step 'modle360'; the steps: kernels fused_losses model360 model1.7b sft dpo rlvr" in out.stderr
     assert os.listdir(tmp_path) == []  # refused before running anything
+
+
+def test_gpu_checks_exits_non_zero_when_a_step_fails(tmp_path):
+    # a step that fails (here: its python3 is not one that runs anything): the caller sees it, not only the summary
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 3\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path / "logs"), "dpo"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1
+    assert "dpo: exit 3" in (tmp_path / "logs" / "summary.txt").read_text()
