@@ -75,7 +75,7 @@ def make_fn(task, variant):
     if variant == "eager":
         return naive
     if variant == "compile":
-        return torch.compile(naive)
+        return torch.compile(naive, dynamic=False)  # else the second shape raced marks N and H dynamic
     if task == "ce":
         return {"reference": reference, "triton": cross_entropy}[variant].fused_linear_cross_entropy
     # the DPO loss is one composition (nanotulu_kernels/__init__.py) of a backend's cross-entropy and pair loss
@@ -212,6 +212,7 @@ def main():
           f"{time.strftime('%Y-%m-%d')}, median of {args.iters}")
     print("| task | N | H | variant | fwd+bwd ms | x eager | peak MiB above in+grads | % of eager | note |")
     print("|---|---|---|---|---|---|---|---|---|")
+    ours_failed = []  # a peer may be absent or run out of memory; our own kernels failing fails the run
     for task in args.tasks.split(","):
         for hidden_size in hidden_list:
             for tokens in tokens_list:
@@ -228,17 +229,23 @@ def main():
                             print(f"| {task} | {tokens} | {hidden_size} | {variant} | - | - | - | - | "
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:80]} |")
                             torch.cuda.empty_cache()
+                            if variant in ("reference", "triton"):
+                                ours_failed.append(f"{task} N={tokens} H={hidden_size} {variant}")
                             continue
                     else:
                         res, err = measure_isolated(args, task, variant, tokens, hidden_size)
                         if err:
                             print(f"| {task} | {tokens} | {hidden_size} | {variant} | - | - | - | - | {err[:90]} |")
+                            if variant in ("reference", "triton"):
+                                ours_failed.append(f"{task} N={tokens} H={hidden_size} {variant}")
                             continue
                         t, peak = res["time"], res["peak"]
                     eager = eager or (t, peak)
                     print(f"| {task} | {tokens} | {hidden_size} | {variant} | {1e3 * t:.1f} | {t / eager[0]:.2f} | "
                           f"{peak / 2**20:.0f} | {100 * peak / max(eager[1], 1):.1f} | "
                           f"{note if variant == 'triton' else ''} |", flush=True)
+    if ours_failed:
+        sys.exit(f"failed: {'; '.join(ours_failed)}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,13 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    results = {"nanotulu": run("nanotulu", our_step, batches, device, args.warmup)}
+    def report(name, tps):  # printed as soon as measured: a peer that fails later does not take it along
+        mfu = f", MFU {flops * tps / peak:.1%}" if peak else ""
+        ratio = f"; ours / {name}: {ours_tps / tps:.2f}x" if name != "nanotulu" else ""
+        print(f"{name:>17}: {tps:10.0f} tokens/s{mfu}{ratio}", flush=True)
+
+    ours_tps = run("nanotulu", our_step, batches, device, args.warmup)
+    report("nanotulu", ours_tps)
     # the same initial weights for transformers, through the HF layout our save_pretrained writes
     hf_dir = tempfile.mkdtemp(prefix="bench_sft_")
     ours.cpu().save_pretrained(hf_dir)
@@ -107,6 +113,7 @@ def main():
     if on_gpu:
         torch.cuda.empty_cache()
 
+    failed = []
     if not args.skip_hf:
         # transformers as its users train it (labels in, HF's own shift and loss), and with Liger's kernels patched
         # in (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where liger-kernel is installed: GPU only, its
@@ -115,20 +122,17 @@ def main():
         for name in peers:
             try:
                 hf_step = hf_train_step(hf_dir, device, liger=name.endswith("liger"), compile=args.compile)
+                report(name, run(name, hf_step, batches, device, args.warmup))
             except ImportError as e:
                 print(f"{name:>17}: skipped ({e.name} is not installed)")
-                continue
-            results[name] = run(name, hf_step, batches, device, args.warmup)
-            del hf_step
+            except Exception as e:  # out of memory, a compile error: said, and the run exits non-zero
+                print(f"{name:>17}: failed ({type(e).__name__}: {e})", flush=True)
+                failed.append(name)
+            hf_step = None
             if on_gpu:
                 torch.cuda.empty_cache()
-
-    for name, tps in results.items():
-        mfu = f", MFU {flops * tps / peak:.1%}" if peak else ""
-        print(f"{name:>17}: {tps:10.0f} tokens/s{mfu}")
-    for name in results:
-        if name != "nanotulu":
-            print(f"ours / {name}: {results['nanotulu'] / results[name]:.2f}x")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 def hf_train_step(hf_dir, device, liger=False, compile=False):
