@@ -4,13 +4,16 @@
     python bench/rlvr.py --device cuda --preset smollm2-1.7b --dtype bf16 --prompts 64 --samples 1 \\
         --prompt_len 128 --new_tokens 512 --batch_size 8       # GPU: SmolLM2-1.7B, batch 64, 512 new tokens
 
-A step is what train_rlvr.py does: generate (KV cache, temperature 1, no stop token so every row makes exactly
-new_tokens tokens), then the no-grad old and reference log-probs, then one clipped-ratio + k3 update over the
-batch in micro-batches of batch_size. Random weights: the speed does not depend on what the model knows.
+A step is what train_rlvr.py does, set up as it sets up: fp32 weights (and fp32 KV cache), --dtype bf16 running
+both generation and learning under bf16 autocast (the trainer's --precision), fused AdamW on CUDA. It generates
+(KV cache, temperature 1, no stop token so every row makes exactly new_tokens tokens), then takes the no-grad old and
+reference log-probs, then one clipped-ratio + k3 update over the batch in micro-batches of batch_size. Random
+weights: the speed does not depend on what the model knows.
 
 Decoding is memory-bound: each decode step must read every weight once (and the KV cache so far). The bound
-printed is tokens/s = batch / (bytes read per step / peak bandwidth), for the weights alone (the issue's target:
-within 2x of it) and for weights + the average KV cache.
+printed is tokens/s = batch / (bytes read per step / peak bandwidth), for the weights alone at --dtype's width
+(the issue's target: within 2x of it) and for weights + the average KV cache. The trainer's fp32 weights under
+autocast read more than that, so the measured share of the bound includes what that setup costs.
 """
 import argparse
 import os
@@ -20,11 +23,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import train_rlvr  # noqa: E402
 from model import ModelConfig, Transformer, generate  # noqa: E402
 
-# HBM peak bandwidth (vendor datasheets, SXM parts), bytes/s
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+# HBM peak bandwidth (vendor datasheets), bytes/s; the first name contained in the device's name wins, so the PCIe
+# and NVL H100s come before the SXM one
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 def parse_args():
@@ -57,38 +62,41 @@ def main():
     overrides = {"vocab_size": args.vocab} if args.preset == "demo" else {}
     config = ModelConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(0)
-    with torch.device(device):
-        policy = Transformer(config).to(dtype)
-        ref = Transformer(config).to(dtype).requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    precision = "bf16" if args.dtype == "bf16" else "fp32"
+    with torch.device(device):  # fp32 weights, as train_rlvr.py keeps them
+        policy = Transformer(config)
+        ref = Transformer(config).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device.type == "cuda")
     B = args.prompts * args.samples
     gen = torch.Generator(device=device).manual_seed(0)
     prompts = [torch.randint(1, config.vocab_size, (args.prompt_len - i % 8,), generator=gen, device=device).tolist()
                for i in range(B)]
-    print(f"{args.preset} ({policy.num_params() / 1e6:.1f}M params, {args.dtype}) on {device}: "
-          f"{args.prompts} prompts x {args.samples} samples = {B} sequences, prompt ~{args.prompt_len}, {args.new_tokens} new tokens, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"{args.preset} ({policy.num_params() / 1e6:.1f}M params, fp32 weights, {precision} compute) on {device}: "
+          f"{args.prompts} prompts x {args.samples} samples = {B} sequences, prompt ~{args.prompt_len}, "
+          f"{args.new_tokens} new tokens, torch threads {torch.get_num_threads()}")
 
     times = []
     for step in range(args.steps + 1):  # the first step warms up (allocations, kernels) and is not counted
         sync(device)
         t0 = time.perf_counter()
-        out = generate(policy, prompts, args.new_tokens, temperature=1.0, stop_token_ids=(), generator=gen)
+        with common.autocast(device, precision):
+            out = generate(policy, prompts, args.new_tokens, temperature=1.0, stop_token_ids=(), generator=gen)
         sync(device)
         t1 = time.perf_counter()
         samples = [{"prompt_ids": p, "response_ids": r} for p, r in zip(prompts, out.tokens)]
         ids, labels = train_rlvr.collate_rollouts(samples, 0, device)
         mask = (labels != -100).float()
-        with torch.no_grad():
+        with torch.no_grad(), common.autocast(device, precision):
             old = train_rlvr.token_logprobs(policy, ids, labels) * mask
             ref_logp = train_rlvr.token_logprobs(ref, ids, labels) * mask
         adv = torch.randn(B, 1, device=device) * mask
         policy.train()
         for i in range(0, B, args.batch_size):
             s = slice(i, i + args.batch_size)
-            logp = train_rlvr.token_logprobs(policy, ids[s], labels[s])
-            pg, _ = train_rlvr.policy_loss(logp, old[s], adv[s], 0.2)
-            loss = ((pg + 0.01 * train_rlvr.k3_kl(logp, ref_logp[s])) * mask[s]).sum() / mask.sum()
+            with common.autocast(device, precision):
+                logp = train_rlvr.token_logprobs(policy, ids[s], labels[s])
+                pg, _ = train_rlvr.policy_loss(logp, old[s], adv[s], 0.2)
+                loss = ((pg + 0.01 * train_rlvr.k3_kl(logp, ref_logp[s])) * mask[s]).sum() / mask.sum()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
