@@ -20,7 +20,7 @@ would be; paths are relative to --data_dir:
     mmlu_pro   mmlu_pro/test                           question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
 
-How each task is scored (DESIGN.md section 4):
+How each task is scored:
 - Multiple choice by log-likelihood, 0-shot: the summed log-prob of each continuation given the query; acc takes
   the argmax of the sum, acc_norm of the sum divided by the continuation's length in characters (its leading
   space not counted). The prompts are SmolLM2's lighteval tasks' (huggingface/smollm text/evaluation/tasks.py),

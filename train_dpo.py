@@ -11,7 +11,7 @@ Without --config the demo preset (configs/dpo_demo.json) is the base; any --key=
 
 DPO: every micro-batch is one forward over [chosen; rejected] (2B rows, right-padded), and the fused kernel
 (kernels.fused_linear_dpo_loss) applies the LM head, takes the response log-probs and the loss without ever
-materialising [tokens, vocab] logits. --loss_type=dpo|dpo_norm|simpo|ipo (shared/DESIGN.md section 4); the
+materialising [tokens, vocab] logits. --loss_type=dpo|dpo_norm|simpo|ipo (formulas: nanotulu_kernels/reference.py); the
 default is Tulu 3's dpo_norm with beta 5. The reference log-probs are computed once, before training, with the
 frozen initial model and cached on disk (see reference_logps), so no reference model sits in memory during
 training; --reference_in_memory keeps a live frozen copy instead and gives the same losses.

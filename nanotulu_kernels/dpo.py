@@ -2,7 +2,7 @@
 
 The expensive part, the policy's per-sequence label log-probs, goes through the fused linear cross-entropy
 (nanotulu_kernels/cross_entropy.py, reduction 'none'), so no [tokens, V] logits are ever held. The pair loss is a small
-kernel that computes, per pair, the loss of shared/DESIGN.md section 4, its gradient with respect to the two
+kernel that computes, per pair, the loss of reference.preference_loss, its gradient with respect to the two
 summed log-probs, and the rewards; the gradient flows back into sequence_logprobs as a per-token upstream.
 """
 import torch

@@ -133,7 +133,7 @@ def check_preference_args(loss_type, beta, label_smoothing):
 
 def preference_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, ref_chosen_logps,
                     ref_rejected_logps, loss_type="dpo_norm", beta=5.0, label_smoothing=0.0, simpo_gamma=0.5):
-    """The pairwise loss of shared/DESIGN.md section 4 from summed log-probs and token counts.
+    """The pairwise loss (Tulu 3's DPO family, written out below) from summed log-probs and token counts.
 
     z = (logp_c - logp_r) - (ref_c - ref_r), eps = label_smoothing:
       dpo:      -(1-eps) log sigmoid(beta z) - eps log sigmoid(-beta z), logps summed over response tokens

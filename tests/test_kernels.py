@@ -411,8 +411,8 @@ def log_sigmoid(x):
 
 
 def hand_dpo(loss_type, pc, pr, nc, nr, rc, rr, beta, eps, gamma):
-    """shared/DESIGN.md section 4, one pair at a time in Python floats. Returns (loss, chosen_reward,
-    rejected_reward) for the pair."""
+    """The pair losses of reference.preference_loss's docstring, one pair at a time in Python floats. Returns
+    (loss, chosen_reward, rejected_reward) for the pair."""
     if loss_type != "dpo":  # mean over response tokens
         pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
     if loss_type == "simpo":  # -log sigmoid(beta (avg_c - avg_r) - gamma), no reference
