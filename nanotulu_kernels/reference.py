@@ -126,6 +126,8 @@ def check_preference_args(loss_type, beta, label_smoothing):
         raise ValueError(f"preference loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if beta <= 0:
         raise ValueError(f"preference loss: beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:  # at 0.5 the loss no longer tells chosen from rejected; past it, it flips
+        raise ValueError(f"preference loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type not in ("dpo", "dpo_norm"):
         raise ValueError(f"preference loss: label_smoothing applies to dpo/dpo_norm only, got {loss_type!r} "
                          f"with label_smoothing={label_smoothing}")

@@ -490,5 +490,8 @@ def test_dpo_bad_arguments(backend):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="ipo", label_smoothing=0.1)
+    for eps in (0.5, 1.0, -2.0):  # from 0.5 on the loss prefers the rejected answer; below 0 it is unbounded
+        with pytest.raises(ValueError, match=rf"label_smoothing must be in \[0, 0.5\), got {eps}"):
+            kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="dpo", label_smoothing=eps)
     with pytest.raises(ValueError, match="ref_rejected_logps"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r[:2])
