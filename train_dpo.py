@@ -335,6 +335,8 @@ def main(argv=None):
     cfg = common.parse_config(DPOConfig, argv)
     if cfg.objective not in ("dpo", "reward_model"):
         raise common.ConfigError(f"objective={cfg.objective!r}: expected dpo or reward_model")
+    if cfg.objective == "reward_model":
+        common.refuse_unused(cfg, ["reference_in_memory"], "a reward model has no reference")
     if cfg.truncation not in ("left", "drop"):
         raise common.ConfigError(f"truncation={cfg.truncation!r}: expected left or drop")
     kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)

@@ -345,6 +345,8 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
         train_dpo.main(args_for(tiny, tmp_path / "run", data_file=path))
     with pytest.raises(ValueError, match="loss_type"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--loss_type=kto"))
+    with pytest.raises(common.ConfigError, match="--reference_in_memory=True: a reward model has no reference"):
+        train_dpo.main(args_for(tiny, tmp_path / "run", "--objective=reward_model", "--reference_in_memory=true"))
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--loss_type=dpo", "--label_smoothing=1.0"))
     with pytest.raises(common.ConfigError, match="truncation"):
