@@ -536,12 +536,22 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
         if optim_sd is not None:
             _write_checkpoint_file(optim_sd, os.path.join(tmp, "optimizer.pt"))
         _write_checkpoint_file({"step": step, "rng": rngs, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
-        if os.path.exists(final):  # re-saving the same step (e.g. the end of a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving the same step (e.g. the end of a resumed run) replaces it whole
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def replace_dir(tmp, path):
+    """Put the finished folder tmp at path. An earlier folder there is renamed aside first and deleted after, so
+    that a kill leaves path without a complete folder only between two renames, not for a whole rmtree (and the
+    earlier one, under .old_<name>, until the new one is in place)."""
+    aside = os.path.join(os.path.dirname(path), f".old_{os.path.basename(path)}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def list_checkpoints(run_dir):
@@ -779,8 +789,7 @@ def save_final(run_dir, model, tokenizer=None):
     if int(os.environ.get("RANK", 0)) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raw.save_pretrained(tmp, tokenizer=tokenizer)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     barrier()
     return path
 

@@ -251,6 +251,29 @@ def test_numbers_out_of_range_fail_when_the_config_is_parsed(arg, message):
         common.parse_config(train_dpo.DPOConfig, [arg])
 
 
+def test_a_folder_is_replaced_by_renames_and_a_kill_between_them_keeps_the_earlier_one(tmp_path, monkeypatch):
+    final, tmp = tmp_path / "final", tmp_path / ".tmp_final"
+    for folder, name in ((final, "old.safetensors"), (tmp, "new.safetensors")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    common.replace_dir(str(tmp), str(final))
+    assert os.listdir(final) == ["new.safetensors"] and sorted(os.listdir(tmp_path)) == ["final"]
+    tmp.mkdir()
+    (tmp / "newer.safetensors").write_text("newer")
+    real_replace, calls = os.replace, []
+
+    def killed_at_the_second_rename(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(a, b)
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        common.replace_dir(str(tmp), str(final))
+    # neither folder was deleted: the earlier one is whole beside, the new one whole where it was written
+    assert os.listdir(tmp_path / ".old_final") == ["new.safetensors"] and os.listdir(tmp) == ["newer.safetensors"]
+
+
 def test_checkpoints_keep_last_k(tmp_path):
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())
