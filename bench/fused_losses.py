@@ -225,21 +225,19 @@ def main():
                         try:
                             t, peak = measure(task, variant, tokens, hidden_size, dtype, args.device,
                                               args.seq_len, args.iters)
+                            err = None
                         except Exception as e:  # noqa: BLE001  (absent Liger, OOM of eager: report, go on)
-                            print(f"| {task} | {tokens} | {hidden_size} | {variant} | - | - | - | - | "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+                            err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                             torch.cuda.empty_cache()
-                            if variant in ("reference", "triton"):
-                                ours_failed.append(f"{task} N={tokens} H={hidden_size} {variant}")
-                            continue
                     else:
                         res, err = measure_isolated(args, task, variant, tokens, hidden_size)
-                        if err:
-                            print(f"| {task} | {tokens} | {hidden_size} | {variant} | - | - | - | - | {err[:90]} |")
-                            if variant in ("reference", "triton"):
-                                ours_failed.append(f"{task} N={tokens} H={hidden_size} {variant}")
-                            continue
-                        t, peak = res["time"], res["peak"]
+                        if not err:
+                            t, peak = res["time"], res["peak"]
+                    if err:
+                        print(f"| {task} | {tokens} | {hidden_size} | {variant} | - | - | - | - | {err[:90]} |")
+                        if variant in ("reference", "triton"):
+                            ours_failed.append(f"{task} N={tokens} H={hidden_size} {variant}")
+                        continue
                     eager = eager or (t, peak)
                     print(f"| {task} | {tokens} | {hidden_size} | {variant} | {1e3 * t:.1f} | {t / eager[0]:.2f} | "
                           f"{peak / 2**20:.0f} | {100 * peak / max(eager[1], 1):.1f} | "
