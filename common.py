@@ -455,13 +455,16 @@ def clip_grad(model, max_norm):
     return norm.item()
 
 
-def total_steps_for(cfg, steps_per_epoch):
+def total_steps_for(cfg, num_items, items_per_step):
+    """Optimizer steps of the run: --max_steps, or --epochs x the whole steps in one pass over num_items, taken
+    items_per_step (the effective batch) at a time. The sampler carries an epoch's last partial batch into the next
+    epoch's first step, so the items left at the end of the run are fewer than one step's."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    if steps_per_epoch < 1:
-        raise ConfigError(f"the data has fewer items per rank than one optimizer step needs "
-                          f"(batch_size x grad_accum = {cfg.batch_size} x {cfg.grad_accum})")
-    return steps_per_epoch * cfg.epochs
+    if num_items < items_per_step:
+        raise ConfigError(f"the data has {num_items} items, fewer than one optimizer step takes (the effective "
+                          f"batch, {items_per_step})")
+    return num_items // items_per_step * cfg.epochs
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -577,9 +577,13 @@ def _normalize_rlvr(row, where, check_ground_truth=None):
     if len(messages) > 1 and messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the reference answer is not part of the prompt
     if messages[-1]["role"] == "assistant":
-        raise DataError(where, "prompt holds only an assistant message")
+        raise DataError(where, "the prompt ends with an assistant message (only the last message may be the "
+                        "reference answer)" if len(messages) > 1 else "prompt holds only an assistant message")
     gt = row["ground_truth"]
     if isinstance(gt, (list, dict)):
+        if str(row["dataset"]).lower() != "ifeval":  # a JSON dump of ['5'] would never verify against '5'
+            raise DataError(where, f"ground_truth of a {row['dataset']!r} row must be a string or a number, "
+                            f"got a {type(gt).__name__}: {gt!r}")
         gt = json.dumps(gt)
     elif isinstance(gt, (int, float)) and not isinstance(gt, bool):
         gt = str(gt)
@@ -840,10 +844,12 @@ def collate_padded(examples, rows, max_seq_len, pad_id):
 
 
 class EpochSampler:
-    """Deterministic shuffled order per epoch (from seed and epoch), sharded across ranks. Each epoch is padded by
-    wrapping around so every rank gets the same number of items (ranks step in lockstep). Iterating yields this
-    rank's remaining indices of the current epoch and then moves to the next epoch; the position is saved in
-    state_dict, so a resumed run continues with the exact next index."""
+    """One stream of item indices shared by every rank: epoch 0's shuffled order (from seed and epoch), then epoch 1's,
+    and so on. Each call of next_batch(n), made by all ranks in lockstep, takes the stream's next n x world_size items
+    and deals them round-robin, so this rank gets n of them. The stream does not depend on the number of ranks: the
+    same effective batch trains on the same items whether it is split over ranks or over accumulation steps, each
+    item once per epoch, and a run resumed on another number of ranks continues exactly where it stopped.
+    A batch that runs past the end of an epoch continues with the next epoch's order."""
 
     def __init__(self, num_items, seed, rank=0, world_size=1, shuffle=True):
         if num_items <= 0:
@@ -851,58 +857,34 @@ class EpochSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"EpochSampler: rank {rank} not in [0, {world_size})")
         self.num_items, self.seed, self.rank, self.world_size, self.shuffle = num_items, seed, rank, world_size, shuffle
-        self.epoch, self.position = 0, 0
+        self.epoch, self.consumed = 0, 0  # consumed: items of this epoch's order taken by all ranks together
 
-    def __len__(self):
-        return math.ceil(self.num_items / self.world_size)
-
-    def indices(self, epoch):
-        """This rank's indices for `epoch`, in order."""
+    def order(self, epoch):
+        """Every index, in the order `epoch` takes them (all ranks together)."""
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-        else:
-            order = np.arange(self.num_items)
-        order = np.resize(order, len(self) * self.world_size)
-        return order[self.rank::self.world_size].tolist()
-
-    def __iter__(self):
-        indices = self.indices(self.epoch)
-        while self.position < len(indices):
-            self.position += 1
-            yield indices[self.position - 1]
-        self.epoch, self.position = self.epoch + 1, 0
+            return np.random.default_rng([self.seed, epoch]).permutation(self.num_items).tolist()
+        return list(range(self.num_items))
 
     def next_batch(self, n):
-        """The next n indices, continuing into the next epoch when this one runs out."""
-        out = []
-        while len(out) < n:
-            indices = self.indices(self.epoch)
-            take = indices[self.position:self.position + n - len(out)]
-            out.extend(take)
-            self.position += len(take)
-            if self.position >= len(indices):
-                self.epoch, self.position = self.epoch + 1, 0
-        return out
+        """This rank's n indices of the stream's next n x world_size."""
+        block = []
+        while len(block) < n * self.world_size:
+            take = self.order(self.epoch)[self.consumed:self.consumed + n * self.world_size - len(block)]
+            block.extend(take)
+            self.consumed += len(take)
+            if self.consumed == self.num_items:
+                self.epoch, self.consumed = self.epoch + 1, 0
+        return block[self.rank::self.world_size]
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "num_items": self.num_items, "seed": self.seed,
-                "world_size": self.world_size}
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_items": self.num_items, "seed": self.seed}
 
     def load_state_dict(self, state):
         for key in ("num_items", "seed"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"EpochSampler.load_state_dict: checkpoint has {key}={state[key]}, "
                                  f"this run has {getattr(self, key)} (the data or seed changed)")
-        # The ranks deal one epoch order between them, so `position` items into it on each of W ranks, the first
-        # position x W of that order are used, whatever W was: a run resumed on other ranks continues from there,
-        # when they can split that point evenly.
-        saved_world = int(state.get("world_size", self.world_size))
-        used = int(state["position"]) * saved_world
-        if used % self.world_size:
-            raise ValueError(f"EpochSampler.load_state_dict: the checkpoint's {saved_world} rank(s) had used {used} "
-                             f"items of epoch {state['epoch']}, which {self.world_size} ranks cannot split evenly; "
-                             f"resume on {saved_world} rank(s), or on a number that divides {used}")
-        self.epoch, self.position = int(state["epoch"]), used // self.world_size
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -375,8 +375,8 @@ def main(argv=None):
             eval_reference = Reference(reference_logps(policy, weights, eval_pairs, cfg, d, tok.pad_id, "held-out"))
     raw.train()
     sampler = data.EpochSampler(len(train_pairs), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-    steps_per_epoch = len(sampler) // (cfg.batch_size * cfg.grad_accum)
-    total_steps = common.total_steps_for(cfg, steps_per_epoch)
+    step_items = cfg.batch_size * cfg.grad_accum * d.world_size
+    total_steps = common.total_steps_for(cfg, len(train_pairs), step_items)
     optimizer = common.build_optimizer(model, cfg, d.device)
 
     step = common.maybe_resume(cfg, model, optimizer, sampler, start_weights=weights)
@@ -418,7 +418,7 @@ def main(argv=None):
         metrics = summarize(common.all_reduce_sum(totals), cfg.objective)
         if step % cfg.log_every == 0 or step == total_steps:
             logger.log({"step": step, **metrics, "lr": lr, "grad_norm": grad_norm,
-                        "epoch": step / max(steps_per_epoch, 1)})
+                        "epoch": step * step_items / len(train_pairs)})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}",
                         margin=f"{metrics['margins']:.3f}", lr=f"{lr:.2e}")
         bar.update(1)

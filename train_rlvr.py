@@ -23,7 +23,9 @@ The rollout is then reused for ppo_epochs passes of num_minibatches optimizer st
 counts those optimizer steps, as open-instruct's does). All log-probs (old, reference, current) come from a
 training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab] logits never exist; the
 generator's own log-probs are not reused because they come from a different code path (KV cache, other kernels)
-and would put a small bias into the first ratio.
+and would put a small bias into the first ratio. The update trims each micro-batch's right padding, so its forward
+runs other shapes than the rollout's: in fp32 the first ratio is 1 to ~1e-6, in bf16 it carries bf16 rounding
+noise (on CPU, 7e-5 measured for a tiny random model), the price of not computing padding.
 
 Per-token tensors are stored in "label layout", like the SFT collator: column t holds the quantity of token t+1
 (labels[t] = ids[t+1] on response tokens, -100 elsewhere), so hidden[:, t] is the state that produced it.
@@ -379,7 +381,7 @@ def main(argv=None):
     train_rows, eval_rows = load_prompts(cfg, tok, template)
     per_rank = cfg.prompts_per_step // d.world_size
     sampler = data.EpochSampler(len(train_rows), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-    total_steps = common.total_steps_for(cfg, len(sampler) // per_rank)
+    total_steps = common.total_steps_for(cfg, len(train_rows), cfg.prompts_per_step)
     datasets = sorted({r["dataset"] for r in train_rows})
 
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)

@@ -310,7 +310,12 @@ def test_rlvr_rows_drop_reference_answer_and_validate():
     for row, why in [({"messages": [{"role": "user", "content": "q"}], "dataset": "gsm8k"}, "missing 'ground_truth'"),
                      ({"messages": [{"role": "user", "content": "q"}], "ground_truth": "1"}, "missing 'dataset'"),
                      ({"messages": [{"role": "user", "content": "q"}], "ground_truth": " ", "dataset": "gsm8k"},
-                      "ground_truth must be a non-empty string")]:
+                      "ground_truth must be a non-empty string"),
+                     ({"messages": [{"role": "user", "content": "q"}], "ground_truth": ["5"], "dataset": "MATH"},
+                      "ground_truth of a 'MATH' row must be a string or a number, got a list"),
+                     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                    {"role": "assistant", "content": "b"}], "ground_truth": "1", "dataset": "gsm8k"},
+                      "the prompt ends with an assistant message")]:
         with pytest.raises(DataError, match=re.escape(why)):
             data.load_rlvr_rows([row])
 
@@ -600,19 +605,14 @@ def test_labels_are_shifted_and_masked():
 # Sampler
 
 
-def test_sampler_deterministic_sharded_and_resumable():
+def test_sampler_deterministic_shuffled_per_epoch_and_resumable():
     a, b = data.EpochSampler(10, seed=3), data.EpochSampler(10, seed=3)
-    e0, e0b = list(a), list(b)
-    assert e0 == e0b and sorted(e0) == list(range(10))
-    e1 = list(a)
+    e0 = a.next_batch(10)
+    assert e0 == b.next_batch(10) == a.order(0) and sorted(e0) == list(range(10))
+    e1 = a.next_batch(10)
     assert sorted(e1) == list(range(10)) and e1 != e0  # a new permutation each epoch
-    assert list(data.EpochSampler(10, seed=4)) != e0
-    assert list(data.EpochSampler(10, seed=3, shuffle=False)) == list(range(10))
-    # sharding: equal sizes, together covering every item
-    shards = [data.EpochSampler(10, seed=3, rank=r, world_size=3).indices(0) for r in range(3)]
-    assert [len(s) for s in shards] == [4, 4, 4] and set(sum(shards, [])) == set(range(10))
-    full = np.random.default_rng([3, 0]).permutation(10).tolist()
-    assert sorted(sum(shards, [])) == sorted(full + full[:2])
+    assert data.EpochSampler(10, seed=4).next_batch(10) != e0
+    assert data.EpochSampler(10, seed=3, shuffle=False).next_batch(10) == list(range(10))
     # resume: a restored sampler continues with exactly the indices the uninterrupted one gives
     s = data.EpochSampler(10, seed=3, rank=1, world_size=2)
     first = s.next_batch(3) + s.next_batch(3)
@@ -620,34 +620,46 @@ def test_sampler_deterministic_sharded_and_resumable():
     rest = s.next_batch(7)
     r = data.EpochSampler(10, seed=3, rank=1, world_size=2)
     r.load_state_dict(state)
-    assert r.next_batch(7) == rest and state["epoch"] == 1 and state["position"] == 1
-    ref = data.EpochSampler(10, seed=3, rank=1, world_size=2)
-    assert first + rest == ref.indices(0) + ref.indices(1) + ref.indices(2)[:3]
+    assert r.next_batch(7) == rest and state["epoch"] == 1 and state["consumed"] == 2
+    stream = a.order(0) + a.order(1) + a.order(2)
+    assert first + rest == stream[1:26:2]  # rank 1 of 2: every other item of the stream
     with pytest.raises(ValueError, match="num_items=10"):
         data.EpochSampler(11, seed=3).load_state_dict(state)
 
 
-def test_a_sampler_resumed_on_another_number_of_ranks_continues_the_same_order():
-    """One rank that took 6 of an epoch's 20 items leaves the same 14 for 2 or 3 ranks resumed from its state; a
-    point the new ranks cannot split evenly is refused, not skipped past."""
+@pytest.mark.parametrize("num_items", [20, 45])
+def test_the_ranks_and_accumulation_steps_of_an_effective_batch_take_the_same_items(num_items):
+    """1 rank x 4 accumulation steps, 2 ranks x 2 and 4 ranks x 1 (micro-batch 2) train each optimizer step on the
+    same 8 items, across epoch boundaries too (45 is not a multiple of any world size), and each epoch holds every
+    item once."""
+    def steps(world, accum, count):
+        ranks = [data.EpochSampler(num_items, seed=3, rank=r, world_size=world) for r in range(world)]
+        return [sorted(i for _ in range(accum) for r in ranks for i in r.next_batch(2)) for _ in range(count)]
+    one = steps(1, 4, 17)
+    assert steps(2, 2, 17) == steps(4, 1, 17) == one
+    stream = sum(one, [])
+    assert sorted(stream[:num_items // 8 * 8]) == sorted(data.EpochSampler(num_items, 3).order(0)[:num_items // 8 * 8])
+    assert len(set(data.EpochSampler(num_items, 3, rank=1, world_size=2).next_batch(num_items // 2))) == num_items // 2
+
+
+def test_a_sampler_resumed_on_another_number_of_ranks_continues_the_same_stream():
+    """One rank that took 6 of an epoch's 20 items leaves the same 14 for 2, 3 or 4 ranks resumed from its state,
+    and 2 ranks' state resumes on 1."""
     one = data.EpochSampler(20, seed=3)
     one.next_batch(6)
     state = one.state_dict()
-    rest = one.next_batch(14)
-    for world in (2, 3):
+    rest = one.next_batch(12)
+    for world in (2, 3, 4):
         ranks = [data.EpochSampler(20, seed=3, rank=r, world_size=world) for r in range(world)]
         for r in ranks:
             r.load_state_dict(state)
-        dealt = [r.next_batch(14 // world) for r in ranks]
-        assert [dealt[i % world][i // world] for i in range(14 // world * world)] == rest[:14 // world * world]
-    with pytest.raises(ValueError, match="1 rank\\(s\\) had used 6 items of epoch 0, which 4 ranks cannot split "
-                                         "evenly; resume on 1 rank\\(s\\)"):
-        data.EpochSampler(20, seed=3, rank=0, world_size=4).load_state_dict(state)
+        dealt = [r.next_batch(12 // world) for r in ranks]
+        assert [dealt[i % world][i // world] for i in range(12)] == rest
     two = data.EpochSampler(20, seed=3, rank=1, world_size=2)
     two.next_batch(3)
     resumed = data.EpochSampler(20, seed=3)
     resumed.load_state_dict(two.state_dict())
-    assert resumed.position == 6
+    assert resumed.next_batch(14) == one.order(0)[6:20]
 
 
 # ---------------------------------------------------------------------------------------------------------------

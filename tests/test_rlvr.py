@@ -217,7 +217,7 @@ def test_two_ranks_run_and_shard_prompts(tiny, tmp_path):
     # greedy held-out accuracy of the same starting model: sharded over 2 ranks, then summed == 1 rank
     assert {k: v for k, v in m1[0].items()} == {k: v for k, v in m2[0].items()}
     # rank 0 of 2 sampled every other prompt of the epoch order (rank 1 the rest); 1 rank sampled them all
-    order = data.EpochSampler(len(tiny.demo["rlvr_train"]), seed=0).indices(0)
+    order = data.EpochSampler(len(tiny.demo["rlvr_train"]), seed=0).order(0)
     prompt_of = lambda i: tiny.demo["rlvr_train"][i]["messages"][-1]["content"]
     seen = lambda run, step: {json.loads(line)["prompt"] for line in open(run / "samples.jsonl")
                               if json.loads(line)["step"] == step}
