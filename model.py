@@ -505,6 +505,22 @@ class Generation:
     stopped: list = field(default_factory=list)   # whether the row ended on a stop token
 
 
+def filter_logits(logits, top_k, top_p):
+    """Set to -inf every token outside the top_k (0: no limit) and outside the top_p nucleus, as transformers'
+    TopKLogitsWarper then TopPLogitsWarper do; the most likely token always survives."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # From the least likely up, drop tokens while their mass stays within 1 - top_p. Ascending, as transformers
+        # and vLLM sort, so that tokens tied at the cut are the same ones.
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        drop = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
 def sample(logits, temperature, top_k, top_p, generator):
     """logits [B, V] fp32 -> (token [B], its log-prob [B] under softmax(logits / T), before any filtering)."""
     if temperature == 0.0:
@@ -513,16 +529,8 @@ def sample(logits, temperature, top_k, top_p, generator):
         return token, logp.gather(1, token[:, None]).squeeze(1)
     logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token once the mass before it already reaches top_p; the most likely token always survives.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 

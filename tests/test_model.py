@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import Generation, ModelConfig, Transformer, generate, to_hf_state
+from model import Generation, ModelConfig, Transformer, filter_logits, generate, to_hf_state
 
 VOCAB = 128
 
@@ -316,6 +316,25 @@ def test_top_k_1_equals_greedy_and_top_p_keeps_the_nucleus(tiny):
     tiny_p = generate(tiny, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=1e-6,
                       generator=torch.Generator().manual_seed(0))
     assert tiny_p.tokens == greedy.tokens
+
+
+def test_sampling_filters_match_transformers_warpers_including_ties():
+    """The distribution a token is drawn from equals transformers' temperature -> top-k -> top-p warpers', also when
+    tokens tie at the top-p cut (logits rounded to bf16, as under autocast), where the kept ones must be the same."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(4, 1000, generator=g) * 3, (torch.randn(4, 1000, generator=g) * 3).bfloat16().float(),
+             torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])]
+    for logits in cases:
+        for temperature, top_k, top_p in [(1.0, 0, 0.5), (0.7, 0, 0.9), (1.3, 20, 0.75), (1.0, 2, 1.0),
+                                          (1.0, 0, 1e-6), (1.0, 0, 0.3)]:
+            ours = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            theirs = TemperatureLogitsWarper(temperature)(None, logits)
+            if top_k:
+                theirs = TopKLogitsWarper(top_k)(None, theirs)
+            if top_p < 1.0:
+                theirs = TopPLogitsWarper(top_p)(None, theirs)
+            torch.testing.assert_close(ours, torch.softmax(theirs, dim=-1), atol=0, rtol=0)
 
 
 def test_stop_tokens_per_row(tiny):
