@@ -884,7 +884,9 @@ class EpochSampler:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"EpochSampler.load_state_dict: checkpoint has {key}={state[key]}, "
                                  f"this run has {getattr(self, key)} (the data or seed changed)")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        # checkpoints written before the stream was shared held each rank's position in its share of the epoch
+        consumed = state["consumed"] if "consumed" in state else state["position"] * state.get("world_size", 1)
+        self.epoch, self.consumed = int(state["epoch"]), int(consumed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -660,6 +660,10 @@ def test_a_sampler_resumed_on_another_number_of_ranks_continues_the_same_stream(
     resumed = data.EpochSampler(20, seed=3)
     resumed.load_state_dict(two.state_dict())
     assert resumed.next_batch(14) == one.order(0)[6:20]
+    # a checkpoint from before the shared stream: rank 1 of 2 had taken 3 of its share
+    old_format = data.EpochSampler(20, seed=3)
+    old_format.load_state_dict({"epoch": 0, "position": 3, "num_items": 20, "seed": 3, "world_size": 2})
+    assert old_format.next_batch(14) == one.order(0)[6:20]
 
 
 # ---------------------------------------------------------------------------------------------------------------
