@@ -116,7 +116,13 @@ def load_rows(path, limit=None):
 def gold_index(value, num_choices, where, name):
     """The gold answer as an index into the choices, refusing one that indexes none (PIQA's unlabelled test split
     has -1): it would silently score as a wrong answer."""
-    gold = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # HellaSwag's labels are strings
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(where, f"{name} must be a whole number, got {value!r}")
+    gold = value
     if not 0 <= gold < num_choices:
         raise DataError(where, f"{name} {gold} does not index its {num_choices} choices")
     return gold
@@ -312,7 +318,9 @@ def task_piqa(ctx):
 def task_mmlu_pro(ctx):
     docs = []
     for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["mmlu_pro"][0]), ctx.limit):
-        options = list(field(row, "options", where))
+        options = field(row, "options", where)
+        if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+            raise DataError(where, f"options must be a list of strings, got {options!r:.80}")
         if len(options) > len(LETTERS):
             raise DataError(where, f"{len(options)} options: more than the {len(LETTERS)} letters")
         gold = gold_index(field(row, "answer_index", where), len(options), where, "answer_index")
@@ -557,8 +565,9 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit must be at least 1, got {args.limit}")
+    for name in ("limit", "batch_size", "max_new_tokens"):  # 0 or less would score nothing and report it
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

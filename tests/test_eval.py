@@ -323,6 +323,15 @@ def test_a_gold_label_outside_the_choices_or_an_empty_split_is_an_error_not_a_ze
                                           "label": "7"}])
     with pytest.raises(DataError, match=r"label 7 does not index its 2 choices"):
         ev.evaluate_tasks(model, tok, ["hellaswag"], str(tmp_path))
+    # a fractional label would be truncated to a choice, a word would not name one
+    for label in (0.9, "first", True):
+        write("piqa/validation.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b", "label": label}])
+        with pytest.raises(DataError, match=r"validation\.jsonl line 1: label must be a whole number"):
+            ev.evaluate_tasks(model, tok, ["piqa"], str(tmp_path))
+    # options stored as one string would become one option per character
+    write("mmlu_pro/test.jsonl", [{"question": "q", "options": "['3', '4']", "answer_index": 0, "category": "math"}])
+    with pytest.raises(DataError, match=r"test\.jsonl line 1: options must be a list of strings"):
+        ev.evaluate_tasks(model, tok, ["mmlu_pro"], str(tmp_path))
     # an empty ARC-Challenge would score 0 and halve the ARC average
     write("arc/ARC-Easy/test.jsonl", [{"question": "q", "choices": {"label": ["A", "B"], "text": ["x", "y"]},
                                        "answerKey": "A"}])
@@ -341,6 +350,13 @@ def test_hellaswag_query_is_lm_evals(loaded, tmp_path):
     (doc,) = ev.evaluate_tasks(model, tok, ["hellaswag"], str(tmp_path))["hellaswag"]["examples"]
     assert doc["query"] == "Playing guitar: A man holds a guitar. Then, john plays a g"
     assert doc["choices"] == [" chord on the Fender.", " song."]
+
+
+@pytest.mark.parametrize("flag", ["--batch_size=0", "--batch_size=-1", "--max_new_tokens=-3", "--limit=0"])
+def test_a_count_below_one_is_refused_not_scored_as_nothing(flag, capsys):
+    with pytest.raises(SystemExit):
+        ev.main([flag])
+    assert f"--{flag[2:].split('=')[0]} must be at least 1" in capsys.readouterr().err
 
 
 def test_missing_model_tells_to_train_the_demo_first(tmp_path, monkeypatch):
