@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import DataError, data_files, read_rows  # noqa: E402  (streams jsonl / json / parquet rows)
+from data import ROLES, DataError, data_files, read_rows  # noqa: E402  (streams jsonl / json / parquet rows)
 
 # Text fields of each eval task as published (HF datasets / the task's own release). Nested values (ARC's
 # choices {text, label}) contribute every string inside them, each as its own segment.
@@ -299,6 +299,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     roles = None if args.roles == "all" else tuple(r.strip() for r in args.roles.split(","))
+    unknown = sorted(set(roles or ()) - set(ROLES))
+    if unknown:  # a misspelt role reads no text, and every row would pass as clean
+        p.error(f"--roles: unknown {', '.join(map(repr, unknown))} (roles: {', '.join(ROLES)}, or all)")
     eval_sets = {name: load_eval_set(name, spec, args.eval_field) for name, spec in parse_eval_args(args.eval).items()}
     train_bytes = sum(os.path.getsize(f) for f in data_files(args.train))
     t0, cpu0 = time.perf_counter(), time.process_time()

@@ -44,16 +44,26 @@ GRID_KEYS = ("lr", "lr_bs_ratio", "total_batch_size", "run_dir", "seed", "config
 DEMO_METRICS = ["arith_acc", "constraint_acc", "pref_acc"]
 
 
-def floats(text):
-    return [float(x) for x in text.split(",") if x.strip()]
+def numbers(text, flag, kind):
+    """The comma-separated positive numbers of a grid flag; ValueError naming the flag for anything else."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = kind(item)
+        except ValueError:
+            raise ValueError(f"{flag}: {item.strip()!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{flag}: {item.strip()!r} is not positive")
+        values.append(value)
+    return values
 
 
 def grid(args):
     """(lr, batch, lr_bs_ratio) for every point."""
-    batches = [int(b) for b in floats(args.batch_sizes)]
+    batches = numbers(args.batch_sizes, "--batch_sizes", int)
     if args.ratios:
-        return [(r * b, b, r) for r in floats(args.ratios) for b in batches]
-    return [(lr, b, lr / b) for lr in floats(args.lrs) for b in batches]
+        return [(r * b, b, r) for r in numbers(args.ratios, "--ratios", float) for b in batches]
+    return [(lr, b, lr / b) for lr in numbers(args.lrs, "--lrs", float) for b in batches]
 
 
 def point_name(lr, batch):
@@ -234,7 +244,7 @@ def main(argv=None):
                                                   "sweep preset)")
     ap.add_argument("--model", default="")
     ap.add_argument("--data", default="")
-    ap.add_argument("--lrs", default="1e-3,3e-3,9e-3")
+    ap.add_argument("--lrs", default=None, help="learning rates (default 1e-3,3e-3,9e-3)")
     ap.add_argument("--batch_sizes", default=None, help="effective batches (default: sft 4,8,16; dpo 8,16,32)")
     ap.add_argument("--ratios", default="", help="lr/batch ratios instead of --lrs (lr = ratio x batch)")
     ap.add_argument("--nproc_per_node", type=int, default=1, help="> 1: each point is a torchrun job")
@@ -258,15 +268,21 @@ def main(argv=None):
     if args.data and not args.eval_data_dir:
         ap.error("--data needs --eval_data_dir, the benchmark files to score each point on (without it the points "
                  "would be scored on the synthetic demo task)")
+    if args.lrs and args.ratios:
+        ap.error("--lrs and --ratios both set the learning rates: give one")
+    args.lrs = args.lrs or "1e-3,3e-3,9e-3"
     if not args.config:
         args.config = os.path.join(ROOT, DEMO_CONFIGS[args.stage])
     args.batch_sizes = args.batch_sizes or DEFAULT_BATCHES[args.stage]
     args.out = args.out or os.path.join(ROOT, "runs", f"sweep_{args.stage}")
     if args.stage == "dpo" and not args.model:
         ap.error("--stage=dpo needs --model (an SFT model folder, e.g. runs/sft_demo/final)")
+    try:
+        points = grid(args)
+    except ValueError as e:
+        ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
 
-    points = grid(args)
     print(f"{len(points)} points: lr x batch = " + ", ".join(point_name(lr, b) for lr, b, _ in points), flush=True)
     t0 = time.perf_counter()
     results = [run_point(args, lr, b, ratio, passthrough) for lr, b, ratio in points]

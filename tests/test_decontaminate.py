@@ -76,6 +76,14 @@ def test_by_default_only_user_turns_are_read(tmp_path):
     assert len(clean) == 11 - 5
 
 
+@pytest.mark.parametrize("roles", ["usr", "User", "user,assistnt"])
+def test_an_unknown_role_is_refused_not_read_as_no_text(roles, tmp_path, capsys):
+    """A misspelt role would read no turn at all and report every row clean."""
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, n=8, roles=roles)
+    assert "--roles: unknown" in capsys.readouterr().err and not (tmp_path / "clean.jsonl").exists()
+
+
 def test_unicode_is_normalised_and_empty_eval_examples_are_errors(tmp_path):
     assert dc.normalise("Cafe\u0301 ＦＵＬＬ") == dc.normalise("Café full") == ["café", "full"]
     bad = tmp_path / "gsm8k.jsonl"

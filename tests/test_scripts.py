@@ -155,6 +155,19 @@ def test_a_sweep_point_counts_its_preset_and_data_by_content_and_runs_the_grids_
     assert cfg.lr == 1e-3
 
 
+@pytest.mark.parametrize("flags, why", [
+    (["--batch_sizes=1.5,2.7"], "--batch_sizes: '1.5' is not a whole number"),
+    (["--lrs=abc"], "--lrs: 'abc' is not a number"),
+    (["--lrs=,"], "--lrs: '' is not a number"),
+    (["--ratios=1e-4,-1e-4"], "--ratios: '-1e-4' is not positive"),
+    (["--lrs=1e-3", "--ratios=1e-4"], "--lrs and --ratios both set the learning rates")])
+def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, capsys):
+    """Batches cut to whole numbers, a grid of no points or an --lrs the ratios would override is an error."""
+    with pytest.raises(SystemExit):
+        sweep.main([f"--out={tmp_path / 'out'}", *flags])
+    assert why in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_sweep_contour_plots_with_a_full_grid(tmp_path):
     results = [{"point": sweep.point_name(lr, b), "lr": lr, "batch": b, "lr_bs_ratio": lr / b, "status": "ok",
                 "metrics": {"arith_acc": lr * 100 / b, "constraint_acc": b / 10}}
