@@ -6,6 +6,7 @@ matmul each; to_hf_state / from_hf_state convert at the checkpoint boundary.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -84,6 +85,23 @@ class ModelConfig:
             value = d.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{where}: key {key!r} = {value!r} must be a positive integer")
+        top_theta, rope_theta = d.get("rope_theta"), rope.get("rope_theta")
+        if top_theta is not None and rope_theta is not None and top_theta != rope_theta:
+            raise ValueError(f"{where}: key 'rope_theta' = {top_theta!r} and {rope_key}.rope_theta = {rope_theta!r} "
+                             "disagree (transformers 4 reads the first, 5 the second): fix config.json to the theta the "
+                             "checkpoint was trained with")
+
+        def positive_number(key, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{where}: key {key!r} = {value!r} must be a positive number")
+            return float(value)
+        if not isinstance(d.get("tie_word_embeddings", False), bool):
+            raise ValueError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or false")
+        for key in ("bos_token_id", "eos_token_id"):
+            ids = d.get(key)
+            if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                           for i in (ids if isinstance(ids, list) else [ids])):
+                raise ValueError(f"{where}: key {key!r} = {ids!r} must be a token id or a list of them")
         num_heads = d["num_attention_heads"]
         # Fallbacks are LlamaConfig's own defaults, so a sparse config.json means what transformers reads.
         fields = dict(
@@ -95,10 +113,11 @@ class ModelConfig:
             num_kv_heads=d.get("num_key_value_heads") or num_heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=positive_number("rope_theta", rope_theta if rope_theta is not None else
+                                       top_theta if top_theta is not None else 10000.0),
+            rms_norm_eps=positive_number("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            initializer_range=d.get("initializer_range", 0.02),
+            initializer_range=positive_number("initializer_range", d.get("initializer_range", 0.02)),
             bos_token_id=d.get("bos_token_id", 1),
             eos_token_id=d.get("eos_token_id", 2),
         )

@@ -166,11 +166,21 @@ def test_config_checks_name_the_file_and_a_default_rope_scaling_is_no_scaling():
 @pytest.mark.parametrize("key,value", [("attention_bias", True), ("mlp_bias", True), ("attention_dropout", 0.1),
                                        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
                                        ("architectures", ["MistralForCausalLM"]), ("hidden_act", "gelu"),
-                                       ("vocab_size", "778"), ("num_hidden_layers", 0), ("head_dim", 2.5)])
+                                       ("vocab_size", "778"), ("num_hidden_layers", 0), ("head_dim", 2.5),
+                                       ("rms_norm_eps", -1.0), ("rms_norm_eps", "1e-5"), ("rope_theta", 0),
+                                       ("initializer_range", "x"), ("tie_word_embeddings", "no"),
+                                       ("eos_token_id", "2"), ("bos_token_id", [0, -1])])
 def test_unsupported_config_features_are_refused(key, value):
     d = ModelConfig.from_preset("tiny").to_hf_dict()
     d[key] = value
     with pytest.raises(ValueError, match=f"key '{key}'"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_a_top_level_theta_that_disagrees_with_rope_parameters_is_refused():
+    """transformers 4 would build the model with one theta and transformers 5 with the other."""
+    d = {**ModelConfig.from_preset("tiny").to_hf_dict(), "rope_theta": 5.0}
+    with pytest.raises(ValueError, match=r"key 'rope_theta' = 5.0 and rope_parameters.rope_theta = 10000.0 disagree"):
         ModelConfig.from_hf_dict(d)
 
 
