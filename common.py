@@ -194,11 +194,13 @@ def parse_config(cls, argv=None):
                 raise ConfigError(f"command line: --{key} needs a value (--{key}=...)")
         overrides.append((key, val))
     for path in presets:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
                 preset = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
         if not isinstance(preset, dict):
             raise ConfigError(f"{path}: a config preset must be a JSON object")
         apply([(k, v) for k, v in preset.items() if not k.startswith("_")], path)

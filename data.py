@@ -53,6 +53,8 @@ def _read_json(path):
             obj = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -65,7 +67,10 @@ def _saved_chat_template(folder, tok_config):
     path = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            try:
+                return f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     saved = tok_config.get("chat_template")
     where = os.path.join(folder, "tokenizer_config.json")
     if isinstance(saved, list):
@@ -140,13 +145,19 @@ class Tokenizer:
         def resolve(name, given):
             if given is not None:
                 return given
-            for source in (tok_config, special_map):
-                if _token_str(source.get(name)) is not None:
-                    return _token_str(source[name])
+            for source, file in ((tok_config, "tokenizer_config.json"), (special_map, "special_tokens_map.json")):
+                token = _token_str(source.get(name))
+                if token is not None:
+                    if not isinstance(token, str):
+                        raise ValueError(f"{os.path.join(folder, file)}: {name} = {token!r} must be a token string")
+                    return token
             token_id = gen_config.get(f"{name}_id")
             if isinstance(token_id, list):  # generation_config may list several eos ids; the first is the main one
                 token_id = token_id[0] if token_id else None
             if token_id is not None:
+                if not isinstance(token_id, int) or isinstance(token_id, bool) or tk.id_to_token(token_id) is None:
+                    raise ValueError(f"{os.path.join(folder, 'generation_config.json')}: {name}_id = {token_id!r} "
+                                     "is not a token id of the tokenizer")
                 return tk.id_to_token(token_id)
             return "<|endoftext|>" if name != "pad_token" and tk.token_to_id("<|endoftext|>") is not None else None
 

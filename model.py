@@ -361,8 +361,8 @@ class Transformer(nn.Module):
             files = {"model.safetensors"}
         elif os.path.isfile(index_path):
             weight_map = _read_json_object(index_path).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index_path}: no weight_map object (tensor name -> shard file)")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index_path}: no weight_map object (tensor name -> shard file name)")
             files = set(weight_map.values())
         else:
             raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
@@ -432,11 +432,13 @@ class Transformer(nn.Module):
 
 
 def _read_json_object(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             obj = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

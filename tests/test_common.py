@@ -48,6 +48,10 @@ def test_unknown_keys_are_errors_naming_them_and_their_source(tmp_path):
         common.parse_config(Cfg, [f"--config={preset}"])
     with pytest.raises(common.ConfigError, match=r"command line.*lrr"):
         common.parse_config(Cfg, ["--lrr=1"])
+    with open(preset, "wb") as f:
+        f.write(b'{"name": "caf\xe9"}')  # Latin-1, not UTF-8
+    with pytest.raises(common.ConfigError, match=r"preset.json: not UTF-8 text \(byte 13\)"):
+        common.parse_config(Cfg, [f"--config={preset}"])
 
 
 def test_bad_values_are_errors_naming_key_and_value(tmp_path):

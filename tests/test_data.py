@@ -473,6 +473,22 @@ def test_broken_tokenizer_files_are_named(tok_dir, tmp_path):
     (tmp_path / "a" / "tokenizer_config.json").write_text("[]")
     with pytest.raises(ValueError, match=r"tokenizer_config.json: expected a JSON object, got list"):
         data.Tokenizer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "tokenizer_config.json").write_bytes(b'{"eos_token": "caf\xe9"}')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not UTF-8 text \(byte 18\)"):
+        data.Tokenizer.from_pretrained(str(tmp_path / "a"))
+    for value in (0, ["<|endoftext|>"]):
+        (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps({"eos_token": value}))
+        with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token = .* must be a token string"):
+            data.Tokenizer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "tokenizer_config.json").unlink()
+    for value in ("2", 10**9):
+        (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"bos_token_id": value}))
+        with pytest.raises(ValueError, match=r"generation_config.json: bos_token_id = .* is not a token id"):
+            data.Tokenizer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "generation_config.json").unlink()
+    (tmp_path / "a" / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ValueError, match=r"chat_template.jinja: not UTF-8 text \(byte 0\)"):
+        data.Tokenizer.from_pretrained(str(tmp_path / "a"))
     (tmp_path / "a" / "tokenizer.json").write_text('{"version": ')
     with pytest.raises(ValueError, match=r"tokenizer.json: not a readable tokenizer"):
         data.Tokenizer.from_pretrained(str(tmp_path / "a"))

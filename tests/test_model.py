@@ -118,6 +118,13 @@ def test_a_shard_index_that_disagrees_with_its_shards_or_a_broken_file_is_named(
     (path / "config.json").write_text("{")
     with pytest.raises(ValueError, match="config.json: invalid JSON at line 1"):
         Transformer.from_pretrained(str(path))
+    (path / "config.json").write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match=r"config.json: not UTF-8 text \(byte 0\)"):
+        Transformer.from_pretrained(str(path))
+    index_file.write_text(json.dumps({**index, "weight_map": {name: 1}}))
+    (path / "config.json").write_text(json.dumps(ModelConfig.from_preset("tiny").to_hf_dict()))
+    with pytest.raises(ValueError, match=r"index.json: no weight_map object \(tensor name -> shard file name\)"):
+        Transformer.from_pretrained(str(path))
 
 
 def test_dtype_and_device_arguments(smol):
