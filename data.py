@@ -269,6 +269,11 @@ def validate_messages(messages, where, require_assistant=False):
         if not isinstance(m["content"], str):
             raise DataError(where, f"message {i} ({m['role']}) has non-string content of type "
                                    f"{type(m['content']).__name__}")
+        try:  # JSON may escape a lone surrogate (\ud800), which no tokenizer can encode
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(where, f"message {i} ({m['role']}) has an unpaired surrogate {m['content'][e.start]!r} "
+                                   f"at character {e.start}, which is not text") from None
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(where, "no assistant message (nothing to train on)")
 

@@ -247,6 +247,22 @@ def test_sft_bad_rows_each_name_file_line_and_problem():
         data.load_sft_rows(path)
 
 
+@pytest.mark.parametrize("load, row", [
+    (data.load_sft_rows, {"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "a"}]}),
+    (data.load_preference_rows, {"prompt": "q", "chosen": [{"role": "assistant", "content": "\udc80"}],
+                                 "rejected": [{"role": "assistant", "content": "b"}]}),
+    (data.load_rlvr_rows, {"messages": [{"role": "user", "content": "x \ud83d"}], "ground_truth": "1",
+                           "dataset": "gsm8k"})])
+def test_an_unpaired_surrogate_is_a_bad_row_named_at_load(load, row, tmp_path):
+    """Valid JSON (an escaped lone surrogate) that no tokenizer can encode: named at load, where skip_bad can skip
+    it, not a UnicodeEncodeError deep in tokenization."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")  # json.dumps escapes the surrogate as \udXXX
+    with pytest.raises(DataError, match=r"rows.jsonl line 1.*: message 0 \((user|assistant)\) has an unpaired "
+                                        r"surrogate"):
+        load(str(path))
+
+
 def test_skip_bad_skips_and_reports_count(caplog):
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         rows = data.load_sft_rows(os.path.join(FIXTURES, "sft_bad.jsonl"), skip_bad=True)
