@@ -391,9 +391,14 @@ def data_files(spec):
         return [f for s in spec for f in data_files(s)]
     spec = os.fspath(spec)
     if os.path.isdir(spec):
-        files = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(DATA_SUFFIXES))
+        names = sorted(os.listdir(spec))
+        files = [os.path.join(spec, f) for f in names if f.endswith(DATA_SUFFIXES)]
         if not files:
             raise DataError(spec, f"folder has no {'/'.join(DATA_SUFFIXES)} files")
+        others = [f for f in names if not f.endswith(DATA_SUFFIXES) and not f.startswith(".")]
+        if others:  # a .jsonl.gz or a subfolder of shards is not read: say so
+            log.warning(f"{spec}: reading the {len(files)} {'/'.join(DATA_SUFFIXES)} file(s) only, not "
+                        f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''} (subfolders and other types)")
         return files
     if os.path.isfile(spec):
         if not spec.endswith(DATA_SUFFIXES):
@@ -420,6 +425,13 @@ def _jsonl_rows(path, lines):
         yield where, row if isinstance(row, dict) else DataError(where, f"row is a {type(row).__name__}, not an object")
 
 
+def _is_one_json_object(text):
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:  # JSON lines: "Extra data" after the first row
+        return False
+
+
 def _iter_raw(spec):
     """Yield (where, row dict or DataError) so that loaders can either raise or skip bad rows."""
     if isinstance(spec, (list, tuple)) and any(isinstance(r, dict) for r in spec):  # rows, not paths
@@ -439,7 +451,14 @@ def _iter_raw(spec):
                 parquet = pq.ParquetFile(path)
             except Exception as e:  # pyarrow's errors (a truncated download: "magic bytes not found") name no file
                 raise DataError(path, f"not a readable parquet file ({e})") from None
-            for batch in parquet.iter_batches(batch_size=1024):
+            batches = parquet.iter_batches(batch_size=1024)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except Exception as e:  # a damaged page behind an intact footer; pyarrow names no file
+                    raise DataError(path, f"unreadable after row {i} ({e})") from None
+                if batch is None:
+                    break
                 for row in batch.to_pylist():
                     yield f"{path} row {i}", row
                     i += 1
@@ -459,6 +478,10 @@ def _iter_raw(spec):
             except UnicodeDecodeError as e:
                 raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not text.lstrip().startswith("["):  # datasets' to_json writes JSON lines into .json files
+            if "\n" in text.strip() and _is_one_json_object(text):
+                yield path, DataError(path, "a .json file must hold a list of row objects, or one object per line; "
+                                            "this one holds a single object spanning several lines")
+                continue
             # split on \n only: JSON strings may hold U+2028 and other characters that str.splitlines breaks on
             yield from _jsonl_rows(path, text.split("\n"))
             continue

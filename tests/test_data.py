@@ -336,6 +336,27 @@ def test_rlvr_rows_drop_reference_answer_and_validate():
             data.load_rlvr_rows([row])
 
 
+def test_files_the_readers_cannot_use_are_named_not_passed_over(tmp_path, caplog):
+    folder = tmp_path / "shards"
+    _write_all_formats(str(folder))
+    (folder / "d.jsonl.gz").write_bytes(b"")
+    (folder / "more").mkdir()
+    with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+        assert len(data.load_sft_rows(str(folder))) == 2 * len(SFT_ROWS)
+    assert "reading the 3 .jsonl/.json/.parquet file(s) only, not d.jsonl.gz, more" in caplog.text
+    # one object pretty-printed over several lines is neither a list of rows nor JSON lines
+    (tmp_path / "object.json").write_text(json.dumps({"data": SFT_ROWS}, indent=2))
+    with pytest.raises(DataError, match=r"object.json: a .json file must hold a list of row objects, or one object "
+                                        r"per line; this one holds a single object spanning several lines"):
+        data.load_sft_rows(str(tmp_path / "object.json"))
+    # a parquet file whose footer is intact but whose pages are damaged
+    damaged = bytearray((folder / "c.parquet").read_bytes())
+    damaged[4:60] = b"\xff" * 56
+    (tmp_path / "damaged.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"damaged.parquet: unreadable after row 0"):
+        data.load_sft_rows(str(tmp_path / "damaged.parquet"))
+
+
 def test_parquet_missing_pyarrow_message(monkeypatch, tmp_path):
     import builtins
     real_import = builtins.__import__
