@@ -457,6 +457,15 @@ def clip_grad(model, max_norm):
     return norm.item()
 
 
+def check_positions(longest, model, where):
+    """A sequence longer than the model's positions fails deep inside it (an IndexError on CPU, a device-side assert
+    on GPU): say so before training."""
+    limit = model.config.max_position_embeddings
+    if longest > limit:
+        raise ConfigError(f"{where}: the longest sequence has {longest} tokens, more than the model's "
+                          f"max_position_embeddings ({limit}); set --max_seq_len={limit} or less")
+
+
 def total_steps_for(cfg, num_items, items_per_step):
     """Optimizer steps of the run: --max_steps, or --epochs x the whole steps in one pass over num_items, taken
     items_per_step (the effective batch) at a time. The sampler carries an epoch's last partial batch into the next

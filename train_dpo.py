@@ -357,6 +357,8 @@ def main(argv=None):
     raw = build_model(cfg, d)
     data.check_vocab(tok, raw.config.vocab_size, cfg.tokenizer or cfg.model)
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
+    common.check_positions(max(len(p[k][0]) for p in train_pairs + eval_pairs for k in ("chosen", "rejected")), raw,
+                           cfg.data or "demo data")
     weights = common.weights_digest(raw)  # before wrapping, which shards in place
     live = cfg.objective == "dpo" and cfg.reference_in_memory
     frozen = copy.deepcopy(raw).eval().requires_grad_(False) if live else None

@@ -240,8 +240,9 @@ def default_demo_model():
 
 
 
-def load_prompts(cfg, tok, template):
-    """(train rows, held-out rows), each row with its rendered prompt ids under 'prompt_ids'."""
+def load_prompts(cfg, tok, template, max_prompt_len):
+    """(train rows, held-out rows), each row with its rendered prompt ids under 'prompt_ids'; prompts longer than
+    max_prompt_len tokens are dropped and counted."""
     if cfg.data:
         def check(dataset, truth):  # once on an empty response, so that a bad truth fails here, naming its row
             verifiers.verify(dataset, "", truth)
@@ -259,17 +260,18 @@ def load_prompts(cfg, tok, template):
         out = []
         for row in rows:
             ids = data.render_chat(tok, row["messages"], template, add_generation_prompt=True)[0]
-            if len(ids) <= cfg.max_prompt_len:
+            if len(ids) <= max_prompt_len:
                 out.append({**row, "prompt_ids": ids})
         if len(out) < len(rows):
-            common.print0(f"{what}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than "
-                          f"max_prompt_len={cfg.max_prompt_len}")
+            common.print0(f"{what}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than {limit}")
         return out
 
+    limit = f"max_prompt_len={cfg.max_prompt_len}" if max_prompt_len == cfg.max_prompt_len else \
+        f"{max_prompt_len} tokens (the model's positions less max_response_len={cfg.max_response_len})"
     train = render(train, "train")
     if not train:
         raise data.DataError(f"data={cfg.data or 'demo'}", f"no RLVR prompts left to train on (every prompt is longer "
-                             f"than max_prompt_len={cfg.max_prompt_len})")
+                             f"than {limit})")
     return train, render(heldout, "held-out")
 
 
@@ -378,14 +380,20 @@ def main(argv=None):
     template = data.resolve_template(cfg.template, tok)
     tok.chat_template = template  # final/ records the template the policy was trained with
     stop_ids = data.stop_token_ids(tok, template)
-    train_rows, eval_rows = load_prompts(cfg, tok, template)
+    policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
+    data.check_vocab(tok, policy.config.vocab_size, cfg.tokenizer or cfg.model)
+    positions = policy.config.max_position_embeddings
+    if cfg.max_response_len >= positions:
+        raise common.ConfigError(f"max_response_len={cfg.max_response_len} leaves no room for a prompt in the "
+                                 f"model's {positions} positions (max_position_embeddings)")
+    # a prompt and its longest response must fit the model's positions
+    max_prompt_len = min(cfg.max_prompt_len, positions - cfg.max_response_len)
+    train_rows, eval_rows = load_prompts(cfg, tok, template, max_prompt_len)
     per_rank = cfg.prompts_per_step // d.world_size
     sampler = data.EpochSampler(len(train_rows), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     total_steps = common.total_steps_for(cfg, len(train_rows), cfg.prompts_per_step)
     datasets = sorted({r["dataset"] for r in train_rows})
 
-    policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
-    data.check_vocab(tok, policy.config.vocab_size, cfg.tokenizer or cfg.model)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     # the reference is the initial policy: a frozen copy (rebuilt from cfg.model on resume)
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.beta > 0 else None

@@ -152,6 +152,7 @@ def main(argv=None):
     total_steps = common.total_steps_for(cfg, len(train_items), step_items)
 
     raw = build_model(cfg, tok, d)
+    common.check_positions(max(len(ids) for ids, _ in train_examples + eval_examples), raw, cfg.data or "demo data")
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     optimizer = common.build_optimizer(model, cfg, d.device)
 

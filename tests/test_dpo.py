@@ -47,6 +47,13 @@ def args_for(tiny, run_dir, *extra, data_file=None, eval_file=None):
             "--eval_every=0", "--log_every=1", "--progress=false", *extra]
 
 
+def test_a_max_seq_len_past_the_models_positions_is_refused_before_training(tiny, tmp_path):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Write.", "chosen": "word " * 600, "rejected": "no"}])
+    with pytest.raises(common.ConfigError, match=r"long.jsonl: the longest sequence has \d+ tokens, more than the "
+                                                 r"model's max_position_embeddings \(512\)"):
+        train_dpo.main(args_for(tiny, tmp_path / "run", "--max_seq_len=1024", "--eval_data=", data_file=long))
+
+
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

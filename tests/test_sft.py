@@ -90,6 +90,17 @@ def test_data_with_nothing_to_train_within_max_seq_len_is_an_error_naming_it(set
         train_sft.main(args(setup, "short", max_seq_len=8, eval_data=""))
 
 
+def test_a_max_seq_len_past_the_models_positions_is_refused_before_training(setup, tmp_path):
+    """The tiny model has 512 positions: a 600-word answer kept whole by --max_seq_len=1024 would fail inside the
+    model (an IndexError on CPU, a device-side assert on GPU) after the data was loaded."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "Write."},
+                                             {"role": "assistant", "content": "word " * 600}]}) + "\n")
+    with pytest.raises(common.ConfigError, match=r"long.jsonl: the longest sequence has \d+ tokens, more than the "
+                                                 r"model's max_position_embeddings \(512\); set --max_seq_len=512"):
+        train_sft.main(args(setup, "long", data=long, eval_data="", max_seq_len=1024))
+
+
 def test_packed_rows_give_the_same_loss_as_padded_rows(setup):
     cfg = train_sft.SFTConfig(max_seq_len=96)
     tok = data.Tokenizer.from_pretrained(str(setup / "base"))
