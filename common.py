@@ -78,6 +78,8 @@ class TrainConfig:
         # Checked at start-up: lr_at reads the schedule only once warmup is over, thousands of steps in.
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r}: expected {', '.join(SCHEDULES)}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range; torch and random would take more, numpy would fail
+            raise ConfigError(f"seed={self.seed!r}: must be in [0, 2**32)")
         for name, low in _AT_LEAST.items():
             if hasattr(self, name) and getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be at least {low}")

@@ -670,7 +670,7 @@ def _truncate_pair(pair, max_seq_len, policy):
     """[(ids, mask), (ids, mask)] cut to max_seq_len, or None (policy 'drop'). 'left' drops the same number of
     oldest prompt tokens from both sides, so that chosen and rejected are scored in the same context, keeping at
     least one prompt token so that the first response token has a label; a response that still does not fit loses
-    its end."""
+    its end, and a pair left without a response token on either side is dropped (None)."""
     longest = max(len(ids) for ids, _ in pair)
     if longest <= max_seq_len:
         return pair
@@ -678,7 +678,8 @@ def _truncate_pair(pair, max_seq_len, policy):
         return None
     prompt_len = min(mask.index(1) if 1 in mask else len(ids) for ids, mask in pair)
     start = min(longest - max_seq_len, max(prompt_len - 1, 0))
-    return [(ids[start:start + max_seq_len], mask[start:start + max_seq_len]) for ids, mask in pair]
+    cut = [(ids[start:start + max_seq_len], mask[start:start + max_seq_len]) for ids, mask in pair]
+    return cut if all(1 in mask for _, mask in cut) else None
 
 
 def _tokenize_preference_chunk(args):
@@ -805,7 +806,8 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
             out.append({"chosen": c, "rejected": r})
     out.num_skipped = len(seqs) // 2 - len(out)
     if out.num_skipped:
-        log.warning(f"dropped {out.num_skipped} preference pairs longer than {max_seq_len} tokens (truncation='drop')")
+        log.warning(f"dropped {out.num_skipped} preference pairs longer than {max_seq_len} tokens " +
+                    ("(truncation='drop')" if truncation == "drop" else "that had no response token left when cut"))
     full = sum(1 for row in out if max_seq_len in (len(row["chosen"][0]), len(row["rejected"][0])))
     if truncation == "left" and full:
         log.warning(f"{full} preference pairs fill max_seq_len={max_seq_len}: longer ones lost their oldest prompt "

@@ -248,7 +248,9 @@ def test_dropping_records_after_the_resumed_step_is_atomic_drops_a_torn_last_lin
                                          ("--max_seq_len=-3", "max_seq_len=-3: must be at least 1"),
                                          ("--ref_batch_size=0", "ref_batch_size=0: must be at least 1"),
                                          ("--eval_split=-0.25", "eval_split=-0.25: must be in [0, 1)"),
-                                         ("--eval_split=1", "eval_split=1.0: must be in [0, 1)")])
+                                         ("--eval_split=1", "eval_split=1.0: must be in [0, 1)"),
+                                         ("--seed=-1", "seed=-1: must be in [0, 2**32)"),
+                                         ("--seed=4294967296", "seed=4294967296: must be in [0, 2**32)")])
 def test_numbers_out_of_range_fail_when_the_config_is_parsed(arg, message):
     import train_dpo
     with pytest.raises(common.ConfigError, match=re.escape(message)):

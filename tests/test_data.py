@@ -575,7 +575,7 @@ def test_pairs_with_the_same_chosen_and_rejected_answer_are_kept_and_counted(cap
     assert "preference rows: 1 of 2 pairs have the same chosen and rejected answer" in caplog.text
 
 
-def test_tokenize_preference_trains_only_final_response_and_truncates(demo_tok):
+def test_tokenize_preference_trains_only_final_response_and_truncates(demo_tok, caplog):
     user = {"role": "user", "content": "Tell me about cats. Use only lowercase letters."}
     row = {"prompt": [user, {"role": "assistant", "content": "earlier answer"}, user],
            "chosen": [{"role": "assistant", "content": "many people enjoy cats."}],
@@ -591,6 +591,12 @@ def test_tokenize_preference_trains_only_final_response_and_truncates(demo_tok):
     dropped = data.tokenize_preference([row], demo_tok, "tulu", n_resp + 3, truncation="drop", num_workers=1,
                                        progress=False)
     assert len(dropped) == 0 and dropped.num_skipped == 1
+    # a cut that keeps one prompt token leaves no room for the response at max_seq_len=1: dropped, not a pair with
+    # nothing to score (collate_pairs failed on it with an IndexError)
+    with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+        none_left = data.tokenize_preference([row], demo_tok, "tulu", 1, num_workers=1, progress=False)
+    assert len(none_left) == 0 and none_left.num_skipped == 1
+    assert "dropped 1 preference pairs longer than 1 tokens that had no response token left when cut" in caplog.text
 
 
 def test_left_truncation_cuts_chosen_and_rejected_alike(demo_tok):

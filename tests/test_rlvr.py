@@ -169,6 +169,12 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     # without a reward model: a copy of the policy whose zero head starts every value at 0
     fresh = train_rlvr.build_value_model(train_rlvr.RLVRConfig(), tiny.model)
     assert torch.equal(fresh(ids), torch.zeros(2, 5))
+    save_file({"v_head.weight": weight}, str(rm / train_rlvr.VALUE_HEAD))
+    with pytest.raises(ValueError, match=r"value_head.safetensors: no score.weight tensor \(holds \['v_head.weight'\]"):
+        train_rlvr.build_value_model(cfg, tiny.model)
+    (rm / train_rlvr.VALUE_HEAD).write_bytes(b"\x01")  # cut short
+    with pytest.raises(ValueError, match=r"value_head.safetensors: not a readable safetensors file"):
+        train_rlvr.build_value_model(cfg, tiny.model)
     os.remove(rm / train_rlvr.VALUE_HEAD)
     with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
         train_rlvr.build_value_model(cfg, tiny.model)
