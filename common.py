@@ -41,7 +41,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     """Fields every trainer has. Trainers subclass it (@dataclass) and add their own."""
     run_dir: str = "runs/default"
-    model: str = ""                 # HF folder to start from ('' = the trainer's built-in demo model)
+    model: str = ""                 # HF folder to start from ('' = the demo's model; DPO needs one)
     tokenizer: str = ""             # tokenizer folder ('' = the model folder)
     data: str = ""                  # file / folder / glob ('' = the built-in synthetic demo data)
     seed: int = 0
@@ -56,7 +56,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0       # floor of the decay, as a fraction of lr
     epochs: int = 1
-    max_steps: int = 0              # > 0: stop after this many optimizer steps (overrides epochs)
+    max_steps: int = 0              # > 0: stop after this many steps (overrides epochs); RLVR counts rollouts
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -66,12 +66,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False           # torch.compile each transformer block (compiling costs time at the start)
     precision: str = "auto"         # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU): autocast and FSDP2 params
-    checkpoint_every: int = 0       # optimizer steps; 0 = no checkpoints
+    checkpoint_every: int = 0       # steps (RLVR: rollouts); 0 = no checkpoints
     keep_checkpoints: int = 2       # the newest N are kept (0 = all)
     resume: bool = False            # continue from the newest checkpoint in run_dir/checkpoints
     overwrite: bool = False         # a fresh run may delete an earlier run's checkpoints and final/ in run_dir
     log_every: int = 1
-    eval_every: int = 0             # held-out evaluation every N steps (0 = only at the end)
+    eval_every: int = 0             # held-out evaluation at step 0, every N steps and at the end (0: no others)
     progress: bool = True           # tqdm bar on rank 0
 
     def __post_init__(self):

@@ -14,7 +14,8 @@ DPO: every micro-batch is one forward over [chosen; rejected] (2B rows, right-pa
 materialising [tokens, vocab] logits. --loss_type=dpo|dpo_norm|simpo|ipo (formulas: nanotulu_kernels/reference.py); the
 default is Tulu 3's dpo_norm with beta 5. The reference log-probs are computed once, before training, with the
 frozen initial model and cached on disk (see reference_logps), so no reference model sits in memory during
-training; --reference_in_memory keeps a live frozen copy instead and gives the same losses.
+training; --reference_in_memory keeps a live frozen copy instead and gives the same losses up to float rounding
+(the cached log-probs come from batches of ref_batch_size pairs, padded otherwise than the training batches).
 
 Reward model (--objective=reward_model): the same backbone plus a scalar head (Linear H -> 1, no bias) read at
 the last real token of each sequence, trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
@@ -364,7 +365,8 @@ def main(argv=None):
     frozen = copy.deepcopy(raw).eval().requires_grad_(False) if live else None
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     # The reference is the initial policy computed the way the policy computes (FSDP2 under bf16 computes with
-    # bf16 parameters, unlike autocast over fp32 ones), so that at step 0 every reward is 0.
+    # bf16 parameters, unlike autocast over fp32 ones), so that at step 0 every reward is 0: exactly with a live
+    # reference, up to float rounding with the cached one (computed in other batches, so with other padding).
     reference = eval_reference = Reference()
     if live:
         if cfg.fsdp:  # sharded alike (never DDP: it has nothing to train)
