@@ -553,9 +553,20 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
             _write_checkpoint_file(optim_sd, os.path.join(tmp, "optimizer.pt"))
         _write_checkpoint_file({"step": step, "rng": rngs, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
         replace_dir(tmp, final)  # re-saving the same step (e.g. the end of a resumed run) replaces it whole
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
     barrier()
+
+
+def prune_checkpoints(run_dir, keep):
+    """Delete all but the newest `keep` checkpoints (0: keep all). Each is renamed out of the listing first, so a
+    kill halfway through never leaves a half-deleted folder that looks like a checkpoint; the next prune finishes
+    what a killed one started."""
+    root = checkpoint_dir(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        os.replace(old, os.path.join(root, f".deleting_{os.path.basename(old)}"))
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(".deleting_"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def replace_dir(tmp, path):
@@ -672,6 +683,7 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
     sampler.load_state_dict(state["extra"]["sampler"])
     if int(os.environ.get("RANK", 0)) == 0:  # the run's settings, now that they are known to fit its checkpoint
         write_run_config(cfg)
+        prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)  # a kill may have come between a save and its prune
     print0(f"resumed from step {state['step']} ({path})")
     return state["step"]
 

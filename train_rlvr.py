@@ -439,6 +439,7 @@ def main(argv=None):
         return acc
 
     start_acc = evaluate() if step == 0 else {}
+    end_acc = {}  # the last step's, evaluated before its checkpoint: a resume from it does not log it again
     bar = common.progress_bar(total_steps, step, d.is_main and cfg.progress, f"rlvr-{cfg.algo}")
     while step < total_steps:
         # ---- rollout: sample, score, and the no-grad quantities the update compares against
@@ -556,14 +557,13 @@ def main(argv=None):
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc']:.2f}", kl=f"{record['kl']:.3f}",
                         len=f"{record['response_len']:.0f}")
         bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-            evaluate()
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            end_acc = evaluate()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
             common.save_checkpoint(cfg.run_dir, step, trained, optimizer, keep=cfg.keep_checkpoints,
                                    extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg),
                                           "start_weights": start_weights})
     bar.close()
-    end_acc = evaluate()
     for k in end_acc:
         if k in start_acc:
             common.print0(f"{k[len('eval_acc_'):]}: {start_acc[k]:.3f} -> {end_acc[k]:.3f} (before -> after RLVR)")

@@ -293,6 +293,37 @@ def test_checkpoints_keep_last_k(tmp_path):
     assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == ["step_9999999", "step_10000000"]
 
 
+def test_a_kill_while_old_checkpoints_are_deleted_is_finished_by_the_resume(tmp_path, monkeypatch):
+    """The last save of a run is in place, and the kill comes while the oldest is deleted: that one is no longer
+    listed half-deleted, and the resume (which saves nothing more at the last step) finishes the prune."""
+    from data import EpochSampler
+    model, sampler = Tiny(), EpochSampler(8, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--keep_checkpoints=2"])
+    extra = {"sampler": sampler.state_dict(), "config": common.config_dict(cfg)}
+    for step in (1, 2):
+        common.save_checkpoint(str(tmp_path), step, model, opt, keep=2, extra=extra)
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, **kwargs):
+        if ".deleting_" not in str(path):
+            return real_rmtree(path, **kwargs)
+        os.remove(os.path.join(path, "model.pt"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(str(tmp_path), 3, model, opt, keep=2, extra=extra)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    root = common.checkpoint_dir(str(tmp_path))
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == ["step_0000002", "step_0000003"]
+    assert sorted(os.listdir(root)) == [".deleting_step_0000001", "step_0000002", "step_0000003"]
+    # a kill before the prune began: three complete checkpoints
+    common.save_checkpoint(str(tmp_path), 4, model, opt, keep=0, extra=extra)
+    resumed = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--keep_checkpoints=2", "--resume=true"])
+    assert common.maybe_resume(resumed, model, opt, sampler) == 4
+    assert sorted(os.listdir(root)) == ["step_0000003", "step_0000004"]
+
+
 def test_interrupted_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())

@@ -289,6 +289,19 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
         torch.testing.assert_close(weights[k], full_weights[k], rtol=0, atol=0, msg=k)
 
 
+def test_a_kill_after_the_last_checkpoint_does_not_log_the_last_evaluation_twice(tiny, tmp_path):
+    """Killed while final/ was written: the resume finds the last step's checkpoint, which was saved after that
+    step's held-out evaluation, so it has nothing to evaluate or log again."""
+    run = tmp_path / "run"
+    args = args_for(tiny, run, "--checkpoint_every=1", "--max_steps=1")
+    train_rlvr.main(args)
+    shutil.rmtree(run / "final")
+    train_rlvr.main(args + ["--resume"])
+    evals = [m["step"] for m in read_jsonl(run / "metrics.jsonl") if any(k.startswith("eval_acc") for k in m)]
+    assert evals == [0, 1]
+    assert os.path.isfile(run / "final" / "model.safetensors")
+
+
 def test_resume_refuses_a_starting_model_retrained_since(tiny, tmp_path, retrain_in_place):
     """The KL reference is --model, rebuilt on resume: retrained weights there would change it mid-run."""
     start = tmp_path / "start"
