@@ -926,7 +926,8 @@ class EpochSampler:
                 raise ValueError(f"EpochSampler.load_state_dict: checkpoint has {key}={state[key]}, "
                                  f"this run has {getattr(self, key)} (the data or seed changed)")
         # checkpoints written before the stream was shared held each rank's position in its share of the epoch
-        consumed = state["consumed"] if "consumed" in state else state["position"] * state.get("world_size", 1)
+        consumed = state["consumed"] if "consumed" in state else \
+            state["position"] * state.get("world_size", self.world_size)
         self.epoch, self.consumed = int(state["epoch"]), int(consumed)
 
 

@@ -246,9 +246,10 @@ def default_demo_model():
 
 
 
-def load_prompts(cfg, tok, template, max_prompt_len):
-    """(train rows, held-out rows), each row with its rendered prompt ids under 'prompt_ids'; prompts longer than
-    max_prompt_len tokens are dropped and counted."""
+def load_prompts(cfg, tok, template, positions):
+    """(train rows, held-out rows), each row with its rendered prompt ids under 'prompt_ids'. Prompts longer than
+    max_prompt_len, or too long for their longest continuation (max_response_len in training, eval_max_new_tokens
+    held out) to fit the model's positions, are dropped and counted."""
     if cfg.data:
         def check(dataset, truth):  # once on an empty response, so that a bad truth fails here, naming its row
             verifiers.verify(dataset, "", truth)
@@ -262,23 +263,25 @@ def load_prompts(cfg, tok, template, max_prompt_len):
         demo = data.make_demo_data(cfg.demo_seed)
         train, heldout = demo["rlvr_train"], demo["rlvr_heldout"]
 
-    def render(rows, what):
+    def render(rows, what, source, new_tokens, new_tokens_name):
+        # the last new token is never fed back, so it needs no position
+        max_len = min(cfg.max_prompt_len, positions - new_tokens + 1)
+        limit = f"max_prompt_len={cfg.max_prompt_len}" if max_len == cfg.max_prompt_len else \
+            f"{max_len} tokens (the model's {positions} positions less {new_tokens_name}={new_tokens}, plus one)"
         out = []
         for row in rows:
             ids = data.render_chat(tok, row["messages"], template, add_generation_prompt=True)[0]
-            if len(ids) <= max_prompt_len:
+            if len(ids) <= max_len:
                 out.append({**row, "prompt_ids": ids})
+        if rows and not out:
+            raise data.DataError(source, f"no {what} prompts left (every prompt is longer than {limit})")
         if len(out) < len(rows):
             common.print0(f"{what}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than {limit}")
         return out
 
-    limit = f"max_prompt_len={cfg.max_prompt_len}" if max_prompt_len == cfg.max_prompt_len else \
-        f"{max_prompt_len} tokens (the model's positions less max_response_len={cfg.max_response_len})"
-    train = render(train, "train")
-    if not train:
-        raise data.DataError(f"data={cfg.data or 'demo'}", f"no RLVR prompts left to train on (every prompt is longer "
-                             f"than {limit})")
-    return train, render(heldout, "held-out")
+    return (render(train, "train", f"data={cfg.data or 'demo'}", cfg.max_response_len, "max_response_len"),
+            render(heldout, "held-out", f"eval_data={cfg.eval_data or 'demo'}", cfg.eval_max_new_tokens,
+                   "eval_max_new_tokens"))
 
 
 def rollout(policy, tok, rows, cfg, stop_ids, device):
@@ -380,7 +383,7 @@ def main(argv=None):
     if d.is_main and not cfg.resume and os.path.exists(samples_path):
         os.remove(samples_path)
     # every rank samples its own responses: different seeds, else ranks would draw the same noise
-    common.seed_all(cfg.seed + d.rank)
+    common.seed_all((cfg.seed + d.rank) % 2**32)
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     template = data.resolve_template(cfg.template, tok)
@@ -388,13 +391,7 @@ def main(argv=None):
     stop_ids = data.stop_token_ids(tok, template)
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
     data.check_vocab(tok, policy.config.vocab_size, cfg.tokenizer or cfg.model)
-    positions = policy.config.max_position_embeddings
-    if cfg.max_response_len >= positions:
-        raise common.ConfigError(f"max_response_len={cfg.max_response_len} leaves no room for a prompt in the "
-                                 f"model's {positions} positions (max_position_embeddings)")
-    # a prompt and its longest response must fit the model's positions
-    max_prompt_len = min(cfg.max_prompt_len, positions - cfg.max_response_len)
-    train_rows, eval_rows = load_prompts(cfg, tok, template, max_prompt_len)
+    train_rows, eval_rows = load_prompts(cfg, tok, template, policy.config.max_position_embeddings)
     per_rank = cfg.prompts_per_step // d.world_size
     sampler = data.EpochSampler(len(train_rows), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     total_steps = common.total_steps_for(cfg, len(train_rows), cfg.prompts_per_step)

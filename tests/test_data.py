@@ -723,6 +723,11 @@ def test_a_sampler_resumed_on_another_number_of_ranks_continues_the_same_stream(
     old_format = data.EpochSampler(20, seed=3)
     old_format.load_state_dict({"epoch": 0, "position": 3, "num_items": 20, "seed": 3, "world_size": 2})
     assert old_format.next_batch(14) == one.order(0)[6:20]
+    # ... and from before states recorded the world size, resumed on the same number of ranks
+    older = [data.EpochSampler(20, seed=3, rank=r, world_size=2) for r in range(2)]
+    for r in older:
+        r.load_state_dict({"epoch": 0, "position": 3, "num_items": 20, "seed": 3})
+    assert sorted(older[0].next_batch(7) + older[1].next_batch(7)) == sorted(one.order(0)[6:20])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -326,18 +326,18 @@ def test_a_ground_truth_the_reward_cannot_use_fails_at_load_naming_its_row(tiny,
 
 
 def test_settings_with_nothing_to_train_on_or_that_would_be_ignored_are_errors(tiny, tmp_path):
-    with pytest.raises(data.DataError, match=r"no RLVR prompts left to train on \(every prompt is longer than "
+    with pytest.raises(data.DataError, match=r"data=\S+: no train prompts left \(every prompt is longer than "
                                              r"max_prompt_len=4\)"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--max_prompt_len=4"))
     with pytest.raises(common.ConfigError, match=r"--eval_data=\S+: not used without --data"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--data="))
-    # the tiny model has 512 positions: a prompt and its longest response must fit them
-    with pytest.raises(common.ConfigError, match=r"max_response_len=512 leaves no room for a prompt in the model's "
-                                                 r"512 positions"):
-        train_rlvr.main(args_for(tiny, tmp_path / "run", "--max_response_len=512"))
-    with pytest.raises(data.DataError, match=r"every prompt is longer than 2 tokens \(the model's positions less "
-                                             r"max_response_len=510\)"):
+    # the tiny model has 512 positions: a prompt and its longest continuation must fit them
+    with pytest.raises(data.DataError, match=r"data=\S+: no train prompts left \(every prompt is longer than 3 "
+                                             r"tokens \(the model's 512 positions less max_response_len=510, plus one"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--max_response_len=510"))
+    with pytest.raises(data.DataError, match=r"eval_data=\S+: no held-out prompts left \(every prompt is longer "
+                                             r"than 3 tokens \(the model's 512 positions less eval_max_new_tokens=510"):
+        train_rlvr.main(args_for(tiny, tmp_path / "run", "--eval_max_new_tokens=510"))
 
 
 def test_demo_without_a_starting_model_says_to_run_train_sft(tmp_path, monkeypatch):
