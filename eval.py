@@ -12,7 +12,9 @@ would be; paths are relative to --data_dir:
 
     task       files                                   fields (hub dataset)
     gsm8k      gsm8k/test, gsm8k/train (few-shot pool)  question, answer '... #### 42'  (openai/gsm8k, main)
-    ifeval     ifeval/train or ifeval/input_data       key, prompt, instruction_id_list, kwargs  (google/IFEval)
+               (or gsm8k/main/test, gsm8k/main/train)
+    ifeval     ifeval/train, ifeval/input_data or      key, prompt, instruction_id_list, kwargs  (google/IFEval)
+               ifeval/ifeval_input_data
     arc        arc/ARC-Easy/test, arc/ARC-Challenge/test
                                                        question, choices{text,label}, answerKey  (allenai/ai2_arc)
     hellaswag  hellaswag/validation                    ctx_a, ctx_b, activity_label, endings, label  (Rowan/hellaswag)
@@ -93,8 +95,9 @@ def find_split(data_dir, rel):
 
 # The splits each task reads, under --data_dir (a tuple lists alternatives); BBH reads a folder of subtasks.
 TASK_SPLITS = {"arc": [("arc/ARC-Easy/test",), ("arc/ARC-Challenge/test",)], "hellaswag": [("hellaswag/validation",)],
-               "piqa": [("piqa/validation",)], "mmlu_pro": [("mmlu_pro/test",)], "gsm8k": [("gsm8k/test",)],
-               "ifeval": [("ifeval/train", "ifeval/input_data")], "bbh": []}
+               "piqa": [("piqa/validation",)], "mmlu_pro": [("mmlu_pro/test",)],
+               "gsm8k": [("gsm8k/test", "gsm8k/main/test")],  # openai/gsm8k keeps its shards under main/
+               "ifeval": [("ifeval/train", "ifeval/input_data", "ifeval/ifeval_input_data")], "bbh": []}
 
 
 def require_split(data_dir, *rels):
@@ -102,7 +105,7 @@ def require_split(data_dir, *rels):
         path = find_split(data_dir, rel)
         if path is not None:
             return path
-    expected = " or ".join(os.path.join(data_dir, rel) + ".jsonl|.parquet" for rel in rels)
+    expected = " or ".join(os.path.join(data_dir, rel) + ".jsonl|.json|.parquet|-*.parquet" for rel in rels)
     raise FileNotFoundError(f"missing evaluation data: expected {expected}")
 
 
@@ -349,7 +352,7 @@ def gsm8k_reference(answer, where):
 
 def task_gsm8k(ctx):
     test = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0]))
-    train_path = find_split(ctx.data_dir, "gsm8k/train")
+    train_path = find_split(ctx.data_dir, "gsm8k/train") or find_split(ctx.data_dir, "gsm8k/main/train")
     if train_path is not None:
         train = load_rows(train_path)
         shots = random.Random(ctx.seed).sample(train, min(5, len(train)))
@@ -548,7 +551,8 @@ def print_table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/sft_demo/final", help="HF-layout folder written by save_pretrained")
-    p.add_argument("--tasks", default=",".join(ALL_TASKS), help=f"comma-separated subset of {','.join(ALL_TASKS)}")
+    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: all; "
+                                                 "needs --data_dir)")
     p.add_argument("--data_dir", default=None, help="local benchmark copies (see the module docstring); "
                                                     "omitted: evaluate the synthetic demo tasks")
     p.add_argument("--limit", type=int, default=None,
@@ -568,6 +572,8 @@ def main(argv=None):
     for name in ("limit", "batch_size", "max_new_tokens"):  # 0 or less would score nothing and report it
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.tasks is not None and args.data_dir is None:  # else a real model would be scored on the toy task
+        p.error("--tasks needs --data_dir, the benchmark files (without it eval.py scores the synthetic demo task)")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
@@ -585,7 +591,7 @@ def main(argv=None):
         rows = [(k, "acc", summary[f"{k}_acc"], summary[f"{k}_n"]) for k in ("arith", "constraint", "pref")]
         results = {"mode": "demo", "summary": summary, "examples": examples}
     else:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = [t.strip() for t in (args.tasks or ",".join(ALL_TASKS)).split(",") if t.strip()]
         if not tasks:
             p.error(f"--tasks names no task; choose from {','.join(TASKS)}")
         per_task = evaluate_tasks(model, tok, tasks, args.data_dir, template, args.limit, args.batch_size,

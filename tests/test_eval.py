@@ -259,6 +259,30 @@ def test_missing_data_file_names_the_expected_path(loaded, tmp_path):
             ev.evaluate_tasks(model, tok, [task], str(tmp_path))
 
 
+def test_the_hub_names_of_the_ifeval_and_gsm8k_files_are_found(loaded, tmp_path):
+    """google/IFEval ships ifeval_input_data.jsonl; openai/gsm8k keeps its parquet shards under main/."""
+    model, tok = loaded
+    (tmp_path / "ifeval").mkdir()
+    shutil.copy(os.path.join(FIXTURES, "ifeval", "train.jsonl"), tmp_path / "ifeval" / "ifeval_input_data.jsonl")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "gsm8k" / "main").mkdir(parents=True)
+    for split in ("test", "train"):
+        rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "gsm8k", f"{split}.jsonl"))]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm8k" / "main" / f"{split}-00000-of-00001.parquet")
+    got = ev.evaluate_tasks(model, tok, ["ifeval", "gsm8k"], str(tmp_path), limit=2, max_new_tokens=4)
+    want = ev.evaluate_tasks(model, tok, ["ifeval", "gsm8k"], FIXTURES, limit=2, max_new_tokens=4)
+    def without_ids(results):  # the id names the file and line the example came from
+        return {t: [{k: v for k, v in e.items() if k != "id"} for e in r["examples"]] for t, r in results.items()}
+    assert without_ids(got) == without_ids(want) and len(got["gsm8k"]["examples"]) == 2
+
+
+def test_tasks_without_data_dir_is_refused_not_the_demo(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--tasks=arc"])
+    assert "--tasks needs --data_dir" in capsys.readouterr().err
+
+
 def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatch):
     shutil.copytree(FIXTURES, tmp_path / "evals")
     shutil.rmtree(tmp_path / "evals" / "bbh")
