@@ -394,7 +394,10 @@ def data_files(spec):
         names = sorted(os.listdir(spec))
         files = [os.path.join(spec, f) for f in names if f.endswith(DATA_SUFFIXES)]
         if not files:
-            raise DataError(spec, f"folder has no {'/'.join(DATA_SUFFIXES)} files")
+            subfolders = [f for f in names if os.path.isdir(os.path.join(spec, f)) and not f.startswith(".")]
+            hint = f" (its subfolders: {', '.join(subfolders[:5])}; give one, or a glob such as " \
+                   f"{os.path.join(spec, '**', '*.parquet')})" if subfolders else ""
+            raise DataError(spec, f"folder has no {'/'.join(DATA_SUFFIXES)} files{hint}")
         others = [f for f in names if not f.endswith(DATA_SUFFIXES) and not f.startswith(".")]
         if others:  # a .jsonl.gz or a subfolder of shards is not read: say so
             log.warning(f"{spec}: reading the {len(files)} {'/'.join(DATA_SUFFIXES)} file(s) only, not "

@@ -113,7 +113,7 @@ def tokenize(cfg, tok, rows, name, d):
     effect: how many pairs were dropped or reach the limit (were cut from the left)."""
     cache = cfg.cache_dir or None
     run = lambda: data.tokenize_preference(rows, tok, cfg.template, cfg.max_seq_len, truncation=cfg.truncation,
-                                           cache_dir=cache, progress=d.is_main)
+                                           cache_dir=cache, progress=d.is_main and cfg.progress)
     if d.is_main:
         pairs = run()
     common.barrier()
@@ -236,7 +236,7 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
     # every rank runs the same number of forwards (FSDP gathers weights in each); a rank out of chunks re-runs the
     # first one and does not keep it
     rounds = math.ceil(len(chunks) / d.world_size)
-    for r in tqdm(range(rounds), desc=f"reference log-probs ({name})", disable=not d.is_main):
+    for r in tqdm(range(rounds), desc=f"reference log-probs ({name})", disable=not (d.is_main and cfg.progress)):
         j = r * d.world_size + d.rank
         lo = chunks[j] if j < len(chunks) else 0
         idx = list(range(lo, min(lo + cfg.ref_batch_size, len(pairs))))

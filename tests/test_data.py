@@ -344,6 +344,12 @@ def test_files_the_readers_cannot_use_are_named_not_passed_over(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         assert len(data.load_sft_rows(str(folder))) == 2 * len(SFT_ROWS)
     assert "reading the 3 .jsonl/.json/.parquet file(s) only, not d.jsonl.gz, more" in caplog.text
+    # a hub snapshot's root: its shards are in a subfolder
+    (tmp_path / "snapshot" / "data").mkdir(parents=True)
+    (tmp_path / "snapshot" / "README.md").write_text("# card")
+    with pytest.raises(DataError, match=r"snapshot: folder has no .jsonl/.json/.parquet files \(its subfolders: data; "
+                                        r"give one, or a glob such as .*snapshot/\*\*/\*.parquet\)"):
+        data.load_sft_rows(str(tmp_path / "snapshot"))
     # one object pretty-printed over several lines is neither a list of rows nor JSON lines
     (tmp_path / "object.json").write_text(json.dumps({"data": SFT_ROWS}, indent=2))
     with pytest.raises(DataError, match=r"object.json: a .json file must hold a list of row objects, or one object "

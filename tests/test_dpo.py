@@ -223,10 +223,13 @@ def test_two_ranks_equal_one_rank(tiny, tmp_path, wrap):
     assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
 
 
-def test_final_records_the_chat_template_the_pairs_were_rendered_with(tiny, tmp_path):
+def test_final_records_the_chat_template_the_pairs_were_rendered_with(tiny, tmp_path, capfd):
     assert data.Tokenizer.from_pretrained(tiny.model_dir).chat_template == data.TULU_TEMPLATE
     train_dpo.main(args_for(tiny, tmp_path / "run", "--template=chatml", "--max_steps=1"))
     assert data.Tokenizer.from_pretrained(str(tmp_path / "run" / "final")).chat_template == data.CHATML_TEMPLATE
+    # a new template: the pairs were tokenized and the reference computed afresh, without bars (--progress=false)
+    err = capfd.readouterr().err
+    assert "%|" not in err, err
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
