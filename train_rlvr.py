@@ -263,11 +263,10 @@ def load_prompts(cfg, tok, template, positions):
         demo = data.make_demo_data(cfg.demo_seed)
         train, heldout = demo["rlvr_train"], demo["rlvr_heldout"]
 
-    def render(rows, what, source, new_tokens, new_tokens_name):
-        # the last new token is never fed back, so it needs no position
-        max_len = min(cfg.max_prompt_len, positions - new_tokens + 1)
+    def render(rows, what, source, room, why):
+        max_len = min(cfg.max_prompt_len, positions - room)
         limit = f"max_prompt_len={cfg.max_prompt_len}" if max_len == cfg.max_prompt_len else \
-            f"{max_len} tokens (the model's {positions} positions less {new_tokens_name}={new_tokens}, plus one)"
+            f"{max_len} tokens (the model's {positions} positions less {why})"
         out = []
         for row in rows:
             ids = data.render_chat(tok, row["messages"], template, add_generation_prompt=True)[0]
@@ -279,9 +278,11 @@ def load_prompts(cfg, tok, template, positions):
             common.print0(f"{what}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than {limit}")
         return out
 
-    return (render(train, "train", f"data={cfg.data or 'demo'}", cfg.max_response_len, "max_response_len"),
-            render(heldout, "held-out", f"eval_data={cfg.eval_data or 'demo'}", cfg.eval_max_new_tokens,
-                   "eval_max_new_tokens"))
+    # The learner's forward reads prompt + whole response; held out, the last new token is never fed back.
+    return (render(train, "train", f"data={cfg.data or 'demo'}", cfg.max_response_len,
+                   f"max_response_len={cfg.max_response_len}"),
+            render(heldout, "held-out", f"eval_data={cfg.eval_data or 'demo'}", cfg.eval_max_new_tokens - 1,
+                   f"eval_max_new_tokens={cfg.eval_max_new_tokens} - 1"))
 
 
 def rollout(policy, tok, rows, cfg, stop_ids, device):

@@ -332,11 +332,13 @@ def test_settings_with_nothing_to_train_on_or_that_would_be_ignored_are_errors(t
     with pytest.raises(common.ConfigError, match=r"--eval_data=\S+: not used without --data"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--data="))
     # the tiny model has 512 positions: a prompt and its longest continuation must fit them
-    with pytest.raises(data.DataError, match=r"data=\S+: no train prompts left \(every prompt is longer than 3 "
-                                             r"tokens \(the model's 512 positions less max_response_len=510, plus one"):
+    # (the learner's forward reads prompt + response; generation feeds back all new tokens but the last)
+    with pytest.raises(data.DataError, match=r"data=\S+: no train prompts left \(every prompt is longer than 2 "
+                                             r"tokens \(the model's 512 positions less max_response_len=510\)"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--max_response_len=510"))
     with pytest.raises(data.DataError, match=r"eval_data=\S+: no held-out prompts left \(every prompt is longer "
-                                             r"than 3 tokens \(the model's 512 positions less eval_max_new_tokens=510"):
+                                             r"than 3 tokens \(the model's 512 positions less eval_max_new_tokens=510 "
+                                             r"- 1\)"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--eval_max_new_tokens=510"))
 
 
