@@ -470,8 +470,8 @@ def check_positions(longest, model, where):
 
 def total_steps_for(cfg, num_items, items_per_step):
     """Optimizer steps of the run: --max_steps, or --epochs x the whole steps in one pass over num_items, taken
-    items_per_step (the effective batch) at a time. The sampler carries an epoch's last partial batch into the next
-    epoch's first step, so the items left at the end of the run are fewer than one step's."""
+    items_per_step (the effective batch) at a time. The sampler carries each epoch's last partial batch into the
+    next epoch, so the run stops (num_items mod items_per_step) x epochs items short of the last epoch's end."""
     if cfg.max_steps > 0:
         return cfg.max_steps
     if num_items < items_per_step:
@@ -536,7 +536,8 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
     """Write run_dir/checkpoints/step_XXXXXXX atomically and delete all but the newest `keep`.
 
     Every rank must call it (RNG states are gathered from all ranks; FSDP gathers shards). `extra` is any
-    picklable dict (sampler position, reference-model state, ...) and comes back from load_checkpoint."""
+    picklable dict (the sampler's state, the config, the starting weights' digest) and comes back from
+    load_checkpoint."""
     model_sd, optim_sd = _full_state(model, optimizer)
     rngs = [_rng_state()]
     if dist.is_initialized():
@@ -655,7 +656,7 @@ def weights_digest(model):
 
 
 def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
-    """With --resume and a checkpoint in run_dir: restore model, optimizer, RNG and the sampler position, and
+    """With --resume and a checkpoint in run_dir: restore model, optimizer, RNG and the sampler's state, and
     return the step to continue from; otherwise 0. `start_weights`: the weights_digest of the model the run
     started from, where it matters after step 0 (DPO's and RLVR's reference is that model, rebuilt from --model
     on resume), checked against the one the checkpoint recorded under extra['start_weights']."""

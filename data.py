@@ -10,7 +10,6 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import random
@@ -652,7 +651,7 @@ def load_rlvr_rows(spec, skip_bad=False, check_ground_truth=None):
 # Tokenization, in parallel, cached on disk keyed by (data, tokenizer, template, max length, settings).
 
 _worker_tok = None
-CACHE_VERSION = 2  # bump when the rendering or truncation rules change, so old caches are not reused
+CACHE_VERSION = 3  # bump when the rendering or truncation rules change, so old caches are not reused
 
 
 def _init_worker(tok):
@@ -794,7 +793,8 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
                         progress=True):
     """Tokenize normalised preference rows -> Rows of {'chosen': (ids, mask), 'rejected': (ids, mask)} where only
     the final response is trained. Pairs longer than max_seq_len are cut from the left of the prompt
-    (truncation='left') or dropped (truncation='drop'); both are reported."""
+    (truncation='left'; a pair that keeps no response token is dropped) or dropped (truncation='drop'); both are
+    reported."""
     if truncation not in ("left", "drop"):
         raise ValueError(f"truncation must be 'left' or 'drop', got {truncation!r}")
     if template not in CHAT_TEMPLATES:
@@ -895,19 +895,17 @@ class EpochSampler:
     item once per epoch, and a run resumed on another number of ranks continues exactly where it stopped.
     A batch that runs past the end of an epoch continues with the next epoch's order."""
 
-    def __init__(self, num_items, seed, rank=0, world_size=1, shuffle=True):
+    def __init__(self, num_items, seed, rank=0, world_size=1):
         if num_items <= 0:
             raise ValueError(f"EpochSampler: num_items must be positive, got {num_items}")
         if not 0 <= rank < world_size:
             raise ValueError(f"EpochSampler: rank {rank} not in [0, {world_size})")
-        self.num_items, self.seed, self.rank, self.world_size, self.shuffle = num_items, seed, rank, world_size, shuffle
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
         self.epoch, self.consumed = 0, 0  # consumed: items of this epoch's order taken by all ranks together
 
     def order(self, epoch):
         """Every index, in the order `epoch` takes them (all ranks together)."""
-        if self.shuffle:
-            return np.random.default_rng([self.seed, epoch]).permutation(self.num_items).tolist()
-        return list(range(self.num_items))
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items).tolist()
 
     def next_batch(self, n):
         """This rank's n indices of the stream's next n x world_size."""

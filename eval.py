@@ -125,10 +125,9 @@ def gold_index(value, num_choices, where, name):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise DataError(where, f"{name} must be a whole number, got {value!r}")
-    gold = value
-    if not 0 <= gold < num_choices:
-        raise DataError(where, f"{name} {gold} does not index its {num_choices} choices")
-    return gold
+    if not 0 <= value < num_choices:
+        raise DataError(where, f"{name} {value} does not index its {num_choices} choices")
+    return value
 
 
 def field(row, key, where):
@@ -172,7 +171,7 @@ def continuation_logprobs(model, requests, batch_size, pad_id=0, desc="loglikeli
         seqs, n_conts = [], []
         for i in idx:
             ctx, cont = requests[i]
-            seq = (ctx + cont)[-(max_len + 1):]  # left-truncate to the context window
+            seq = (ctx + cont)[-(max_len + 1):]  # as lm-eval: the context loses its oldest tokens, not the answer
             seqs.append(seq)
             n_conts.append(min(len(cont), len(seq) - 1))
         T = max(len(s) for s in seqs) - 1
@@ -422,7 +421,8 @@ def bbh_subtasks(data_dir):
             found[name] = path
     if not found:
         raise FileNotFoundError(f"missing evaluation data: expected one file per BBH subtask, "
-                                f"{root}/<subtask>.jsonl|.parquet or {root}/<subtask>/test.jsonl|.parquet")
+                                f"{root}/<subtask>.jsonl|.json|.parquet or "
+                                f"{root}/<subtask>/test.jsonl|.json|.parquet|-*.parquet")
     return found
 
 

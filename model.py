@@ -407,7 +407,7 @@ class Transformer(nn.Module):
         if problems:
             raise ValueError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
 
-        model.load_state_dict(from_hf_state(tensors, config), strict=True, assign=True)
+        model.load_state_dict(from_hf_state(tensors), strict=True, assign=True)
         model._init_rope()
         return model.eval()
 
@@ -462,7 +462,7 @@ def to_hf_state(state, config):
     return out
 
 
-def from_hf_state(tensors, config):
+def from_hf_state(tensors):
     """Inverse of to_hf_state, for a checkpoint whose names and shapes were already checked."""
     out = {}
     for name, t in tensors.items():
@@ -602,7 +602,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     model.eval()
     hidden = model(ids, position_ids=positions, cache=cache, return_hidden=True)[:, -1]
     for t in range(max_new_tokens):
-        logits = F.linear(hidden, weight).float()  # the LM head on the last position only
+        logits = F.linear(hidden, weight).float()  # prefill kept only the last hidden state: no [B, T, V] logits
         token, logp = sample(logits, temperature, top_k, top_p, generator)
         if stops is not None:  # stopped rows keep decoding padding (cut off below) so the batch stays rectangular
             token = token.masked_fill(done, pad_token_id)

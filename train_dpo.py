@@ -26,7 +26,8 @@ Saved format, for train_rlvr.py's PPO value model:
     last real token.
 
 Only the final assistant turn is trained. Pairs longer than --max_seq_len are cut from the left of the prompt
-(--truncation=left, the default) or dropped (--truncation=drop); the counts are printed at start-up.
+(--truncation=left, the default; a pair left without a response token is dropped) or dropped (--truncation=drop);
+the counts are printed at start-up.
 """
 import copy
 import hashlib
@@ -121,7 +122,8 @@ def tokenize(cfg, tok, rows, name, d):
         pairs = run()
     at_limit = sum(max(len(p["chosen"][0]), len(p["rejected"][0])) == cfg.max_seq_len for p in pairs)
     common.print0(f"{name} preference pairs: {len(pairs)} of {len(rows)} kept; {pairs.num_skipped} dropped as "
-                  f"longer than max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}); {at_limit} at the "
+                  f"longer than max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}"
+                  f"{': no response token left when cut' if cfg.truncation == 'left' else ''}); {at_limit} at the "
                   f"limit{' (prompt cut from the left where longer)' if cfg.truncation == 'left' else ''}")
     return pairs
 

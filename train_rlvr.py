@@ -244,8 +244,6 @@ def default_demo_model():
                             "exists: run `python train_sft.py` first (and optionally `python train_dpo.py`)")
 
 
-
-
 def load_prompts(cfg, tok, template, positions):
     """(train rows, held-out rows), each row with its rendered prompt ids under 'prompt_ids'. Prompts longer than
     max_prompt_len, or too long for their longest continuation (max_response_len in training, eval_max_new_tokens
@@ -363,7 +361,7 @@ def check_config(cfg, d):
         raise common.ConfigError(f"temperature={cfg.temperature}: RLVR samples, it must be > 0")
     if cfg.value_model and cfg.algo != "ppo":
         raise common.ConfigError(f"value_model={cfg.value_model}: only --algo=ppo has a value model")
-    grpo_advantages(torch.zeros(1, 2), cfg.advantage_norm)  # validates advantage_norm
+    grpo_advantages(torch.zeros(1, 2), cfg.advantage_norm)  # a bad advantage_norm fails now, not after a rollout
 
 
 def main(argv=None):
@@ -495,7 +493,8 @@ def main(argv=None):
                     continue
                 for i in range(0, len(mb), cfg.batch_size):
                     rb = mb[i:i + cfg.batch_size]
-                    T = int(mask[rb].nonzero()[:, 1].max()) + 2  # trim right padding
+                    # up to the last response token (mask column c labels token c + 1): no padding computed
+                    T = int(mask[rb].nonzero()[:, 1].max()) + 2
                     m, a = mask[rb, :T], adv[rb, :T]
                     with common.autocast(d.device, cfg.precision):
                         logp = token_logprobs(policy, ids[rb, :T], labels[rb, :T], cfg.temperature)

@@ -469,7 +469,7 @@ def word_tokenize(text):
 
 def _count_brackets(text):
     """len(re.findall(r"\\[.*?\\]", text)): '[' then the nearest ']' on the same line."""
-    count, i, n = 0, 0, len(text)
+    count, i = 0, 0
     while True:
         i = text.find("[", i)
         if i < 0:

@@ -69,7 +69,7 @@ def main():
     train = os.path.join(args.workdir, "train.jsonl")
     report = os.path.join(args.workdir, "report.json")
     size_mb = os.path.getsize(train) / 1e6
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "decontaminate.py"), f"--train={train}", "--eval",
            f"gsm8k={os.path.join(args.workdir, 'gsm8k.jsonl')}", f"ifeval={args.ifeval}", f"--report={report}",
            "--no_progress"]

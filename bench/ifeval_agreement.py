@@ -35,8 +35,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import verifiers  # noqa: E402
 
-NEEDS_PUNKT = {"length_constraints:number_sentences", "change_case:capital_word_frequency"}
-
 SAMPLE_TEXT = {  # a sentence or two per language, for response_language
     "en": "The weather is pleasant today and the park is full of people.",
     "de": "Das Wetter ist heute sehr schön und der Park ist voller Menschen.",
@@ -58,7 +56,7 @@ FILLER = ("This is a simple answer, written in plain English. It covers the main
           "and keeps things short. Thanks for reading, and have a good day.")
 
 
-def fragment(inst, kw, prompt, rng):
+def fragment(inst, kw, rng):
     """Text that tries to satisfy one instruction, or None for global instructions."""
     kw = {k: v for k, v in kw.items() if v}
     rel = kw.get("relation") or kw.get("let_relation") or kw.get("capital_relation")
@@ -107,7 +105,7 @@ def fragment(inst, kw, prompt, rng):
 
 def respond(row, rng, globals_on=True, drop=None):
     insts, kws = row["instruction_id_list"], row["kwargs"]
-    parts = [fragment(i, k, row["prompt"], rng) for j, (i, k) in enumerate(zip(insts, kws)) if j != drop]
+    parts = [fragment(i, k, rng) for j, (i, k) in enumerate(zip(insts, kws)) if j != drop]
     text = "\n\n".join(p for p in parts if p) or FILLER
     if not globals_on:
         return text

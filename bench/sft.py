@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import data  # noqa: E402
-import nanotulu_kernels as kernels  # noqa: E402
 import train_sft  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -46,7 +45,7 @@ def random_batches(n, batch_size, seq_len, vocab_size):
     return out
 
 
-def run(name, step, batches, device, warmup):
+def run(step, batches, device, warmup):
     for ids, labels in batches[:warmup]:
         step(ids.to(device), labels.to(device))
     if device.type == "cuda":
@@ -104,7 +103,7 @@ def main():
         ratio = f"; ours / {name}: {ours_tps / tps:.2f}x" if name != "nanotulu" else ""
         print(f"{name:>17}: {tps:10.0f} tokens/s{mfu}{ratio}", flush=True)
 
-    ours_tps = run("nanotulu", our_step, batches, device, args.warmup)
+    ours_tps = run(our_step, batches, device, args.warmup)
     report("nanotulu", ours_tps)
     # the same initial weights for transformers, through the HF layout our save_pretrained writes
     hf_dir = tempfile.mkdtemp(prefix="bench_sft_")
@@ -122,7 +121,7 @@ def main():
         for name in peers:
             try:
                 hf_step = hf_train_step(hf_dir, device, liger=name.endswith("liger"), compile=args.compile)
-                report(name, run(name, hf_step, batches, device, args.warmup))
+                report(name, run(hf_step, batches, device, args.warmup))
             except ImportError as e:
                 print(f"{name:>17}: skipped ({e.name} is not installed)")
             except Exception as e:  # out of memory, a compile error: said, and the run exits non-zero

@@ -49,12 +49,9 @@ STAGES = [  # name, trainer, the stage it starts from
     ("dpo", "train_dpo.py", "sft"),
     ("rlvr", "train_rlvr.py", "dpo"),
 ]
-# metrics.jsonl keys worth a curve, per stage (the first one found of each group is drawn)
-CURVES = {
-    "sft": [("loss",), ("eval_loss",)],
-    "dpo": [("loss",), ("accuracy", "pref_acc"), ("margins", "margin")],
-    "rlvr": [("reward", "reward_mean"), ("acc_gsm8k", "acc/gsm8k"), ("acc_ifeval", "acc/ifeval"), ("kl",)],
-}
+# metrics.jsonl keys worth a curve, per stage
+CURVES = {"sft": ["loss", "eval_loss"], "dpo": ["loss", "accuracy", "margins"],
+          "rlvr": ["reward", "acc_gsm8k", "acc_ifeval", "kl"]}
 
 
 def run_stage(name, trainer, parent, out, seed, threads, extra_args):
@@ -114,9 +111,8 @@ def curves(out, stages):
     found = []
     for name in stages:
         rows = read_metrics(os.path.join(out, name))
-        for group in CURVES[name]:
-            key = next((k for k in group if any(k in r for r in rows)), None)
-            if key:
+        for key in CURVES[name]:
+            if any(key in r for r in rows):
                 pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
                 found.append((name, key, [p[0] for p in pts], [p[1] for p in pts]))
     return found
