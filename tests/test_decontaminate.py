@@ -76,6 +76,14 @@ def test_by_default_only_user_turns_are_read(tmp_path):
     assert len(clean) == 11 - 5
 
 
+def test_roles_select_the_turns_of_a_messages_row():
+    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "a"}]}
+    assert dc.train_texts(row, "row") == ["u"]
+    assert dc.train_texts(row, "row", roles=("assistant", "system")) == ["s", "a"]
+    assert dc.train_texts(row, "row", roles=None) == ["s", "u", "a"]
+
+
 @pytest.mark.parametrize("roles", ["usr", "User", "user,assistnt"])
 def test_an_unknown_role_is_refused_not_read_as_no_text(roles, tmp_path, capsys):
     """A misspelt role would read no turn at all and report every row clean."""

@@ -4,6 +4,7 @@ verified accuracy of a small SFT model on the synthetic demo task."""
 import json
 import math
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -178,6 +179,20 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     os.remove(rm / train_rlvr.VALUE_HEAD)
     with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
         train_rlvr.build_value_model(cfg, tiny.model)
+
+
+@pytest.mark.parametrize("args, world, why", [
+    (["--prompts_per_step=3"], 2, "prompts_per_step=3 is not a multiple of the 2 ranks"),
+    (["--algo=grpo", "--num_samples=1"], 1, "GRPO needs at least 2 samples per prompt"),
+    (["--fsdp=true"], 1, "fsdp: not supported by train_rlvr.py"),
+    (["--grad_accum=2"], 1, "total_batch_size / grad_accum: RLVR batches are prompts_per_step x num_samples"),
+    (["--total_batch_size=8"], 1, "total_batch_size / grad_accum"),
+    (["--temperature=0"], 1, "temperature=0.0: RLVR samples, it must be > 0"),
+    (["--algo=grpo", "--value_model=x"], 1, "only --algo=ppo has a value model")])
+def test_settings_rlvr_cannot_run_are_refused_at_start_up(args, world, why):
+    cfg = common.parse_config(train_rlvr.RLVRConfig, args)
+    with pytest.raises(common.ConfigError, match=re.escape(why)):
+        train_rlvr.check_config(cfg, SimpleNamespace(world_size=world))
 
 
 def test_collate_puts_response_tokens_in_label_layout():
