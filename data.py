@@ -902,10 +902,13 @@ class EpochSampler:
             raise ValueError(f"EpochSampler: rank {rank} not in [0, {world_size})")
         self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
         self.epoch, self.consumed = 0, 0  # consumed: items of this epoch's order taken by all ranks together
+        self._order = (None, None)  # (epoch, its order): drawn once per epoch, not on every micro-batch
 
     def order(self, epoch):
         """Every index, in the order `epoch` takes them (all ranks together)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items).tolist()
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items).tolist())
+        return self._order[1]
 
     def next_batch(self, n):
         """This rank's n indices of the stream's next n x world_size."""
