@@ -83,13 +83,24 @@ def test_total_batch_size_derives_grad_accum_for_the_world_size():
         common.resolve_batch(common.parse_config(Cfg, ["--batch_size=3", "--total_batch_size=8"]), 1)
 
 
+def test_total_steps_are_the_whole_steps_of_one_epoch_times_epochs():
+    # 10 items, 4 a step: 2 whole steps an epoch (the 2 left over carry into the next epoch), so 3 epochs take 6
+    # steps, not ceil(10 / 4) x 3 = 9 nor 30 // 4 = 7
+    assert common.total_steps_for(common.parse_config(Cfg, ["--epochs=3"]), 10, 4) == 6
+    assert common.total_steps_for(common.parse_config(Cfg, ["--epochs=3", "--max_steps=5"]), 10, 4) == 5
+    with pytest.raises(common.ConfigError, match="the data has 3 items, fewer than one optimizer step takes"):
+        common.total_steps_for(common.parse_config(Cfg, []), 3, 4)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_schedules_match_transformers(schedule):
+@pytest.mark.parametrize("total,ratio,warmup", [(50, 0.1, 5), (25, 0.1, 3), (10, 0.03, 1), (100, 0.03, 3)])
+def test_schedules_match_transformers_with_the_warmup_rounded_up(schedule, total, ratio, warmup):
+    """Tulu 3's scripts pass transformers ceil(ratio x total) warmup steps: 2.5 -> 3, 0.3 -> 1."""
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-    total, ratio, base = 50, 0.1, 2e-3
+    base = 2e-3
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     make = get_linear_schedule_with_warmup if schedule == "linear" else get_cosine_schedule_with_warmup
-    sched = make(opt, num_warmup_steps=int(np.ceil(total * ratio)), num_training_steps=total)
+    sched = make(opt, num_warmup_steps=warmup, num_training_steps=total)
     for step in range(total):
         assert common.lr_at(step, total, base, schedule, ratio) == pytest.approx(opt.param_groups[0]["lr"])
         opt.step()
@@ -100,6 +111,12 @@ def test_schedule_hand_values():
     assert [common.lr_at(s, 10, 1.0, "linear", 0.2) for s in (0, 1, 2, 6, 10)] == pytest.approx([0, .5, 1, .5, 0])
     assert common.lr_at(5, 10, 1.0, "cosine", 0.0) == pytest.approx(0.5)
     assert common.lr_at(10, 10, 1.0, "cosine", 0.0, min_lr_ratio=0.1) == pytest.approx(0.1)
+    # the decay runs from lr to min_lr_ratio x lr, not from lr to 0 clipped at the floor: halfway is their mean
+    assert common.lr_at(5, 10, 1.0, "linear", 0.0, min_lr_ratio=0.2) == pytest.approx(0.6)
+    assert common.lr_at(5, 10, 2.0, "cosine", 0.0, min_lr_ratio=0.2) == pytest.approx(1.2)
+    # warmup (4 steps) rises from 0, under the floor; the decay's halfway point is 4 + 6 / 2 = step 7
+    assert [common.lr_at(s, 10, 1.0, "linear", 0.4, min_lr_ratio=0.5) for s in (1, 4, 7, 10)] == \
+        pytest.approx([0.25, 1.0, 0.75, 0.5])
     assert common.lr_at(7, 10, 1.0, "constant", 0.2) == 1.0
     with pytest.raises(common.ConfigError, match="schedule='step'"):
         common.lr_at(5, 10, 1.0, "step")
@@ -161,6 +178,31 @@ def test_checkpoint_roundtrip_restores_model_optimizer_rng_and_extra(tmp_path):
     train_one(fresh, fresh_opt)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, expected_weights[k]), k
+
+
+def test_each_rank_resumes_with_the_rng_state_it_saved(tmp_path, monkeypatch):
+    """Ranks draw different dropout masks and samples; resuming rank 1 with rank 0's generators would repeat rank
+    0's draws on both. A 2-rank world is simulated: all_gather_object hands back each rank's state in rank order."""
+    rng_of_rank, draws = [], []
+    for seed in (1, 2):
+        common.seed_all(seed)
+        rng_of_rank.append(common._rng_state())
+        draws.append((torch.rand(3), random.random(), np.random.rand()))
+    world = {"rank": 0}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: world["rank"])
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, _: out.__setitem__(slice(None),
+                                                                                              rng_of_rank))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    model = Tiny()
+    common.save_checkpoint(str(tmp_path), 1, model, None)
+    for rank in (1, 0):
+        world["rank"] = rank
+        common.seed_all(123)
+        common.load_checkpoint(common.latest_checkpoint(str(tmp_path)), model)
+        got = (torch.rand(3), random.random(), np.random.rand())
+        assert torch.equal(got[0], draws[rank][0]) and got[1:] == draws[rank][1:], f"rank {rank}"
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
@@ -381,14 +423,17 @@ def test_run_dir_config_and_metrics_truncated_on_resume(tmp_path):
     common.prepare_run_dir(cfg, d)
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.5
     log = common.MetricsLogger(str(tmp_path))
+    log.log({"step": 0, "eval_loss": 3.0})
     for step in range(1, 6):
         log.log({"step": step, "loss": 1.0 / step})
     common.MetricsLogger(str(tmp_path), resume_step=3).log({"step": 4, "loss": 0.0})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 0.0
-    # resumed before any checkpoint (resume step 0): the run starts over, its step-0 evaluation included
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["loss"] == 0.0
+    # resumed before any checkpoint (resume step 0): the run starts over, its step-0 evaluation included, so the
+    # earlier step-0 record goes too
     common.MetricsLogger(str(tmp_path), resume_step=0).log({"step": 0, "eval_loss": 2.0})
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        [{"step": 0, "eval_loss": 2.0}]
     # floats keep 8 significant digits, however small (DPO learning rates are around 5e-7)
     common.MetricsLogger(str(tmp_path)).log({"step": 1, "lr": 5e-7 * 17 / 18})
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == 4.7222222e-07
@@ -459,6 +504,35 @@ def test_final_save_replaces_old_final_and_leftover_temp_folder(tmp_path):
     loaded = Transformer.from_pretrained(path)
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_final_save_killed_midway_leaves_no_final_or_the_earlier_one_whole(tmp_path, monkeypatch):
+    """final/ is what a later stage loads and what the demo takes as a finished stage: a save killed while it
+    writes the weights must leave either no final/ or the earlier one, never config.json beside half a model."""
+    import safetensors.torch
+    from model import ModelConfig, Transformer
+    real_save_file = safetensors.torch.save_file
+
+    def killed_halfway(tensors, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a safetensors file")
+        raise KeyboardInterrupt
+
+    def files(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def killed_save_final(run_dir):
+        monkeypatch.setattr(safetensors.torch, "save_file", killed_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            common.save_final(str(run_dir), Transformer(ModelConfig.from_preset("tiny", vocab_size=32)))
+        monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+
+    killed_save_final(tmp_path / "first")
+    assert not (tmp_path / "first" / "final").exists()
+    common.save_final(str(tmp_path / "again"), Transformer(ModelConfig.from_preset("tiny", vocab_size=32)))
+    earlier = files(tmp_path / "again" / "final")
+    killed_save_final(tmp_path / "again")
+    assert files(tmp_path / "again" / "final") == earlier
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

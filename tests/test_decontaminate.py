@@ -167,6 +167,15 @@ def test_hashed_matching_equals_set_of_tuples(n):
     assert eval_hit == want_eval
 
 
+def test_too_short_counts_each_eval_sets_own_examples_without_an_ngram():
+    # n=3: "a" has one example under 3 words; "b" two, one of them 4 words split over two fields (no n-gram spans
+    # fields)
+    index = dc.EvalIndex({"a": [["one two three"], ["four"], ["five six seven eight"]],
+                          "b": [["nine ten"], ["eleven twelve", "thirteen fourteen"], ["a b c"]]}, n=3)
+    report = index.report()
+    assert (report["a"]["too_short"], report["b"]["too_short"]) == (1, 2)
+
+
 def test_distinct_ngrams_get_distinct_hashes():
     # 40^3 = 64,000 distinct trigrams over a 40-word vocabulary: no two may share a 64-bit hash
     vocab = [f"v{i}" for i in range(40)]

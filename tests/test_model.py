@@ -170,6 +170,18 @@ def test_config_checks_name_the_file_and_a_default_rope_scaling_is_no_scaling():
         ModelConfig.from_hf_dict({**d, "num_key_value_heads": 3}, where="snap/config.json")
 
 
+def test_a_sparse_config_json_reads_as_transformers_llamaconfig_defaults():
+    """Keys absent from config.json take LlamaConfig's defaults, not this module's (SmolLM2's) ones: transformers
+    would build the checkpoint's model with those."""
+    d = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    ours, theirs = ModelConfig.from_hf_dict(d), LlamaConfig(**d)
+    assert theirs.rope_parameters == {"rope_type": "default", "rope_theta": ours.rope_theta}
+    assert (ours.num_kv_heads, ours.head_dim, ours.max_position_embeddings, ours.rms_norm_eps,
+            ours.tie_word_embeddings, ours.initializer_range, ours.bos_token_id, ours.eos_token_id) == \
+        (theirs.num_key_value_heads, theirs.head_dim, theirs.max_position_embeddings, theirs.rms_norm_eps,
+         theirs.tie_word_embeddings, theirs.initializer_range, theirs.bos_token_id, theirs.eos_token_id)
+
+
 @pytest.mark.parametrize("key,value", [("attention_bias", True), ("mlp_bias", True), ("attention_dropout", 0.1),
                                        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
                                        ("architectures", ["MistralForCausalLM"]), ("hidden_act", "gelu"),
@@ -234,6 +246,17 @@ def test_init_and_counts():
     hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.to_hf_dict().items() if k != "torch_dtype"}))
     assert model.num_params() == sum(p.numel() for p in hf.parameters())
     assert model.flops_per_token(128) == 6 * model.num_params() + 12 * 2 * 4 * 16 * 128
+
+
+def test_flops_per_token_count_the_lm_head_once_tied_or_not():
+    """Untied, the embedding is a lookup (no FLOPs) and the LM head a matmul; tied, the one matrix is the LM head.
+    Either way the matmul weights are the same, so the FLOPs are too."""
+    shape = dict(vocab_size=10, hidden_size=8, intermediate_size=12, num_layers=1, num_heads=2, num_kv_heads=1)
+    # q, k, v, o + gate, up, down + 2 block norms + final norm + LM head; attention: 12 x layers x heads x head_dim
+    expected = 6 * (8 * 8 + 4 * 8 + 4 * 8 + 8 * 8 + 3 * 12 * 8 + 2 * 8 + 8 + 10 * 8) + 12 * 1 * 2 * 4 * 16
+    for tied in (True, False):
+        model = Transformer(ModelConfig(**shape, tie_word_embeddings=tied))
+        assert model.flops_per_token(16) == expected, f"tie_word_embeddings={tied}"
 
 
 @pytest.fixture(scope="module")
