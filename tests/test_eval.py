@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import shutil
@@ -58,24 +59,62 @@ def loaded(model_dir):
     return ev.load_model_and_tokenizer(model_dir)
 
 
-def test_every_task_runs_on_fixtures_and_scores_are_fractions(model_dir, tmp_path, capsys):
+def per_character_loglikelihood(tok):
+    """A stand-in for continuation_logprobs: minus each continuation's length in characters, its leading space
+    included. acc (the sum) then picks the shortest choice, and acc_norm, -(n + 1) / n per character past the
+    space, the longest; equal lengths (MMLU-Pro's letters) tie, and a tie goes to the first choice."""
+    return lambda model, requests, *args, **kwargs: [-float(len(tok.decode(cont))) for _, cont in requests]
+
+
+def scripted_generate(tok, answer):
+    """A stand-in for model.generate: answer(prompt text) as each prompt's whole continuation, ended by eos."""
+    def generate(model, prompts, max_new_tokens, **kwargs):
+        tokens = [tok.encode(answer(tok.decode(p))) + [tok.eos_id] for p in prompts]
+        return Generation(tokens, [[0.0] * len(t) for t in tokens], [True] * len(tokens))
+    return generate
+
+
+def fixture_answer(prompt):
+    if prompt.endswith("Answer: "):  # BBH: right on both boolean_expressions rows, wrong on the sports one
+        return "True\nQuestion: not generated"
+    if prompt.endswith("Answer:"):  # GSM8K: right only on the first row (#### 70)
+        return " 10 * 7 = 70 pages.\n\nQuestion: not generated"
+    # IFEval: no comma; lowercase English once the first line is dropped (loose); no <<title>>
+    return "Note:\nthe weather is nice and the park is full of people"
+
+
+def test_every_task_runs_on_fixtures_and_scores_a_scripted_model_as_computed_by_hand(model_dir, tmp_path, capsys,
+                                                                                     loaded, monkeypatch):
+    _, tok = loaded
+    monkeypatch.setattr(ev, "continuation_logprobs", per_character_loglikelihood(tok))
+    monkeypatch.setattr(ev, "generate", scripted_generate(tok, fixture_answer))
     out = tmp_path / "results.json"
     ev.main([f"--model={model_dir}", f"--tasks={','.join(ev.ALL_TASKS)}", f"--data_dir={FIXTURES}",
              "--batch_size=3", "--max_new_tokens=6", f"--out={out}"])
     printed = capsys.readouterr().out
     results = json.load(open(out))
+    summary = results["summary"]
     expected_n = {"gsm8k": 3, "ifeval": 4, "arc": 5, "hellaswag": 2, "piqa": 2, "mmlu_pro": 2, "bbh": 3}
     for task, n in expected_n.items():
-        summary = results["summary"][task]
-        assert 0.0 <= summary["value"] <= 1.0, (task, summary)
-        assert summary["n"] == n == len(results["examples"][task]), task
+        assert summary[task]["n"] == n == len(results["examples"][task]), task
         assert f"| {task} " in printed
-    assert set(results["summary"]["arc"]["metrics"]) == {"ARC-Easy", "ARC-Challenge"}
-    assert set(results["summary"]["bbh"]["metrics"]) == {"boolean_expressions", "sports_understanding"}
-    assert set(results["summary"]["ifeval"]["metrics"]) == {"prompt_level_strict_acc", "inst_level_strict_acc",
-                                                             "prompt_level_loose_acc", "inst_level_loose_acc"}
+    # the longest choice is the gold one in E2, C1, C2, both HellaSwag and both PIQA rows; the shortest only in E3
+    assert summary["arc"]["metrics"] == {"ARC-Easy": {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(1 / 3),
+                                                      "n": 3},
+                                         "ARC-Challenge": {"acc": 0.0, "acc_norm": 1.0, "n": 2}}
+    assert summary["arc"]["value"] == pytest.approx(2 / 3)  # the mean of the subsets, not 3 of 5 items
+    assert summary["hellaswag"]["metrics"] == summary["piqa"]["metrics"] == {"acc": 0.0, "acc_norm": 1.0, "n": 2}
+    assert summary["mmlu_pro"]["metrics"] == {"acc": 0.0, "acc_norm": 0.0, "n": 2}  # letters tie: A, never gold
+    assert [e["pred_norm"] for e in results["examples"]["hellaswag"]] == [0, 0]
+    assert summary["gsm8k"]["value"] == pytest.approx(1 / 3)
+    assert [e["output"] for e in results["examples"]["gsm8k"]] == [" 10 * 7 = 70 pages.\n\n"] * 3
+    assert summary["bbh"]["metrics"] == {"boolean_expressions": 1.0, "sports_understanding": 0.0}
+    assert summary["bbh"]["value"] == 0.5  # the mean of the subtasks, not 2 of 3 items
+    assert summary["ifeval"]["metrics"] == {"prompt_level_strict_acc": 0.25, "inst_level_strict_acc": 0.25,
+                                            "prompt_level_loose_acc": 0.75, "inst_level_loose_acc": 0.75}
+    assert summary["ifeval"]["value"] == 0.5
     assert "IFEval backends" in printed and results["ifeval_backends"]
-    for metric in results["summary"]["ifeval"]["metrics"]:  # all four printed, not only their mean
+    for metric in summary["ifeval"]["metrics"]:  # all four printed, not only their mean
         assert re.search(rf"\| ifeval +\| {metric} +\|", printed), metric
 
 
@@ -150,6 +189,30 @@ def test_acc_norm_differs_from_acc_when_lengths_differ(loaded):
     assert doc["acc"] == 0.0 and doc["acc_norm"] == 1.0
 
 
+def test_acc_norm_does_not_count_the_space_before_a_choice(loaded, monkeypatch):
+    """lm-eval scores " " + choice (its target_delimiter) but divides by len(choice)."""
+    _, tok = loaded
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda model, requests, *a, **k: [-2.0, -4.5, -2.0, -5.5])
+    docs = [{"query": "Question: q\nAnswer:", "choices": [" ab", " abcde"], "gold": 1},
+            {"query": "Question: q\nAnswer:", "choices": ["ab", "abcde"], "gold": 0}]
+    ev.score_multiple_choice(None, tok, docs, batch_size=4, desc="t")
+    # per character: -1.0 vs -0.9 (with the space counted, -0.67 vs -0.75); without a space, -1.0 vs -1.1
+    assert [d["pred_norm"] for d in docs] == [1, 0] and [d["pred"] for d in docs] == [0, 0]
+    assert [d["acc_norm"] for d in docs] == [1.0, 1.0]
+
+
+def test_an_overlong_context_loses_its_oldest_tokens_not_the_continuation(loaded):
+    model, tok = loaded
+    max_len = model.config.max_position_embeddings
+    text = tok.encode("".join(fixture_text()))
+    ctx, cont = text[:max_len + 40], tok.encode(" hello world")
+    kept = ctx[-(max_len + 1 - len(cont)):]  # what fits: the window's inputs end where the last target starts
+    overlong, fitting, shorter = (ev.continuation_logprobs(model, [(c, cont)], batch_size=1)[0]
+                                  for c in (ctx, kept, kept[1:]))
+    assert overlong == pytest.approx(fitting, abs=1e-5)
+    assert abs(fitting - shorter) > 1e-4  # a context that fits is used whole: one token less scores otherwise
+
+
 def test_batched_loglikelihood_matches_one_at_a_time(loaded):
     model, tok = loaded
     requests = [ev.encode_pair(tok, "Question: What is 2 + 3?\nAnswer:", " 5"),
@@ -192,6 +255,31 @@ def test_gsm8k_without_train_file_uses_first_test_rows_as_shots(loaded, tmp_path
     result = ev.evaluate_tasks(model, tok, ["gsm8k"], str(tmp_path))["gsm8k"]
     assert result["n"] == 1 and result["value"] == 1.0
     assert tok.decode(seen[0]).count("Question:") == 6
+
+
+def test_gsm8k_few_shot_examples_are_drawn_from_train_with_the_seed(loaded, monkeypatch):
+    """random.Random(seed).sample(train, 5): the same prompt on every run of a seed, another under another seed."""
+    model, tok = loaded
+    seen = []
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a, **k: seen.extend(prompts) or
+                        [""] * len(prompts))
+
+    def shots(seed):
+        seen.clear()
+        ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, limit=1, seed=seed)
+        return re.findall(r"Question: (.*)\n", tok.decode(seen[0]))[:-1]  # the last one is the scored question
+    first = shots(0)
+    assert first == ["A train travels 60 miles per hour for 2 hours. How far does it go?",
+                     "A farm has 1,000 hens and sells 250. How many remain?",
+                     "Tom has 3 apples and buys 4 more. How many apples does he have?",
+                     "A box holds 6 pens. How many pens are in 5 boxes?",
+                     "Mia had 20 dollars and spent 8. How much is left?"]
+    assert shots(0) == first
+    assert shots(1) == ["A box holds 6 pens. How many pens are in 5 boxes?",
+                        "There are 12 cookies shared by 4 kids. How many does each get?",
+                        "Tom has 3 apples and buys 4 more. How many apples does he have?",
+                        "A farm has 1,000 hens and sells 250. How many remain?",
+                        "A train travels 60 miles per hour for 2 hours. How far does it go?"]
 
 
 def test_generate_until_cuts_at_stop_string_and_stops_generating(loaded, monkeypatch):
@@ -238,15 +326,57 @@ def test_ifeval_scoring_strict_and_loose():
     assert result["value"] == pytest.approx(0.625) and result["n"] == 4
 
 
-def test_demo_evaluation_returns_its_metrics():
+def test_demo_evaluation_scores_a_scripted_model_as_computed_by_hand(monkeypatch):
     data = make_demo_data(seed=0, n_train=16, n_heldout=8)
     tok = build_demo_tokenizer(data["sft_train"])
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
-    result = ev.evaluate_demo(model, tok, data, template="tulu", limit=2, batch_size=4, max_new_tokens=4)
-    assert set(result) == {"arith_acc", "arith_n", "constraint_acc", "constraint_n", "pref_acc", "pref_n"}
-    for name in ("arith", "constraint", "pref"):
-        assert 0.0 <= result[f"{name}_acc"] <= 1.0 and result[f"{name}_n"] == 2
+    arith = [r for r in data["rlvr_heldout"] if r["dataset"] == "gsm8k"][:2]
+    constraint = [r for r in data["rlvr_heldout"] if r["dataset"] == "ifeval"][:2]
+    end, words = (json.loads(r["ground_truth"]) for r in constraint)
+    assert end["func_name"] == "validate_end" and words["func_name"] == "validate_word_constraint"
+    assert words["quantifier"] == "at most" and len(end["end_phrase"].split()) <= words["N"]
+    replies = {arith[0]["messages"][-1]["content"]: f"#### {arith[0]['ground_truth']}",  # right
+               arith[1]["messages"][-1]["content"]: f"#### {int(arith[1]['ground_truth']) + 1}",  # wrong
+               constraint[0]["messages"][-1]["content"]: "Clocks tick.",  # without the end phrase
+               constraint[1]["messages"][-1]["content"]: end["end_phrase"]}  # within the word limit
+    monkeypatch.setattr(ev, "generate", scripted_generate(
+        tok, lambda prompt: next(reply for asked, reply in replies.items() if asked in prompt)))
+    # a model that finds every token only the rejected responses use unlikely prefers each chosen one
+    chosen, rejected = ({t for p in data["pref_heldout"][:2] for t in tok.encode(p[k][-1]["content"])}
+                        for k in ("chosen", "rejected"))
+    bias = torch.zeros(model.config.vocab_size)
+    bias[sorted(rejected - chosen)] = -3.0
+    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out) + bias)
+    try:
+        result = ev.evaluate_demo(model, tok, data, template="tulu", limit=2, batch_size=4, max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert result == {"arith_acc": 0.5, "arith_n": 2, "constraint_acc": 0.5, "constraint_n": 2, "pref_acc": 1.0,
+                      "pref_n": 2}
+
+
+def test_preference_accuracy_compares_mean_log_prob_per_token_not_sums(loaded):
+    """A long chosen response of likely tokens against a one-token rejected one: its sum is lower, its mean higher."""
+    model, tok = loaded
+    prompt = {"role": "user", "content": "pick"}
+    pair = {"chosen": [prompt, {"role": "assistant", "content": "hello hello hello hello"}],
+            "rejected": [prompt, {"role": "assistant", "content": "x"}]}
+    liked = tok.encode("hello hello")
+    assert len(tok.encode(pair["chosen"][1]["content"])) == 12 and not set(tok.encode("x")) & set(liked)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[sorted(set(liked))] = 3.0
+    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out) + bias)
+    try:
+        means = ev.response_logprob(model, tok, [pair["chosen"], pair["rejected"]], "tulu")
+        result = ev.evaluate_demo(model, tok, {"rlvr_heldout": [], "pref_heldout": [pair]})
+    finally:
+        handle.remove()
+    # every position has the same log-normaliser; the trained tokens end with eos: 12 liked + 1, and 1 + 1. The sums,
+    # 12 * 3 - 13 log_z and -2 log_z, would prefer the rejected response.
+    log_z = math.log(len(set(liked)) * math.exp(3.0) + model.config.vocab_size - len(set(liked)))
+    assert means == pytest.approx([(12 * 3.0 - 13 * log_z) / 13, -log_z], abs=1e-4)
+    assert result["pref_acc"] == 1.0 and result["pref_n"] == 1
 
 
 def test_missing_data_file_names_the_expected_path(loaded, tmp_path):
@@ -374,6 +504,18 @@ def test_hellaswag_query_is_lm_evals(loaded, tmp_path):
     (doc,) = ev.evaluate_tasks(model, tok, ["hellaswag"], str(tmp_path))["hellaswag"]["examples"]
     assert doc["query"] == "Playing guitar: A man holds a guitar. Then, john plays a g"
     assert doc["choices"] == [" chord on the Fender.", " song."]
+
+
+@pytest.mark.parametrize("text,clean", [
+    ("  sings loudly. ", "sings loudly."),  # stripped
+    ("Make tea [title] Boil water.", "Make tea. Boil water."),  # " [title]" ends a sentence, before brackets go
+    ("Boil water [title]", "Boil water. "),  # ". " whole, even with nothing after it
+    ("a [header] b [step] c", "a b c"),  # each bracket pair on its own, not from the first '[' to the last ']'
+    ("[step] Pour it.", " Pour it."),  # stripped before the brackets go
+    ("one  two   three", "one two  three"),  # one pass of double spaces to one, as lm-eval's str.replace
+])
+def test_hellaswag_preprocessing_is_lm_evals_rule_by_rule(text, clean):
+    assert ev.hellaswag_preprocess(text) == clean
 
 
 @pytest.mark.parametrize("flag", ["--batch_size=0", "--batch_size=-1", "--max_new_tokens=-3", "--limit=0"])

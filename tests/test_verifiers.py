@@ -76,11 +76,13 @@ def test_gsm8k_a_hyphen_after_a_word_is_not_a_minus():
     ("\\boxed{1,000}", "1000"),
     ("\\boxed{10000}", "10,\\!000"),
     ("\\boxed{\\frac{-1}{2}}", "-\\frac{1}{2}"),
+    ("\\boxed{\\frac{-1}{-2}}", "\\frac{1}{2}"),  # two minus signs cancel
+    ("\\boxed{-\\frac{-3}{-4}}", "-0.75"),  # and a third one does not
     ("x=\\boxed{1.5}", "\\frac{3}{2}"),
     # no boxed, Minerva or $...$ answer: the whole response
     ("10", "10"),
     ("x = 10", "10"),
-], ids=range(29))
+], ids=range(31))
 def test_math_equivalent_forms(response, truth):
     assert V.math(response, truth) == 1.0
 
@@ -89,6 +91,7 @@ def test_math_equivalent_forms(response, truth):
     ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"), ("no answer at all", "3"), ("\\boxed{3", "3"), ("\\boxed{12}", "1"),
     ("\\boxed{0.51}", "\\frac{1}{2}"), ("\\boxed{12}", "1,2"), ("the answer is 10", "10"),
     ("\\boxed{50%}", "50"),  # Hendrycks' normalisation drops only LaTeX's \\%
+    ("\\boxed{\\frac{-1}{-2}}", "-\\frac{1}{2}"), ("\\boxed{\\frac{1}{-2}}", "\\frac{1}{2}"),
 ])
 def test_math_wrong(response, truth):
     assert V.math(response, truth) == 0.0
@@ -122,6 +125,7 @@ CASES = [  # (instruction id, kwargs, passing response, failing response)
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "hi\np.s. bye", "hi\nPS bye"),
     ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "hi\nP. P. S bye", "hi\nP.S. bye"),
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* one\n- two", "* one\n** bold\n"),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "- one\n* two", "* one\n* two\n- three"),  # exactly
     ("detectable_format:constrained_response", {}, "My answer is maybe.", "My answer is perhaps."),
     ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*a* and **b**", "*a* and * *"),
     ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
@@ -137,8 +141,12 @@ CASES = [  # (instruction id, kwargs, passing response, failing response)
      "THIS is VERY good", "This is VERY good"),
     ("change_case:english_capital", {}, "THIS IS ALL IN CAPITAL LETTERS, IN ENGLISH.",
      "THIS IS MOSTLY capital"),
+    ("change_case:english_capital", {}, "THE PARK IS FULL OF PEOPLE AND THE WEATHER IS NICE.",
+     "DER PARK IST VOLLER MENSCHEN UND DAS WETTER IST SCHÖN."),  # capitals, but not English
     ("change_case:english_lowercase", {}, "this is all in lowercase letters, in english.",
      "this is mostly Lowercase"),
+    ("change_case:english_lowercase", {}, "the park is full of people and the weather is nice.",
+     "der park ist voller menschen und das wetter ist schön."),  # lowercase, but not English
     ("punctuation:no_comma", {}, "no commas here", "one, comma"),
 ]
 
@@ -293,6 +301,19 @@ def test_rlvr_func_pass_and_fail(gt, good, bad):
     full = dict.fromkeys(["N", "quantifier", "end_phrase", "keyword_list", "word", "letter", "i"]) | gt
     assert V.verify("ifeval", good, json.dumps(full)) == 1.0
     assert V.verify("ifeval", bad, json.dumps(full)) == 0.0
+
+
+@pytest.mark.parametrize("gt,inside,outside", [
+    # open-instruct: "around" N words is within max(round(N / 10), 1)
+    ({"func_name": "validate_word_constraint", "N": 20}, (18, 22), (17, 23)),
+    ({"func_name": "validate_word_constraint", "N": 5}, (4, 6), (3, 7)),  # at least one either side
+    ({"func_name": "verify_sentence_constraint", "N": 3}, (2, 4), (1, 5)),  # sentences: one either side
+])
+def test_rlvr_around_tolerates_both_edges_and_no_further(gt, inside, outside):
+    def text(n):
+        return " ".join(["Word."] * n) if gt["func_name"] == "verify_sentence_constraint" else " ".join(["w"] * n)
+    for n, reward in [(inside[0], 1.0), (inside[1], 1.0), (outside[0], 0.0), (outside[1], 0.0)]:
+        assert V.verify("ifeval", text(n), {**gt, "quantifier": "around"}) == reward, n
 
 
 def test_rlvr_response_is_stripped_as_open_instruct_does():
