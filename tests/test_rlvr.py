@@ -1,11 +1,13 @@
 """train_rlvr.py: advantages and losses against hand-worked numbers, rewards per dataset and the non-stop penalty,
 the fused per-token log-probs and the value model, 2 ranks vs 1 rank, exact resume, and RLVR raising held-out
 verified accuracy of a small SFT model on the synthetic demo task."""
+import copy
 import json
 import math
 import os
 import re
 import shutil
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import common
 import data
 import train_rlvr
+from model import Transformer
 from multirank import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +56,32 @@ def read_jsonl(path):
 
 def no_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def record_calls(monkeypatch, name):
+    """Wrap train_rlvr.<name> for one run; -> the list of (args, result) of its calls."""
+    calls, real = [], getattr(train_rlvr, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, real(*args, **kwargs)))
+        return calls[-1][1]
+    monkeypatch.setattr(train_rlvr, name, wrapper)
+    return calls
+
+
+def use_reference(monkeypatch, reference):
+    """The run's KL reference (and PPO's value backbone) become copies of `reference` instead of the starting
+    policy, so that the KL terms act from the first update on (where policy and reference are otherwise equal)."""
+    monkeypatch.setattr(train_rlvr, "copy", SimpleNamespace(deepcopy=lambda policy: copy.deepcopy(reference)))
+
+
+def perturbed(model_dir, scale=0.05):
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,28 +252,143 @@ def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch, c
     assert os.path.isfile(run / "final" / "model.safetensors") and os.path.isfile(run / "final" / "tokenizer.json")
 
 
+def test_grpo_kl_penalty_pulls_the_policy_toward_the_reference(tiny, tmp_path, monkeypatch):
+    reference = perturbed(tiny.model_dir)
+    use_reference(monkeypatch, reference)
+    # zero advantages on every row: the KL term is the only force on the policy
+    monkeypatch.setattr(train_rlvr, "grpo_advantages", lambda rewards, norm="std", eps=1e-8: (
+        torch.zeros_like(rewards), torch.ones(len(rewards), dtype=torch.bool)))
+    rollouts = record_calls(monkeypatch, "collate_rollouts")
+    run = tmp_path / "run"
+    train_rlvr.main(args_for(tiny, run, "--beta=1", "--max_steps=1", "--eval_data=", "--samples_per_step=0"))
+    (_, (ids, labels)), = rollouts
+    mask = labels != -100
+
+    def k3_to_reference(model):  # the penalty's own estimate, exp(-d) - 1 + d, over the rollout's response tokens
+        with torch.no_grad():
+            d = train_rlvr.token_logprobs(model, ids, labels) - train_rlvr.token_logprobs(reference, ids, labels)
+        return (torch.exp(-d) - 1 + d)[mask].mean().item()
+    before = k3_to_reference(Transformer.from_pretrained(tiny.model_dir))
+    after = k3_to_reference(Transformer.from_pretrained(str(run / "final")))
+    assert after < 0.5 * before, (before, after)  # measured: 0.113 -> 0.028
+
+
+def test_ppo_token_rewards_are_the_kl_penalty_plus_the_score_on_the_last_response_token(tiny, tmp_path, monkeypatch):
+    reference = perturbed(tiny.model_dir)
+    use_reference(monkeypatch, reference)
+    rollouts, gae_calls = record_calls(monkeypatch, "collate_rollouts"), record_calls(monkeypatch, "gae")
+    # the non-stop penalty: a random model never stops, so every response scores -10 instead of a mostly-zero score
+    train_rlvr.main(args_for(tiny, tmp_path / "run", "--algo=ppo", "--num_samples=1", "--beta=0.5", "--max_steps=1",
+                             "--ppo_epochs=1", "--num_minibatches=1", "--apply_non_stop_penalty=true",
+                             "--eval_data=", "--samples_per_step=0"))
+    ((samples, _, _), (ids, labels)), = rollouts
+    ((token_rewards, *_), _), = gae_calls
+    mask = (labels != -100).float()
+    start = Transformer.from_pretrained(tiny.model_dir)
+    with torch.no_grad():
+        old, ref = (train_rlvr.token_logprobs(m, ids, labels) * mask for m in (start, reference))
+    want = -0.5 * (old - ref)
+    for i, s in enumerate(samples):  # label column of the last response token: prompt + response - 2
+        want[i, len(s["prompt_ids"]) + len(s["response_ids"]) - 2] += s["reward"]
+    assert [s["reward"] for s in samples] == [-10.0] * 4 and (old - ref).abs().max() > 0.1
+    torch.testing.assert_close(token_rewards * mask, want, rtol=1e-4, atol=1e-4)  # gae reads response tokens only
+
+
+def test_old_and_reference_logprobs_are_taken_at_the_sampling_temperature(tiny, tmp_path, monkeypatch):
+    """The update divides the logits by the temperature: the rollout's log-probs must too, or at temperature 0.7
+    the first ratio (the policy against itself) is not 1 and the first rollout's KL to the reference not 0."""
+    losses = record_calls(monkeypatch, "policy_loss")
+    run = tmp_path / "run"
+    train_rlvr.main(args_for(tiny, run, "--algo=ppo", "--num_samples=1", "--temperature=0.7", "--max_steps=1",
+                             "--ppo_epochs=1", "--num_minibatches=1", "--eval_data=", "--samples_per_step=0"))
+    (logp, old_logp, _, _), _ = losses[0]
+    torch.testing.assert_close(logp, old_logp, rtol=0, atol=1e-5)
+    record, = read_jsonl(run / "metrics.jsonl")
+    assert record["kl"] == pytest.approx(0.0, abs=1e-6) and record["clip_frac"] == 0.0
+
+
+def test_ppo_clips_the_ratio_with_clip_eps_and_the_value_with_value_clip(tiny, tmp_path, monkeypatch):
+    # both default to 0.2: a run with the defaults cannot tell one setting from the other
+    policy_losses, value_losses = record_calls(monkeypatch, "policy_loss"), record_calls(monkeypatch, "value_loss")
+    train_rlvr.main(args_for(tiny, tmp_path / "run", "--algo=ppo", "--num_samples=1", "--clip_eps=0.1",
+                             "--value_clip=0.3", "--max_steps=1", "--ppo_epochs=1", "--num_minibatches=1",
+                             "--eval_data=", "--samples_per_step=0"))
+    assert {args[3] for args, _ in policy_losses} == {0.1} and {args[3] for args, _ in value_losses} == {0.3}
+
+
 def test_a_value_model_with_grpo_is_an_error_not_ignored(tiny, tmp_path):
     with pytest.raises(common.ConfigError, match="only --algo=ppo has a value model"):
         train_rlvr.main(args_for(tiny, tmp_path / "run", "--algo=grpo", f"--value_model={tiny.model_dir}"))
 
 
-def test_two_ranks_run_and_shard_prompts(tiny, tmp_path):
+# Run under torchrun in place of train_rlvr.py: each rank appends its rollouts to OUT/rankR.jsonl, with a digest of
+# the random state it sampled them from, so that one rank can replay both ranks' rollouts.
+RECORD_ROLLOUTS = textwrap.dedent("""
+    import hashlib, json, os, sys
+    sys.path.insert(0, sys.argv.pop(1))
+    out = sys.argv.pop(1)
+    import torch
+    import train_rlvr
+
+    def rollout(*args, real=train_rlvr.rollout):
+        rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+        samples = real(*args)
+        with open(os.path.join(out, f"rank{os.environ['RANK']}.jsonl"), "a") as f:
+            f.write(json.dumps({"rng": rng, "samples": samples}) + "\\n")
+        return samples
+
+    train_rlvr.rollout = rollout
+    train_rlvr.main()
+""")
+
+
+def test_two_ranks_shard_prompts_and_train_as_one_rank_on_the_same_rollouts(tiny, tmp_path, monkeypatch):
+    """PPO, whose advantage whitening and loss denominator are sums over ranks. The ranks sample with their own
+    random streams, so 1 rank cannot draw their rollouts itself: it replays them, and must then train the same."""
     one, two = tmp_path / "one", tmp_path / "two"
-    train_rlvr.main(args_for(tiny, one))
-    torchrun("train_rlvr.py", args_for(tiny, two))
-    m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    # the same global batch: 4 prompts x 4 samples per step, whatever the number of ranks
-    assert [r["rollouts"] for r in m1 if "rollouts" in r] == [r["rollouts"] for r in m2 if "rollouts" in r] == [16, 16]
-    # greedy held-out accuracy of the same starting model: sharded over 2 ranks, then summed == 1 rank
-    assert {k: v for k, v in m1[0].items()} == {k: v for k, v in m2[0].items()}
-    # rank 0 of 2 sampled every other prompt of the epoch order (rank 1 the rest); 1 rank sampled them all
+    # one optimizer step per epoch, so that both runs step on the same rows; adam_eps as test_dpo.py's
+    # ROUNDING_SAFE_ADAM (a gradient element at rounding level would otherwise move by up to lr either way)
+    args = lambda run: args_for(tiny, run, "--algo=ppo", "--num_minibatches=1", "--adam_eps=1e-4",
+                                "--lr_bs_ratio=1e-4")
+    (tmp_path / "record_rollouts.py").write_text(RECORD_ROLLOUTS)
+    torchrun(str(tmp_path / "record_rollouts.py"), [ROOT, tmp_path, *args(two)])
+    rank0, rank1 = (read_jsonl(tmp_path / f"rank{r}.jsonl") for r in (0, 1))
+    # the same prompt would get the same responses on every rank if they shared one random stream
+    assert all(a["rng"] != b["rng"] for a, b in zip(rank0, rank1, strict=True))
     order = data.EpochSampler(len(tiny.demo["rlvr_train"]), seed=0).order(0)
-    prompt_of = lambda i: tiny.demo["rlvr_train"][i]["messages"][-1]["content"]
-    seen = lambda run, step: {json.loads(line)["prompt"] for line in open(run / "samples.jsonl")
-                              if json.loads(line)["step"] == step}
-    assert all(any(prompt_of(i) in p for p in seen(one, 1)) for i in order[:4])
-    assert len(seen(two, 1)) == 2 and all(any(prompt_of(i) in p for p in seen(two, 1)) for i in order[0:4:2])
-    assert os.path.isfile(two / "final" / "model.safetensors")
+    prompts = lambda indices: [tiny.demo["rlvr_train"][i]["messages"] for i in indices]
+    template = data.resolve_template("", tiny.tok)
+    # rank 0 of 2 sampled every other prompt of the epoch order, rank 1 the rest (4 samples of each)
+    for step, ranks in enumerate(zip(rank0, rank1)):
+        for rank, rollout in enumerate(ranks):
+            assert [s["prompt_ids"] for s in rollout["samples"]][::4] == [
+                data.render_chat(tiny.tok, m, template, add_generation_prompt=True)[0]
+                for m in prompts(order[4 * step + rank:4 * step + 4:2])]
+    replayed = []
+
+    def replay(policy, tok, rows, *rest):  # 1 rank takes all 4 prompts of a step
+        step = len(replayed)
+        assert [r["messages"] for r in rows] == prompts(order[4 * step:4 * step + 4])
+        replayed.append(step)
+        return rank0[step]["samples"] + rank1[step]["samples"]
+    monkeypatch.setattr(train_rlvr, "rollout", replay)
+    train_rlvr.main(args(one))
+    assert replayed == [0, 1]
+    # lr = lr_bs_ratio x the global rollout batch, 4 prompts x 4 samples, whatever the number of ranks
+    assert [json.load(open(run / "config.json"))["lr"] for run in (one, two)] == pytest.approx([1.6e-3] * 2)
+    m1, m2 = no_timing(read_jsonl(one / "metrics.jsonl")), no_timing(read_jsonl(two / "metrics.jsonl"))
+    assert [r["rollouts"] for r in m2 if "rollouts" in r] == [16, 16]
+    # greedy held-out accuracy of the same starting model: sharded over 2 ranks, then summed == 1 rank
+    assert m1[0] == m2[0]
+    assert [r.keys() for r in m1] == [r.keys() for r in m2]
+    # vf_clip_frac counts tokens whose clipped value is farther from the return; inside the clip range that value,
+    # old + (v - old), is v up to rounding, so such a token is counted or not on rounding alone (1 of 384 here)
+    for r1, r2 in zip(m1, m2):
+        assert r1.pop("vf_clip_frac", 0) == pytest.approx(r2.pop("vf_clip_frac", 0), abs=0.02)
+        assert r1 == pytest.approx(r2, rel=1e-4, abs=1e-6)
+    w1, w2 = (load_file(run / "final" / "model.safetensors") for run in (one, two))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_a_step_without_signal_leaves_the_weights_alone_on_two_ranks(tiny, tmp_path):
