@@ -61,6 +61,10 @@ def test_tokenizer_special_tokens_from_config_and_overrides(tok_dir, tmp_path):
     assert tok.decode(tok.encode("Hello there! 🙂")) == "Hello there! 🙂"
     over = data.Tokenizer.from_pretrained(tok_dir, eos_token="<|im_end|>", pad_token="<|user|>")
     assert over.eos_id == over.token_to_id("<|im_end|>") and over.pad_id == over.token_to_id("<|user|>")
+    # given the tokenizer.json file itself, the settings come from the folder it is in
+    over.save_pretrained(str(tmp_path / "over"))
+    by_file = data.Tokenizer.from_pretrained(str(tmp_path / "over" / "tokenizer.json"))
+    assert (by_file.eos_token, by_file.pad_token) == ("<|im_end|>", "<|user|>")
     # generation_config.json ids are used when tokenizer_config.json names no token
     shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
     (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [2, 0]}))
@@ -94,7 +98,9 @@ def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(saved))
     assert hf.model_max_length == 8192 and hf.eos_token == "<|im_end|>"
     assert hf.decode(tok.encode("<|im_start|>hi<|im_end|>"), skip_special_tokens=True) == "hi"
-    assert pickle.loads(pickle.dumps(tok)).settings == tok.settings  # the tokenization workers get them too
+    unpickled = pickle.loads(pickle.dumps(tok))  # the tokenization workers get them too
+    assert unpickled.settings == tok.settings
+    assert unpickled.chat_template == "chatml"
 
 
 @pytest.mark.parametrize("template", ["tulu", "chatml"])
@@ -140,6 +146,25 @@ def test_masks_cover_assistant_content_and_end_token(tok):
         assert ids[:len(plain_ids)] == plain_ids and mask[:len(plain_mask)] == plain_mask
         assert ids[len(plain_ids):] == tok.encode(header) and not any(mask[len(plain_ids):])
         assert _trained_text(tok, ids, mask) == "ok" + ("<|endoftext|>\n" if template == "tulu" else "<|im_end|>")
+
+
+def test_a_token_joining_the_header_and_an_indented_response_is_trained():
+    """A BPE trained on code (as SmolLM2's is) merges a newline with the spaces after it, so the header's '\n' and
+    an indented answer's first spaces are one token. It holds response characters, so it is trained: offsets that
+    the ByteLevel post-processor trimmed would put it before the response and leave the indentation untrained."""
+    tk = HFTokenizerCore(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=True)
+    tk.train_from_iterator(["def f():\n    return 1"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=data.SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = data.Tokenizer(tk, "<|endoftext|>", "<|endoftext|>")
+    assert tok.decode(tok.encode("\n    return")[:1]) == "\n   "  # the merged token this test is about
+    conv = [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "    return 1"}]
+    for template, end in (("tulu", "<|endoftext|>"), ("chatml", "<|im_end|>")):
+        ids, mask = data.render_chat(tok, conv, template)
+        assert _trained_text(tok, ids, mask) == "\n    return 1" + end, template
 
 
 def test_bad_messages_name_where_and_why(tok):
@@ -268,6 +293,7 @@ def test_skip_bad_skips_and_reports_count(caplog):
         rows = data.load_sft_rows(os.path.join(FIXTURES, "sft_bad.jsonl"), skip_bad=True)
     assert len(rows) == 2 and rows.num_skipped == 7
     assert "skipped 7 bad SFT rows of 9" in caplog.text
+    assert "first: " + os.path.join(FIXTURES, "sft_bad.jsonl") + " line 2: missing 'messages'" in caplog.text
 
 
 def test_preference_rows_both_forms_and_errors():
@@ -283,6 +309,10 @@ def test_preference_rows_both_forms_and_errors():
         ({"chosen": [user, {"role": "assistant", "content": "a"}],
           "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
          "chosen and rejected prompts differ (first difference at message 0)"),
+        # the rejected conversation has one more turn: the prompts agree as far as the shorter goes
+        ({"chosen": [user, {"role": "assistant", "content": "a"}],
+          "rejected": [user, user, {"role": "assistant", "content": "b"}]},
+         "chosen and rejected prompts differ (first difference at message 1)"),
         ({"chosen": [user, {"role": "assistant", "content": "a"}],
           "rejected": [user, {"role": "assistant", "content": "  "}]}, "empty rejected response"),
         ({"prompt": "q", "chosen": "", "rejected": "b"}, "empty chosen response"),
@@ -329,11 +359,19 @@ def test_rlvr_rows_drop_reference_answer_and_validate():
                       "ground_truth must be a non-empty string"),
                      ({"messages": [{"role": "user", "content": "q"}], "ground_truth": ["5"], "dataset": "MATH"},
                       "ground_truth of a 'MATH' row must be a string or a number, got a list"),
+                     ({"messages": [{"role": "user", "content": "q"}], "ground_truth": True, "dataset": "gsm8k"},
+                      "ground_truth must be a non-empty string, got True"),
                      ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
                                     {"role": "assistant", "content": "b"}], "ground_truth": "1", "dataset": "gsm8k"},
-                      "the prompt ends with an assistant message")]:
+                      "the prompt ends with an assistant message"),
+                     ({"messages": [{"role": "assistant", "content": "a"}], "ground_truth": "1", "dataset": "gsm8k"},
+                      "prompt holds only an assistant message")]:
         with pytest.raises(DataError, match=re.escape(why)):
             data.load_rlvr_rows([row])
+    # the verifiers match dataset names in any case, so 'IFEval' rows may carry their constraints as JSON objects
+    ifeval = {"messages": [{"role": "user", "content": "q"}], "ground_truth": {"func_name": "validate_lowercase"},
+              "dataset": "IFEval"}
+    assert data.load_rlvr_rows([ifeval])[0]["ground_truth"] == '{"func_name": "validate_lowercase"}'
 
 
 def test_files_the_readers_cannot_use_are_named_not_passed_over(tmp_path, caplog):
@@ -411,13 +449,17 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
     again = data.tokenize_sft(rows, demo_tok, "tulu", 64, cache_dir=cache, progress=False)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(seqs, again))
     monkeypatch.undo()
-    # the key changes with max_seq_len, template, tokenizer and data
+    # the key changes with max_seq_len, template, tokenizer (its vocabulary, or its eos, which tulu renders) and data
     other_tok = data.build_demo_tokenizer(demo, vocab_size=600)
+    demo_tok.save_pretrained(str(tmp_path / "tok"))
+    im_end_tok = data.Tokenizer.from_pretrained(str(tmp_path / "tok"), eos_token="<|im_end|>")
     data.tokenize_sft(rows, demo_tok, "tulu", 32, cache_dir=cache, num_workers=1, progress=False)
     data.tokenize_sft(rows, demo_tok, "chatml", 64, cache_dir=cache, num_workers=1, progress=False)
     data.tokenize_sft(rows, other_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     data.tokenize_sft(rows[1:], demo_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
-    assert len(os.listdir(cache)) == 5 and not any(f.endswith(".tmp") for f in os.listdir(cache))
+    im_end = data.tokenize_sft(rows, im_end_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
+    assert im_end[0][0][-1] == im_end_tok.eos_id != demo_tok.eos_id
+    assert len(os.listdir(cache)) == 6 and not any(f.endswith(".tmp") for f in os.listdir(cache))
     # a cache file broken after it was written is named, with what to do
     (tmp_path / "cache" / files[0]).write_bytes(b"not a zip")
     with pytest.raises(RuntimeError, match=rf"{files[0]}: the cached tokenized sft data cannot be read .*delete the "
@@ -620,6 +662,28 @@ def test_left_truncation_cuts_chosen_and_rejected_alike(demo_tok):
     assert np.array_equal(cut["rejected"][0], r_ids[2:]) and np.array_equal(cut["rejected"][1], r_mask[2:])
 
 
+def test_the_preference_cache_key_covers_both_responses_and_the_truncation(demo, demo_tok, tmp_path):
+    """A cached tokenization is reused only for the same pairs under the same truncation: another rejected answer,
+    or 'drop' after 'left', tokenizes afresh."""
+    rows = data.load_preference_rows(demo["pref_train"][:8])
+    edited = copy.deepcopy(rows)
+    edited[0]["rejected"][0]["content"] += " And more."
+
+    def tokenize(rows, truncation, cache_dir):
+        # 38 tokens: five of the eight pairs are longer, so 'left' cuts them and 'drop' drops them; one is exactly 38
+        # tokens long, which fits
+        return data.tokenize_preference(rows, demo_tok, "tulu", 38, truncation=truncation, cache_dir=cache_dir,
+                                        num_workers=1, progress=False)
+    cache = str(tmp_path / "cache")
+    assert len(tokenize(rows, "left", cache)) == 8
+    for variant, truncation in ((rows, "drop"), (edited, "left")):
+        cached, fresh = tokenize(variant, truncation, cache), tokenize(variant, truncation, None)
+        assert len(cached) == len(fresh) == (3 if truncation == "drop" else 8)
+        for a, b in zip(cached, fresh, strict=True):
+            for key in ("chosen", "rejected"):
+                assert np.array_equal(a[key][0], b[key][0]) and np.array_equal(a[key][1], b[key][1]), key
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packing and collation
 
@@ -656,13 +720,13 @@ def test_packed_batch_equals_unpacked_per_document(demo, demo_tok):
 
 def test_labels_are_shifted_and_masked():
     examples = [(np.array([10, 11, 12, 13]), np.array([0, 0, 1, 1])), (np.array([20, 21, 22]), np.array([0, 1, 0]))]
-    batch = data.collate_packed(examples, [[0, 1]], 8, pad_id=0)
-    assert batch["input_ids"][0].tolist() == [10, 11, 12, 13, 20, 21, 22, 0]
+    batch = data.collate_packed(examples, [[0, 1]], 8, pad_id=9)
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 13, 20, 21, 22, 9]
     assert batch["labels"][0].tolist() == [-100, 12, 13, -100, 21, -100, -100, -100]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
     assert batch["doc_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
-    padded = data.collate_padded(examples, [0, 1], 8, pad_id=0)
-    assert padded["input_ids"].shape == (2, 4)
+    padded = data.collate_padded(examples, [0, 1], 8, pad_id=9)
+    assert padded["input_ids"].tolist() == [[10, 11, 12, 13], [20, 21, 22, 9]]
     assert padded["labels"].tolist() == [[-100, 12, 13, -100], [21, -100, -100, -100]]
 
 
@@ -676,6 +740,7 @@ def test_sampler_deterministic_shuffled_per_epoch_and_resumable():
     assert e0 == b.next_batch(10) == a.order(0) and sorted(e0) == list(range(10))
     e1 = a.next_batch(10)
     assert sorted(e1) == list(range(10)) and e1 != e0  # a new permutation each epoch
+    assert len({tuple(a.order(epoch)) for epoch in range(4)}) == 4  # not a short cycle of orders either
     assert data.EpochSampler(10, seed=4).next_batch(10) != e0
     # resume: a restored sampler continues with exactly the indices the uninterrupted one gives
     s = data.EpochSampler(10, seed=3, rank=1, world_size=2)
@@ -689,6 +754,10 @@ def test_sampler_deterministic_shuffled_per_epoch_and_resumable():
     assert first + rest == stream[1:26:2]  # rank 1 of 2: every other item of the stream
     with pytest.raises(ValueError, match="num_items=10"):
         data.EpochSampler(11, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"checkpoint has seed=3, this run has 4 \(the data or seed changed\)"):
+        data.EpochSampler(10, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"rank 2 not in \[0, 2\)"):
+        data.EpochSampler(10, seed=3, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("num_items", [20, 45])

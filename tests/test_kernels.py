@@ -146,6 +146,10 @@ def test_under_autocast_the_lm_head_runs_in_the_autocast_dtype(backend, reductio
         F.linear(h, w).float(), labels, reduction=reduction)), hidden, weight, upstream)
     exact = loss_and_grads(lambda h, w: naive_ce(h, w, labels, reduction), hidden, weight, upstream)
     assert got[1].dtype == got[2].dtype == torch.float32
+    # bit for bit the loss of the bf16-rounded operands: the LM head ran in bf16, not in fp32
+    in_bf16 = kernels.fused_linear_cross_entropy(hidden.detach().bfloat16(), weight.detach().bfloat16(), labels,
+                                                 reduction=reduction)
+    assert torch.equal(got[0], in_bf16)
     for g, e, x, name in zip(got, want, exact, ("loss", "grad_hidden", "grad_weight")):
         err, eager_err = (g - x).abs().max().item(), (e - x).abs().max().item()
         assert err <= eager_err + 2 * 2.0 ** -9 * x.abs().max().item(), \
@@ -171,6 +175,21 @@ def test_all_ignored_call_gives_zero_loss_and_zero_grads(backend, reduction):
         hidden, weight, torch.ones(20, device=DEVICE) if reduction == "none" else None)
     for t in (loss, grad_h, grad_w):
         assert torch.isfinite(t).all() and (t == 0).all()
+
+
+def test_a_frozen_lm_head_or_frozen_hidden_states_still_give_the_other_its_gradient(backend):
+    """Only the trainable input gets a gradient, and the exact one: 'none' computes in backward the gradients that
+    forward recorded as needed."""
+    hidden, weight, labels = make_inputs(n=20)
+    upstream = upstream_grad(20, 5)
+    _, want_h, want_w = loss_and_grads(lambda h, w: naive_ce(h, w, labels, "none"), hidden, weight, upstream)
+    for trainable, want in (("hidden", want_h), ("weight", want_w)):
+        h, w = hidden.detach().clone(), weight.detach().clone()
+        leaf = h if trainable == "hidden" else w
+        leaf.requires_grad_()
+        (kernels.fused_linear_cross_entropy(h, w, labels, reduction="none") * upstream).sum().backward()
+        assert leaf.grad is not None, f"no gradient for the trainable {trainable}"
+        assert_close(leaf.grad, want, 1e-5, f"{backend} grad_{trainable}")
 
 
 def test_custom_ignore_index_inside_the_vocabulary(backend):
@@ -400,6 +419,10 @@ def test_sequence_logprobs_and_per_token_logprobs(backend):
     for a, b, name in zip(got, want, ("logps", "grad_hidden", "grad_weight")):
         assert_close(a, b, 1e-5, name)
     assert torch.equal(kernels.sequence_logprobs(hidden, weight, labels)[1], (labels != -100).sum(1))
+    empty = labels.clone()
+    empty[1] = -100  # a row with nothing to score: log-prob 0 over 0 tokens
+    logps, counts = kernels.sequence_logprobs(hidden, weight, empty)
+    assert logps[1].item() == 0 and counts[1].item() == 0
     per_token = -kernels.fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), reduction="none")
     assert_close(per_token, naive_token_logps(hidden, weight, labels).flatten(), 1e-5, "per-token logps")
 
@@ -484,10 +507,40 @@ def test_preference_loss_serves_the_reward_model(backend):
     assert out.accuracy.item() == pytest.approx(1 / 3)  # only the first pair has chosen > rejected
 
 
+def test_the_preference_loss_gradient_carries_the_upstream_factor(backend):
+    """The trainers backpropagate loss / grad_accum: each pair's gradient is scaled by the same factor."""
+    scores = torch.tensor([1.5, -0.3, 0.2, 0.5, 0.4, 2.0], device=DEVICE, requires_grad=True)
+    chosen, rejected = scores[:3], scores[3:]
+    ones, zeros = torch.ones(3, dtype=torch.long, device=DEVICE), torch.zeros(3, device=DEVICE)
+    out = kernels.preference_loss(chosen, rejected, ones, ones, zeros, zeros, loss_type="dpo", beta=1.0)
+    (out.loss / 4).backward()
+    d = (chosen - rejected).detach()
+    assert torch.allclose(scores.grad, torch.cat([-torch.sigmoid(-d), torch.sigmoid(-d)]) / 3 / 4, atol=1e-7)
+
+
+def test_an_empty_response_is_averaged_over_one_token(backend):
+    """A response with no scored token (summed log-prob 0) counts as one token in the per-token means: finite
+    losses and gradients, the hand formula with a count of 1."""
+    counts_c, counts_r = [3, 0], [4, 2]
+    for loss_type, beta in (("dpo_norm", 5.0), ("simpo", 2.0), ("ipo", 0.5)):
+        pc = torch.tensor([-6.0, 0.0], device=DEVICE, requires_grad=True)
+        pr = torch.tensor([-9.0, -4.0], device=DEVICE, requires_grad=True)
+        rc, rr = torch.tensor([-7.0, 0.0], device=DEVICE), torch.tensor([-8.0, -5.0], device=DEVICE)
+        out = kernels.preference_loss(pc, pr, torch.tensor(counts_c, device=DEVICE),
+                                      torch.tensor(counts_r, device=DEVICE), rc, rr, loss_type=loss_type, beta=beta)
+        out.loss.backward()
+        want = sum(hand_dpo(loss_type, pc[i].item(), pr[i].item(), max(counts_c[i], 1), counts_r[i], rc[i].item(),
+                            rr[i].item(), beta, 0.0, 0.5)[0] for i in range(2)) / 2
+        assert out.loss.item() == pytest.approx(want, rel=1e-5), loss_type
+        assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all(), loss_type
+
+
 def test_dpo_bad_arguments(backend):
     hidden, weight, labels, ref_c, ref_r = make_pairs()
     with pytest.raises(ValueError, match="loss_type"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="kto")
+    with pytest.raises(ValueError, match="beta must be > 0, got 0"):  # a constant loss; ipo divides by it
+        kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, beta=0)
     with pytest.raises(ValueError, match="label_smoothing"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="ipo", label_smoothing=0.1)
     for eps in (0.5, 1.0, -2.0):  # from 0.5 on the loss prefers the rejected answer; below 0 it is unbounded

@@ -58,6 +58,7 @@ def test_smollm2_135m_shape_matches_transformers_and_round_trips(smol, tmp_path)
     hf, path = smol
     model = Transformer.from_pretrained(path)
     assert model.config.rope_theta == 100000.0 and model.config.num_kv_heads == 3 and model.lm_head is None
+    assert not model.training  # loaded for inference, as transformers' from_pretrained returns it
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     assert logits_diff(model, hf, ids) <= 1e-4
     # Our folder loads in transformers with the same logits; tied: no lm_head tensor is written.
@@ -366,8 +367,9 @@ def test_sampling_filters_match_transformers_warpers_including_ties():
     cases = [torch.randn(4, 1000, generator=g) * 3, (torch.randn(4, 1000, generator=g) * 3).bfloat16().float(),
              torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])]
     for logits in cases:
+        # top_p=1e-8: 1 - top_p rounds to 1.0 in fp32, so the whole cumulative mass is within it; the top token stays
         for temperature, top_k, top_p in [(1.0, 0, 0.5), (0.7, 0, 0.9), (1.3, 20, 0.75), (1.0, 2, 1.0),
-                                          (1.0, 0, 1e-6), (1.0, 0, 0.3)]:
+                                          (1.0, 0, 1e-6), (1.0, 0, 0.3), (1.0, 0, 1e-8)]:
             ours = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
             theirs = TemperatureLogitsWarper(temperature)(None, logits)
             if top_k:
@@ -381,12 +383,15 @@ def test_stop_tokens_per_row(tiny):
     free = generate(tiny, PROMPTS, max_new_tokens=10).tokens
     # Row 0 stops at its 3rd token, row 1 at its 6th, row 2 never (no stop ids), row 3 on either of two ids.
     stops = [[free[0][2]], [free[1][5], 999], [], [free[3][0], free[3][4]]]
-    out = generate(tiny, PROMPTS, max_new_tokens=10, stop_token_ids=stops)
-    for row, (toks, s) in enumerate(zip(free, stops, strict=True)):
-        hit = next((i for i, t in enumerate(toks) if t in s), None)
-        expect = toks if hit is None else toks[:hit + 1]
-        assert out.tokens[row] == expect and len(out.logprobs[row]) == len(expect)
-        assert out.stopped[row] == (hit is not None)
+    # Stopped rows decode padding while others go on. The padding id is often a stop id too (eos = pad): it must not
+    # count as that row stopping again, later.
+    for pad in (0, free[0][2]):
+        out = generate(tiny, PROMPTS, max_new_tokens=10, stop_token_ids=stops, pad_token_id=pad)
+        for row, (toks, s) in enumerate(zip(free, stops, strict=True)):
+            hit = next((i for i, t in enumerate(toks) if t in s), None)
+            expect = toks if hit is None else toks[:hit + 1]
+            assert out.tokens[row] == expect and len(out.logprobs[row]) == len(expect), (pad, row)
+            assert out.stopped[row] == (hit is not None)
     # A flat list applies to every row.
     flat = generate(tiny, PROMPTS, max_new_tokens=10, stop_token_ids=[free[0][2]])
     assert flat.tokens[0] == free[0][:3] and flat.stopped[0]
@@ -398,6 +403,8 @@ def test_generate_restores_training_mode_and_rejects_empty_prompt(tiny):
     generate(tiny, [[1, 2]], max_new_tokens=2)
     assert tiny.training
     tiny.eval()
+    generate(tiny, [[1, 2]], max_new_tokens=2)
+    assert not tiny.training
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(tiny, [[1], []], max_new_tokens=2)
     # a negative temperature would sample the least likely tokens, top_p=0 drop every token
