@@ -2,6 +2,7 @@
 reward model and DPO learning on the synthetic pairs, the over-length policy and bad inputs.
 
 Everything runs a tiny random-init model (ModelConfig 'tiny') on a slice of data.make_demo_data."""
+import copy
 import glob
 import json
 import os
@@ -61,6 +62,19 @@ def metrics(run_dir):
 
 def train_losses(run_dir):
     return [(m["step"], m["loss"]) for m in metrics(run_dir) if "loss" in m]
+
+
+def assert_same_metrics(run_a, run_b, skip=()):
+    """Every logged number but lr and epoch (which depend on the split) agrees, at every step; `skip` holds keys
+    or (step, key) pairs left out."""
+    a_rows, b_rows = metrics(run_a), metrics(run_b)
+    assert [a["step"] for a in a_rows] == [b["step"] for b in b_rows]
+    for a, b in zip(a_rows, b_rows):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k in ("lr", "epoch") or k in skip or (a["step"], k) in skip or not isinstance(a[k], float):
+                continue
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
 
 
 # For tests that compare two runs summing in another order (cached vs live reference, 1 vs 2 ranks). Adam divides
@@ -188,12 +202,15 @@ def test_cached_reference_equals_live_reference(tiny, tmp_path, capsys):
     # rewards and margins, compared with abs=1e-5, pin those rows instead. Once the policy has moved, margins are
     # far from rounding and accuracy must match too.
     at_reference = {(0, "eval_accuracy"), (1, "accuracy")}
-    for a, b in zip(metrics(cached), metrics(live)):
-        assert a.keys() == b.keys()
-        for k in a:
-            if k not in ("lr", "grad_norm", "epoch") and isinstance(a[k], float) and (a["step"], k) not in at_reference:
-                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    assert_same_metrics(cached, live, skip={"grad_norm", *at_reference})
     assert_same_weights(final_weights(cached), final_weights(live), atol=1e-5)
+    # With the live reference those rewards are exactly 0, a tie, and a tie is not a correctly ranked pair (the
+    # accuracy counts chosen > rejected strictly, as open-instruct and TRL do)
+    eval0, train1 = metrics(live)[:2]
+    assert (eval0["step"], train1["step"]) == (0, 1)
+    assert eval0["eval_rewards_chosen"] == eval0["eval_rewards_rejected"] == train1["rewards_chosen"] == \
+        train1["rewards_rejected"] == 0.0
+    assert eval0["eval_accuracy"] == train1["accuracy"] == 0.0
     capsys.readouterr()
     train_dpo.main(args_for(tiny, again, f"--cache_dir={tiny_cache}", "--max_steps=1"))  # a second run reuses it
     assert "reference log-probs (train): cached in" in capsys.readouterr().out
@@ -205,11 +222,15 @@ def test_two_ranks_equal_one_rank(tiny, tmp_path, wrap):
     """Under FSDP2 the cached reference pass runs through the sharded model before the optimizer is built, and a
     checkpoint is saved after it: the embedding and final norm must still train, and saving must work."""
     one, two = tmp_path / "one", tmp_path / "two"
+    # 5 held-out pairs in batches of 2: rank 0 takes pairs 0, 2 then 4, rank 1 takes 1, 3 then none, and its
+    # throwaway batch (which keeps FSDP's collectives in step) must count for nothing
+    heldout = write_jsonl(tmp_path / "heldout5.jsonl", tiny.demo["pref_heldout"][:5])
     train_dpo.main(args_for(tiny, one, "--batch_size=2", "--grad_accum=2", f"--cache_dir={tmp_path / 'c1'}",
-                            ROUNDING_SAFE_ADAM))
+                            ROUNDING_SAFE_ADAM, eval_file=heldout))
     sharded = ["--fsdp=true", "--checkpoint_every=2"] if wrap == "fsdp" else []
     out = torchrun("train_dpo.py", args_for(tiny, two, "--batch_size=2", "--grad_accum=1",
-                                            f"--cache_dir={tmp_path / 'c2'}", ROUNDING_SAFE_ADAM, *sharded))
+                                            f"--cache_dir={tmp_path / 'c2'}", ROUNDING_SAFE_ADAM, *sharded,
+                                            eval_file=heldout))
     assert "effective batch 4 pairs (2 x 1 accum x 2 ranks)" in out
     # the reference tables (sharded over ranks, then all-reduced) are identical to the one-process tables
     def tables(cache):
@@ -220,7 +241,25 @@ def test_two_ranks_equal_one_rank(tiny, tmp_path, wrap):
     assert [s for s, _ in l1] == [s for s, _ in l2] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(l1, l2):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    # the gradient norm too: Adam and clipping hide from the weights a gradient scaled by a constant (1 rank
+    # accumulates 2 micro-batches, 2 ranks 1). The step-0 and step-1 accuracies compare rewards within rounding of
+    # 0 (the policy is still the reference), computed in other batches here than there: a coin flip.
+    assert_same_metrics(one, two, skip={(0, "eval_accuracy"), (1, "accuracy")})
+    assert [m["step"] for m in metrics(one) if "eval_loss" in m] == [0, 4]
     assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
+
+
+def test_accumulated_micro_batches_equal_one_batch_of_the_same_pairs(tiny, tmp_path):
+    """grad_accum=2 x 2 pairs trains on the same 4 pairs per step as 1 x 4: the same update, which is the mean
+    over the step's pairs (the gradient norm shows a scale that Adam and clipping hide from the weights)."""
+    big, micro = tmp_path / "big", tmp_path / "micro"
+    train_dpo.main(args_for(tiny, big, "--batch_size=4", "--grad_accum=1", "--max_steps=2", "--eval_data=",
+                            ROUNDING_SAFE_ADAM))
+    train_dpo.main(args_for(tiny, micro, "--batch_size=2", "--grad_accum=2", "--max_steps=2", "--eval_data=",
+                            ROUNDING_SAFE_ADAM))
+    assert [m["step"] for m in metrics(micro)] == [1, 2]
+    assert_same_metrics(big, micro, skip={(1, "accuracy")})  # step 1's: a coin flip, as above
+    assert_same_weights(final_weights(big), final_weights(micro), atol=1e-5)
 
 
 def test_final_records_the_chat_template_the_pairs_were_rendered_with(tiny, tmp_path, capfd):
@@ -275,6 +314,44 @@ def test_a_config_edited_in_place_is_another_reference(tiny, tmp_path):
     train_dpo.main(args + ["--overwrite"])
     # the train and held-out tables computed anew
     assert len(set(glob.glob(str(tmp_path / "cache" / "ref_logps-*"))) - cached) == len(cached) == 2
+
+
+def test_reference_cache_is_keyed_on_every_setting_that_moves_the_log_probs(tiny, tmp_path, monkeypatch):
+    """A cached reference table serves only a run that would compute the same numbers. The model, the data, the
+    template and max_seq_len (the tokens of each pair), ref_batch_size (the padding of its chunks), the precision
+    and the kernel backend each change them, so each computes and writes a table of its own."""
+    d = common.setup_distributed("cpu")
+    rows = [train_dpo.normalize_demo(r) for r in tiny.demo["pref_train"][:4]]
+    edited = copy.deepcopy(rows)  # one answer's number changed: other tokens, the same trained positions
+    assert edited[3]["rejected"][0]["content"] == "16 + 8 = 22\n#### 22"
+    edited[3]["rejected"][0]["content"] = "16 + 8 = 23\n#### 23"
+    policy = Transformer.from_pretrained(tiny.model_dir)
+    retrained = Transformer.from_pretrained(tiny.model_dir)
+    with torch.no_grad():
+        retrained.norm.weight += 1e-3
+
+    def table(model=policy, rows=rows, template="tulu", max_seq_len=256, **settings):
+        pairs = data.tokenize_preference(rows, tiny.tok, template, max_seq_len, progress=False)
+        cfg = train_dpo.DPOConfig(cache_dir=str(tmp_path), progress=False,
+                                  **{"ref_batch_size": 4, "precision": "fp32", **settings})
+        return train_dpo.reference_logps(model, common.weights_digest(model), pairs, cfg, d, tiny.tok.pad_id, "train")
+
+    def written():
+        return len(list(tmp_path.glob("ref_logps-*")))
+
+    base = table()
+    assert torch.equal(table(), base) and written() == 1  # the same settings read it back
+    longest = [max(len(p["chosen"][0]), len(p["rejected"][0]))
+               for p in data.tokenize_preference(rows, tiny.tok, "tulu", 256, progress=False)]
+    changes = {"weights": {"model": retrained}, "data": {"rows": edited}, "template": {"template": "chatml"},
+               "max_seq_len": {"max_seq_len": min(longest) - 1},  # every prompt cut from the left
+               "ref_batch_size": {"ref_batch_size": 3}, "precision": {"precision": "bf16"}}
+    for n, (name, change) in enumerate(changes.items(), 2):
+        table(**change)
+        assert written() == n, f"{name} changed, yet the cached table was reused"
+    monkeypatch.setenv("NANOTULU_KERNELS", "triton")
+    table()
+    assert written() == len(changes) + 2, "kernel backend changed, yet the cached table was reused"
 
 
 def test_dpo_raises_heldout_preference_accuracy(tiny, tmp_path):
@@ -394,10 +471,17 @@ def test_fsdp_bf16_reference_matches_the_policy_at_step_0(tiny, tmp_path):
     the step-0 rewards were up to 2.7e-4 here; through the wrapped model they are 0 for the live reference and
     within 2.7e-5 for the cached one (its chunks are padded unlike the training batches). 12-pair chunks do not
     divide evenly over the ranks, so one rank runs a throwaway forward to keep FSDP's all-gathers in step."""
+    # that autocast table is in the cache first (one process, bf16): the sharded run must not take it for its own
+    cache = tmp_path / "cache"
+    pairs = data.tokenize_preference(data.load_preference_rows(tiny.small), tiny.tok, "tulu", 256, progress=False)
+    model = Transformer.from_pretrained(tiny.model_dir)
+    cfg = train_dpo.DPOConfig(cache_dir=str(cache), ref_batch_size=12, precision="bf16", progress=False)
+    train_dpo.reference_logps(model, common.weights_digest(model), pairs, cfg, common.setup_distributed("cpu"),
+                              tiny.tok.pad_id, "train")
     for mode, tolerance in (("live", 0.0), ("cached", 1e-4)):
         run = tmp_path / mode
         torchrun("train_dpo.py", args_for(tiny, run, "--batch_size=2", "--grad_accum=1", "--fsdp=true",
-                                          "--precision=bf16", "--max_steps=1", f"--cache_dir={tmp_path / 'cache'}",
+                                          "--precision=bf16", "--max_steps=1", f"--cache_dir={cache}",
                                           "--ref_batch_size=12", *(["--reference_in_memory"] if mode == "live" else [])))
         eval0, train1 = metrics(run)[:2]
         assert (eval0["step"], train1["step"]) == (0, 1) and "eval_loss" in eval0 and "loss" in train1
@@ -405,5 +489,6 @@ def test_fsdp_bf16_reference_matches_the_policy_at_step_0(tiny, tmp_path):
         at_reference = [eval0["eval_rewards_chosen"], eval0["eval_rewards_rejected"],
                         train1["rewards_chosen"], train1["rewards_rejected"]]
         assert max(abs(r) for r in at_reference) <= tolerance, (mode, at_reference)
+    assert len(list(cache.glob("ref_logps-*"))) == 3  # the autocast table, the sharded run's train and held-out
     with open(tmp_path / "cached" / "config.json") as f:
         assert json.load(f)["precision"] == "bf16"

@@ -19,12 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A random tiny model (HF folder with its tokenizer) and 48 + 7 demo conversations as jsonl files."""
+    """A random tiny model (HF folder with its tokenizer) and 48 + 5 demo conversations as jsonl files."""
     root = tmp_path_factory.mktemp("sft")
-    demo = data.make_demo_data(seed=1, n_train=48, n_heldout=7)  # 7: ranks get uneven held-out shares
-    for split in ("train", "heldout"):
+    demo = data.make_demo_data(seed=1, n_train=48, n_heldout=7)
+    # 5 held-out rows: on 2 ranks in batches of 2, rank 0 takes rows 0, 2 then 4, and rank 1 takes rows 1, 3 then
+    # none, so its last forward (which keeps FSDP's collectives in step) must count for nothing
+    for split, rows in (("train", demo["sft_train"]), ("heldout", demo["sft_heldout"][:5])):
         with open(root / f"{split}.jsonl", "w") as f:
-            for row in demo[f"sft_{split}"]:
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
     tok = data.build_demo_tokenizer(demo, vocab_size=320)
     torch.manual_seed(0)
@@ -82,6 +84,11 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
     # the demo's own held-out split and tokenizer would be used instead of these
     with pytest.raises(common.ConfigError, match=r"--eval_data=\S*heldout.jsonl: not used without --data"):
         train_sft.main(args(setup, "demo", data="", model=""))
+
+
+def test_a_loss_reduction_other_than_mean_or_sum_is_refused(setup):
+    with pytest.raises(common.ConfigError, match=r"loss_reduction='token': expected mean or sum"):
+        train_sft.main(args(setup, "token_loss", loss_reduction="token"))
 
 
 def test_data_with_nothing_to_train_within_max_seq_len_is_an_error_naming_it(setup):
@@ -168,16 +175,20 @@ def test_sum_loss_is_independent_of_the_split_and_scales_the_gradient_per_sequen
 TWO_RANKS = dict(batch_size=2, grad_accum=1, eval_every=2, checkpoint_every=2)
 
 
-@pytest.mark.parametrize("fsdp,compile", [(False, False), (True, False), (True, True)],
-                         ids=["ddp", "fsdp2", "fsdp2_compiled"])
-def test_two_ranks_equal_one_rank_with_the_same_global_batch(setup, fsdp, compile):
-    if not os.path.exists(setup / "ref_1rank"):
-        train_sft.main(args(setup, "ref_1rank", batch_size=2, grad_accum=2, eval_every=2))
+# DDP runs the sum loss, whose divisor is the global batch's sequence count (4 here, not a rank's 2); the one-rank
+# run resumed on two ranks below runs DDP with the mean loss
+@pytest.mark.parametrize("fsdp,compile,loss_reduction", [(False, False, "sum"), (True, False, "mean"),
+                                                         (True, True, "mean")],
+                         ids=["ddp_sum_loss", "fsdp2", "fsdp2_compiled"])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(setup, fsdp, compile, loss_reduction):
+    ref = f"ref_1rank_{loss_reduction}"
+    if not os.path.exists(setup / ref):
+        train_sft.main(args(setup, ref, batch_size=2, grad_accum=2, eval_every=2, loss_reduction=loss_reduction))
     run = f"two_ranks_{'fsdp' if fsdp else 'ddp'}{'_compiled' if compile else ''}"
-    train_on_ranks(setup, run, 2, fsdp=fsdp, compile=compile, **TWO_RANKS)
+    train_on_ranks(setup, run, 2, fsdp=fsdp, compile=compile, loss_reduction=loss_reduction, **TWO_RANKS)
     assert ((2, "eval_loss")) in losses(setup / run)
     assert json.load(open(setup / run / "config.json"))["total_batch_size"] == 4
-    assert_same_run(setup / "ref_1rank", setup / run)
+    assert_same_run(setup / ref, setup / run)
 
 
 def test_fsdp2_interrupted_and_resumed_run_reproduces_the_uninterrupted_run(setup):
