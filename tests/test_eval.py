@@ -356,6 +356,17 @@ def test_demo_evaluation_scores_a_scripted_model_as_computed_by_hand(monkeypatch
                       "pref_n": 2}
 
 
+def test_demo_constraint_accuracy_gives_no_credit_for_meeting_some_of_a_rows_constraints(loaded, monkeypatch):
+    """Held-out accuracy is IFEval's prompt-level strict score: RLVR's partial credit is a training reward only."""
+    model, tok = loaded
+    both = [{"func_name": "validate_lowercase"}, {"func_name": "validate_end", "end_phrase": "Done."}]
+    rows = [{"messages": [{"role": "user", "content": "Answer in lowercase."}], "dataset": "ifeval",
+             "ground_truth": json.dumps(both)}]
+    monkeypatch.setattr(ev, "generate", scripted_generate(tok, lambda prompt: "all lowercase here"))
+    result = ev.evaluate_demo(model, tok, {"rlvr_heldout": rows, "pref_heldout": []})
+    assert (result["constraint_acc"], result["constraint_n"]) == (0.0, 1)
+
+
 def test_preference_accuracy_compares_mean_log_prob_per_token_not_sums(loaded):
     """A long chosen response of likely tokens against a one-token rejected one: its sum is lower, its mean higher."""
     model, tok = loaded
