@@ -45,6 +45,17 @@ def test_gsm8k_a_hyphen_after_a_word_is_not_a_minus():
     assert V.gsm8k("The shop is open 9-10", "10") == 1.0
     assert V.gsm8k("From page 3-5 we get x=-5", "-5") == 1.0
 
+
+def test_gsm8k_strict_reads_the_first_hash_answer():
+    # lm-eval's strict-match takes the first "#### N"; a later correction does not count
+    assert V.gsm8k_strict("#### 5\nwait, #### 7", "5") == 1.0
+    assert V.gsm8k_strict("#### 5\nwait, #### 7", "7") == 0.0
+
+
+def test_gsm8k_a_hyphen_after_a_closing_parenthesis_is_a_minus_sign():
+    assert V.gsm8k("the result is (x+1)-3", "3") == 1.0
+    assert V.gsm8k("the result is (x+1)-3", "-3") == 0.0
+
 # ----------------------------------------------------------------------------- MATH
 
 
@@ -101,6 +112,40 @@ def test_math_truth_may_be_a_solution():
     assert V.math("\\boxed{6}", "so the answer is \\boxed{6}.") == 1.0
     with pytest.raises(ValueError, match="MATH ground truth"):
         V.math("\\boxed{6}", "   ")
+
+
+def test_math_reads_the_last_final_answer_phrase():
+    assert V.math("The final answer is 3. Later: the final answer is 4.", "4") == 1.0
+
+
+def test_math_minerva_answer_without_hope_phrase_ends_at_its_line():
+    assert V.math("The final answer is 12.\nNote that 12 = 3*4", "12") == 1.0
+
+
+def test_math_boxed_and_minerva_answers_are_both_candidates():
+    assert V.math("\\boxed{3}. The final answer is 4.", "4") == 1.0
+    assert V.math("\\boxed{3}. The final answer is 4.", "3") == 1.0
+
+
+@pytest.mark.parametrize("response,truth", [
+    ("\\boxed{\\frac1{72}}", "\\frac{1}{72}"),  # \frac1{72} -> \frac{1}{72}
+    ("\\boxed{10{,}000}", "10000"),  # LaTeX's {,} thousands separator
+    ("\\boxed{(1,2).}", "(1,2)"),  # a trailing period
+])
+def test_math_normalises_latex_shorthands_and_a_trailing_period(response, truth):
+    assert V.math(response, truth) == 1.0
+
+
+@pytest.mark.parametrize("response,truth", [
+    ("\\boxed{x+y=5}", "5"),  # only a left side of at most two characters ("x =", "k=") is dropped
+    ("\\boxed{a/b}", "\\frac{a}{b}"),  # a/b becomes \frac only for integers
+])
+def test_math_normalisation_keeps_what_hendrycks_keeps(response, truth):
+    assert V.math(response, truth) == 0.0
+
+
+def test_math_zero_denominator_is_not_a_number():
+    assert V.math("\\boxed{\\frac{1}{0}}", "\\frac{2}{0}") == 0.0
 
 # ----------------------------------------------------------------------------- IFEval, one pass / fail per type
 
@@ -181,6 +226,42 @@ def test_repeat_prompt_defaults_to_row_prompt():
     assert V.ifeval_instructions("Tell me. ok", ["combination:repeat_prompt"], [{}], "Tell me.") == [True]
 
 
+@pytest.mark.parametrize("inst,kwargs,response,followed", [
+    # a response with no letters cannot be judged for language: counted as followed
+    ("language:response_language", {"language": "de"}, "12345", True),
+    # the count must match too, and the first word is compared case-insensitively
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "Then"},
+     "first part\n\nThen second\n\nthird", False),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "Then"},
+     "first part\n\nthen second", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "hi\nP. S. bye", True),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "[a\nb] [c]", False),  # [...] within a line
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*a* *b* *c*", True),  # at least
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
+     "Section 1 a Section 2 b Section 3 c", True),  # at least
+    ("startend:quotation", {}, '"', False),  # one quote mark does not wrap anything
+    ("startend:quotation", {}, '""', True),
+    ("length_constraints:number_words", {"num_words": 3, "relation": "at least"}, "one-two three", True),  # \w+ runs
+    ("detectable_format:title", {}, "a>>b<<c", False),  # '>>' must close a '<<'
+    # '*' then a newline is a bullet whose .*$ runs over the next line, so "* x" there is not a second one
+    ("detectable_format:number_bullet_lists", {"num_bullets": 1}, "*\n* x", True),
+    ("detectable_format:title", {}, "<< >> x>>", True),  # one match from the first '<<' to the last '>>'
+    ("keywords:letter_frequency", {"letter": "Z", "let_frequency": 3, "let_relation": "at least"}, "zzZ", True),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "a\n***\nb\n***", True),  # a trailing divider
+    ("combination:two_responses", {}, "a\n******\nb\n******", True),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "b"},
+     "a\n\n\n\nb", False),  # the 2nd "\n\n" part is empty
+])
+def test_ifeval_instruction_edge_cases(inst, kwargs, response, followed):
+    assert V.ifeval_instructions(response, [inst], [kwargs], prompt="p") == [followed]
+
+
+def test_repeat_prompt_empty_kwarg_falls_back_to_row_prompt():
+    kw = {"prompt_to_repeat": ""}
+    assert V.ifeval_instructions("ok", ["combination:repeat_prompt"], [kw], "Tell me.") == [False]
+    assert V.ifeval_instructions("Tell me. ok", ["combination:repeat_prompt"], [kw], "Tell me.") == [True]
+
+
 # What nltk 3.10's word_tokenize returns for each (recorded with it): the built-in tokenizer, used where nltk or its
 # punkt data is missing, must split exactly the same way. bench/ifeval_agreement.py compares the two on every IFEval
 # prompt and on random strings.
@@ -202,6 +283,12 @@ TREEBANK_CASES = [
 def test_builtin_word_tokenizer_splits_as_nltk(monkeypatch, text, tokens):
     monkeypatch.setattr(V, "_punkt", None)
     assert V.word_tokenize(text) == tokens
+
+
+def test_builtin_sentence_splitter_reads_newlines_as_spaces(monkeypatch):
+    monkeypatch.setattr(V, "_punkt", None)
+    # "Inc." before a sentence starter ends a sentence, after a newline as after a space
+    assert V.split_sentences("I met Acme Inc.\nHe left.") == ["I met Acme Inc", "He left."]
 
 
 def test_capital_word_frequency_counts_treebank_words(monkeypatch):
@@ -316,6 +403,22 @@ def test_rlvr_around_tolerates_both_edges_and_no_further(gt, inside, outside):
         assert V.verify("ifeval", text(n), {**gt, "quantifier": "around"}) == reward, n
 
 
+@pytest.mark.parametrize("gt,response,reward", [
+    # "around" 15 words tolerates round(1.5) = 2 either side
+    ({"func_name": "validate_word_constraint", "N": 15, "quantifier": "around"}, " ".join(["w"] * 13), 1.0),
+    ({"func_name": "verify_paragraph_count", "N": 3}, "a\n* * *\nb\n* * *", 0.0),  # an empty last paragraph
+    ({"func_name": "verify_letter_frequency", "letter": "a", "N": 1}, "Aa", 1.0),  # case-sensitive, as open-instruct
+    ({"func_name": "verify_keyword_frequency", "word": "cat", "N": 1}, "cat catalog", 1.0),  # whole words only
+    ({"func_name": "validate_frequency_capital_words", "N": 2, "quantifier": "at least"}, "A B", 1.0),
+    ({"func_name": "validate_two_responses"}, "a ****** b ****** c", 0.0),  # exactly two
+    ({"func_name": "validate_title"}, "a>>b<<c", 0.0),
+    ({"func_name": "validate_paragraphs", "N": 2, "first_word": "Then", "i": 2}, "a\n\n  Then b", 1.0),  # indented
+    ({"func_name": "validate_response_language", "language": "en"}, "12345 678", 0.0),  # undetectable earns nothing
+])
+def test_rlvr_func_edge_cases(gt, response, reward):
+    assert V.verify("ifeval", response, gt) == reward
+
+
 def test_rlvr_response_is_stripped_as_open_instruct_does():
     assert V.ifeval('"Paris is the capital."\n', {"func_name": "validate_quotation"}) == 1.0
     assert V.ifeval("Anything else?\n", {"func_name": "validate_end", "end_phrase": "Anything else?"}) == 1.0
@@ -375,6 +478,17 @@ def test_whole_number_arguments_may_be_written_as_floats():
 ])
 def test_builtin_language_detector(monkeypatch, lang, text):
     """The fallback when langdetect is not installed; langdetect gives the same codes for these."""
+    monkeypatch.setattr(V, "langdetect", None)
+    assert V.detect_language(text) == lang
+
+
+@pytest.mark.parametrize("lang,text", [
+    ("ja", "東京都新宿区西新宿二丁目の高層ビル"),  # kanji outnumber kana, but any kana means Japanese
+    ("vi", "Tôi yêu bạn"),  # no common Vietnamese word, but letters only Vietnamese uses
+    ("ru", "Это очень хорошо, мы знаем."), ("bg", "Това е много хубаво."), ("uk", "Це дуже добре, ми знаємо і їх."),
+    ("ar", "هذا كتاب جيد جدا"), ("fa", "این یک کتاب خوب است"), ("ur", "یہ ایک اچھی کتاب ہے"),
+])
+def test_builtin_language_detector_tells_apart_languages_sharing_a_script(monkeypatch, lang, text):
     monkeypatch.setattr(V, "langdetect", None)
     assert V.detect_language(text) == lang
 
