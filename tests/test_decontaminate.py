@@ -221,3 +221,48 @@ def test_json_list_and_json_lines_files_read_alike(tmp_path):
     (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # as datasets' to_json writes
     assert [r for _, r in dc.read_rows(str(tmp_path / "list.json"))] == rows
     assert [r for _, r in dc.read_rows(str(tmp_path / "lines.json"))] == rows
+
+
+def test_plain_string_preference_fields_count_as_user_prompt_and_assistant_answers():
+    row = {"prompt": "p", "chosen": "c", "rejected": [{"role": "user", "content": "u"},
+                                                      {"role": "assistant", "content": "a"}]}
+    assert dc.train_texts(row, "row") == ["p", "u"]
+    assert dc.train_texts(row, "row", roles=("assistant",)) == ["c", "a"]
+
+
+def test_a_comma_separated_roles_flag_reads_each_role(tmp_path):
+    # the fixtures hold only user and assistant turns (and one system turn that matches nothing)
+    clean, report = run_cli(tmp_path, n=8, roles="assistant, user")
+    assert report["roles"] == ["assistant", "user"]
+    assert report["contaminated_train_rows"] == REMOVED_N8
+
+
+def test_eval_field_flag_lists_several_fields_and_blank_text_is_an_error(tmp_path):
+    assert dc.eval_fields("squad", "context,question") == ("context", "question")
+    bad = tmp_path / "gsm8k.jsonl"
+    bad.write_text(json.dumps({"question": " \n\t"}) + "\n")
+    with pytest.raises(dc.DecontaminationError, match="row has no text"):
+        dc.load_eval_set("gsm8k", str(bad))
+
+
+def test_eval_args_split_at_the_first_equals_and_refuse_a_set_given_twice():
+    assert dc.parse_eval_args(["gsm8k=dir/a=b.jsonl"]) == {"gsm8k": "dir/a=b.jsonl"}
+    with pytest.raises(dc.DecontaminationError, match="given twice"):
+        dc.parse_eval_args(["gsm8k=a.jsonl", "gsm8k=b.jsonl"])
+
+
+def test_n_below_one_is_refused():
+    with pytest.raises(dc.DecontaminationError, match="n must be >= 1"):
+        dc.EvalIndex({"a": [["one two"]]}, n=0)
+
+
+def test_share_counts_examples_too_short_for_an_ngram_as_clean():
+    # 3 examples: one copied, one too short for a trigram, one clean -> 1/3, not 1/2
+    index = dc.EvalIndex({"a": [["one two three"], ["four"], ["five six seven"]]}, n=3)
+    assert index.scan([["say one two three now"]]).tolist() == [True]
+    rep = index.report()["a"]
+    assert (rep["contaminated"], rep["too_short"], rep["share"]) == (1, 1, pytest.approx(1 / 3))
+
+
+def test_apostrophes_are_deleted_not_split_on():
+    assert dc.normalise("Don't") == dc.normalise("dont") == ["dont"]

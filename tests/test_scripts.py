@@ -213,3 +213,109 @@ def test_no_module_of_the_repository_shadows_an_installed_package():
                 ours.add(entry)
     assert "nanotulu_kernels" in ours and "model" in ours  # the walk found the root's package and modules
     assert {name: installed[name] for name in ours if name in installed} == {}
+
+
+def test_sweep_grid_ratio_is_lr_over_batch_and_every_lr_gets_its_own_folder():
+    ns = argparse.Namespace(ratios="", lrs="1e-3,4e-3", batch_sizes="2,8")
+    assert sweep.grid(ns) == [(1e-3, 2, 5e-4), (1e-3, 8, 1.25e-4), (4e-3, 2, 2e-3), (4e-3, 8, 5e-4)]
+    with pytest.raises(ValueError, match="--lrs: '0' is not positive"):  # a grid point that would not train
+        sweep.numbers("1e-3,0", "--lrs", float)
+    assert sweep.point_name(1e-3, 8) == "lr0.001_bs8"
+    assert sweep.point_name(1.0000001e-3, 8) != sweep.point_name(1e-3, 8)
+
+
+def test_sweep_tables_sort_by_ratio_show_percent_and_keep_failed_points(tmp_path):
+    results = [
+        {"point": "a", "lr": 4e-3, "batch": 2, "lr_bs_ratio": 2e-3, "status": "ok", "train_seconds": 5.0,
+         "metrics": {"arith_acc": 0.5}},
+        {"point": "b", "lr": 1e-3, "batch": 8, "lr_bs_ratio": 1.25e-4, "status": "failed"},
+        {"point": "c", "lr": 4e-3, "batch": 8, "lr_bs_ratio": 5e-4, "status": "ok", "train_seconds": 7.0,
+         "metrics": {"arith_acc": 0.25, "pref_acc": 0.125}},
+        {"point": "d", "lr": 1e-3, "batch": 2, "lr_bs_ratio": 5e-4, "status": "ok", "train_seconds": 6.0,
+         "metrics": {"arith_acc": 1.0, "pref_acc": 0.0}},
+    ]
+    metrics, table = sweep.write_tables(results, str(tmp_path))
+    assert metrics == ["arith_acc", "pref_acc"]  # every point's metrics, not the first point's
+    assert table.splitlines()[2:] == [
+        "| 0.001 | 8 | 0.000125 | - | - | failed |",
+        "| 0.001 | 2 | 0.0005 | 100.0 | 0.0 | ok |",  # equal ratios: the smaller batch first
+        "| 0.004 | 8 | 0.0005 | 25.0 | 12.5 | ok |",
+        "| 0.004 | 2 | 0.002 | 50.0 | - | ok |"]
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["point", "lr", "batch", "lr_bs_ratio", "status", "train_seconds", "arith_acc", "pref_acc"]
+    assert rows[1:] == [["a", "0.004", "2", "0.002", "ok", "5.0", "0.5", ""],  # in grid order
+                        ["b", "0.001", "8", "0.000125", "failed", "", "", ""],
+                        ["c", "0.004", "8", "0.0005", "ok", "7.0", "0.25", "0.125"],
+                        ["d", "0.001", "2", "0.0005", "ok", "6.0", "1.0", "0.0"]]
+
+
+def test_sweep_point_reruns_only_failed_points_with_retry_failed_and_refuses_other_settings(tmp_path, monkeypatch):
+    preset = tmp_path / "preset.json"
+    preset.write_text("{}")
+    args = argparse.Namespace(stage="sft", config=str(preset), model="", data="", seed=0, eval_tasks="arc",
+                              eval_data_dir="", eval_limit=4, nproc_per_node=1, retry_failed=False,
+                              out=str(tmp_path / "out"))
+    trained = []
+    outcome = {"train": "fail"}
+
+    def fake_run(cmd, check, stdout, stderr):  # the trainer, failing on demand
+        trained.append(cmd)
+        if outcome["train"] == "fail":
+            raise subprocess.CalledProcessError(1, cmd)
+
+    def fake_evaluate(args, final, run_dir):
+        if outcome["train"] == "eval_error":
+            raise ValueError("bad eval file")
+        return {"arith_acc": 0.5}
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
+    point = (1e-3, 2, 5e-4, ["--max_steps=2"])
+    assert sweep.run_point(args, *point)["status"] == "failed" and len(trained) == 1
+    outcome["train"] = "ok"
+    assert sweep.run_point(args, *point)["status"] == "failed" and len(trained) == 1  # kept, not rerun
+    args.retry_failed = True
+    assert sweep.run_point(args, *point)["metrics"] == {"arith_acc": 0.5} and len(trained) == 2
+    assert sweep.run_point(args, *point)["status"] == "ok" and len(trained) == 2  # an ok point never reruns
+    # an evaluation that raises fails its point, the sweep goes on
+    outcome["train"] = "eval_error"
+    failed = sweep.run_point(args, 1e-3, 4, 2.5e-4, [])
+    assert failed["status"] == "failed" and "ValueError in evaluation" in failed["error"]
+    # the trainer's options and the evaluation's settings decide the stored numbers too
+    with pytest.raises(SystemExit, match="other settings"):
+        sweep.run_point(args, 1e-3, 2, 5e-4, ["--max_steps=3"])
+    args.eval_limit = 0
+    with pytest.raises(SystemExit, match="other settings"):
+        sweep.run_point(args, *point)
+
+
+def test_sweep_launches_torchrun_and_passes_the_eval_limit_to_eval_py(tmp_path, monkeypatch):
+    args = argparse.Namespace(stage="sft", config="", model="", data="", seed=3, nproc_per_node=2, eval_tasks="arc",
+                              eval_data_dir="evals", eval_limit=5)
+    cmd = sweep.train_command(args, "run", 1e-3, 8, [])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        with open(os.path.join(str(tmp_path), "eval.json"), "w") as f:
+            json.dump({"summary": {"arc": {"value": 0.25}}}, f)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    assert sweep.evaluate(args, "final", str(tmp_path)) == {"arc": 0.25}
+    assert "--limit=5" in calls[0] and "--tasks=arc" in calls[0]
+
+
+def test_demo_curves_skip_rows_without_a_step_and_a_stage_depends_on_its_parents_weights(tmp_path):
+    os.makedirs(tmp_path / "sft" / "final")
+    (tmp_path / "sft" / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n{"loss": 1.5}\n{"step": 3, "loss": 1.0, "eval_loss": 1.25}\n')
+    assert demo.curves(str(tmp_path), ["sft"]) == [("sft", "loss", [1, 3], [2.0, 1.0]),
+                                                   ("sft", "eval_loss", [3], [1.25])]
+    weights = tmp_path / "sft" / "final" / "model.safetensors"
+    weights.write_bytes(b"first")
+    before = demo.stage_settings(str(tmp_path), "sft", 0, "--max_steps=2")
+    assert before["args"] == ["--max_steps=2"] and before == demo.stage_settings(str(tmp_path), "sft", 0, "--max_steps=2")
+    weights.write_bytes(b"second")  # SFT trained again: DPO on top of it is another stage
+    assert demo.stage_settings(str(tmp_path), "sft", 0, "--max_steps=2") != before
