@@ -128,8 +128,17 @@ def test_sweep_grid_tables_plots_resume_and_a_failed_point(tmp_path, capsys, mon
         sweep.main(args + ["--seed=1"])
 
 
-def test_sweep_refuses_options_the_grid_sets_and_real_data_without_a_preset(tmp_path):
-    for extra in (["--lr=1e-3"], ["--total_batch_size=8"], ["--lr_bs_ratio=1e-4"], ["--data=x.jsonl"],
+def never_trains(monkeypatch):
+    """A refusal that regressed would start the grid's real training runs: fail at once instead."""
+    def run_point(*args):
+        raise AssertionError("the sweep started training a point instead of refusing its arguments")
+    monkeypatch.setattr(sweep, "run_point", run_point)
+
+
+def test_sweep_refuses_options_the_grid_sets_and_real_data_without_a_preset(tmp_path, monkeypatch):
+    never_trains(monkeypatch)
+    for extra in (["--lr=1e-3"], ["--total_batch_size=8"], ["--total-batch-size=8"], ["--lr_bs_ratio=1e-4"],
+                  ["--data=x.jsonl"],
                   ["--data=x.jsonl", "--config=configs/sft_smoltulu_1130.json"]):  # and no --eval_data_dir
         with pytest.raises(SystemExit):
             sweep.main([f"--out={tmp_path}", *extra])
@@ -161,8 +170,9 @@ def test_a_sweep_point_counts_its_preset_and_data_by_content_and_runs_the_grids_
     (["--lrs=,"], "--lrs: '' is not a number"),
     (["--ratios=1e-4,-1e-4"], "--ratios: '-1e-4' is not positive"),
     (["--lrs=1e-3", "--ratios=1e-4"], "--lrs and --ratios both set the learning rates")])
-def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, capsys):
+def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, capsys, monkeypatch):
     """Batches cut to whole numbers, a grid of no points or an --lrs the ratios would override is an error."""
+    never_trains(monkeypatch)
     with pytest.raises(SystemExit):
         sweep.main([f"--out={tmp_path / 'out'}", *flags])
     assert why in capsys.readouterr().err and not (tmp_path / "out").exists()
