@@ -40,6 +40,30 @@ def test_preset_then_overrides_with_type_coercion(tmp_path):
     assert cfg.resume is True and cfg.fsdp is False
     assert cfg.limit == 7 and cfg.max_steps == 1000
     assert common.parse_config(Cfg, ["--limit=None"]).limit is None
+    assert common.parse_config(Cfg, ["--limit=null"]).limit is None
+
+
+@pytest.mark.parametrize("word,value", [("1", True), ("yes", True), ("on", True), ("TRUE", True),
+                                        ("0", False), ("no", False), ("off", False), ("False", False)])
+def test_bool_values_accept_every_spelling_of_yes_and_no(word, value):
+    assert common.parse_config(Cfg, [f"--fsdp={word}"]).fsdp is value
+    assert common.parse_config(Cfg, [f"--fsdp={word}", f"--resume={not value}"]).resume is (not value)
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", True), ("batch_size", 2.5), ("beta", True), ("fsdp", 1)])
+def test_a_preset_value_of_the_wrong_json_type_is_an_error(tmp_path, key, value):
+    # JSON true is not 1, and 2.5 sequences is not 2: a preset that says so is wrong, not rounded
+    with pytest.raises(common.ConfigError, match=re.escape(f"preset.json: {key}={value!r} is not a valid")):
+        common.parse_config(Cfg, [f"--config={write_json(tmp_path, {key: value})}"])
+
+
+def test_a_later_preset_wins_and_a_preset_must_be_a_json_object(tmp_path):
+    first = write_json(tmp_path, {"lr": 1e-3, "name": "first"}, "first.json")
+    second = write_json(tmp_path, {"lr": 2e-3}, "second.json")
+    cfg = common.parse_config(Cfg, [f"--config={first}", f"--config={second}"])
+    assert cfg.lr == 2e-3 and cfg.name == "first"
+    with pytest.raises(common.ConfigError, match="list.json: a config preset must be a JSON object"):
+        common.parse_config(Cfg, [f"--config={write_json(tmp_path, [['lr', 1e-3]], 'list.json')}"])
 
 
 def test_unknown_keys_are_errors_naming_them_and_their_source(tmp_path):
@@ -81,6 +105,9 @@ def test_total_batch_size_derives_grad_accum_for_the_world_size():
     assert cfg.lr == pytest.approx(36e-5)
     with pytest.raises(common.ConfigError, match="not a multiple"):
         common.resolve_batch(common.parse_config(Cfg, ["--batch_size=3", "--total_batch_size=8"]), 1)
+    # a total of one sequence is a total too: it overrides --grad_accum
+    cfg = common.parse_config(Cfg, ["--total_batch_size=1", "--grad_accum=4"])
+    assert common.resolve_batch(cfg, world_size=1) == 1 and cfg.grad_accum == 1
 
 
 def test_total_steps_are_the_whole_steps_of_one_epoch_times_epochs():
@@ -88,6 +115,7 @@ def test_total_steps_are_the_whole_steps_of_one_epoch_times_epochs():
     # steps, not ceil(10 / 4) x 3 = 9 nor 30 // 4 = 7
     assert common.total_steps_for(common.parse_config(Cfg, ["--epochs=3"]), 10, 4) == 6
     assert common.total_steps_for(common.parse_config(Cfg, ["--epochs=3", "--max_steps=5"]), 10, 4) == 5
+    assert common.total_steps_for(common.parse_config(Cfg, ["--epochs=3"]), 4, 4) == 3  # exactly one step's worth
     with pytest.raises(common.ConfigError, match="the data has 3 items, fewer than one optimizer step takes"):
         common.total_steps_for(common.parse_config(Cfg, []), 3, 4)
 
@@ -143,6 +171,37 @@ class Tiny(torch.nn.Module):
 
     def forward(self, x):
         return self.lin(x) * self.gain
+
+
+def test_check_positions_allows_exactly_the_models_positions():
+    from model import ModelConfig
+    model = Tiny()
+    model.config = ModelConfig.from_preset("tiny", max_position_embeddings=16)
+    common.check_positions(16, model, "data")
+    with pytest.raises(common.ConfigError, match=r"data: the longest sequence has 17 tokens.*--max_seq_len=16"):
+        common.check_positions(17, model, "data")
+
+
+def test_refuse_unused_names_every_setting_given():
+    cfg = common.parse_config(Cfg, ["--model=m", "--tokenizer=t"])
+    with pytest.raises(common.ConfigError, match=r"^--model=m --tokenizer=t: not used here$"):
+        common.refuse_unused(cfg, ["data", "model", "tokenizer"], "not used here")
+    common.refuse_unused(cfg, ["data", "eval_every"], "not used here")  # unset (empty, 0): nothing to refuse
+
+
+def test_weights_digest_covers_the_model_config_and_the_parameter_names():
+    from model import ModelConfig
+    model = Tiny()
+    model.config = ModelConfig.from_preset("tiny")
+    digest = common.weights_digest(model)
+    assert common.weights_digest(model) == digest
+    model.config.rope_theta *= 2  # same weights, other positions: other log-probs
+    assert common.weights_digest(model) != digest
+    model.config.rope_theta /= 2
+    renamed = torch.nn.Module()  # the same bytes in the same (sorted) order, under other names
+    renamed.config = model.config
+    renamed.a_gain, renamed.lin = model.gain, model.lin
+    assert common.weights_digest(renamed) != digest
 
 
 def test_weight_decay_only_on_matrices():
@@ -228,6 +287,35 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == common.config_dict(same)
 
 
+def test_resume_refuses_another_starting_model_seed_or_effective_batch(tmp_path):
+    from data import EpochSampler
+    model, sampler = Tiny(), EpochSampler(8, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--model=m"])
+    common.save_checkpoint(str(tmp_path), 3, model, opt, extra={"sampler": sampler.state_dict(),
+                                                                "config": common.config_dict(cfg),
+                                                                "start_weights": "abc"})
+    with pytest.raises(common.ConfigError, match=r"--model=m .* is not the one the run .* started from"):
+        common.maybe_resume(cfg, model, opt, sampler, start_weights="abd")
+    assert common.maybe_resume(cfg, model, opt, sampler, start_weights="abc") == 3
+    # the seed and the effective batch change what is trained on: not resumable
+    for arg in ("--seed=1", "--total_batch_size=4"):
+        other = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--model=m", arg])
+        with pytest.raises(common.ConfigError, match=f"other settings \\({arg[2:].split('=')[0]}: "):
+            common.maybe_resume(other, model, opt, sampler)
+
+
+def test_resume_refuses_a_checkpoint_whose_config_lacks_a_setting_of_this_run(tmp_path):
+    # a setting the checkpoint never recorded cannot be known to match
+    from data import EpochSampler
+    model, sampler = Tiny(), EpochSampler(8, seed=0)
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--beta=0.5"])
+    saved = {k: v for k, v in common.config_dict(cfg).items() if k != "beta"}
+    common.save_checkpoint(str(tmp_path), 3, model, None, extra={"sampler": sampler.state_dict(), "config": saved})
+    with pytest.raises(common.ConfigError, match=r"other settings \(beta: None then, 0.5 now\)"):
+        common.maybe_resume(cfg, model, None, sampler)
+
+
 def test_a_checkpoint_without_its_optimizer_state_does_not_resume_with_a_fresh_one(tmp_path):
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())
@@ -285,6 +373,7 @@ def test_dropping_records_after_the_resumed_step_is_atomic_drops_a_torn_last_lin
                                          ("--warmup_ratio=5", "warmup_ratio=5.0: must be in [0, 1]"),
                                          ("--adam_beta2=1", "adam_beta2=1.0: must be in [0, 1)"),
                                          ("--adam_eps=-1", "adam_eps=-1.0: must be at least 0.0"),
+                                         ("--lr=-0.5", "lr=-0.5: must be at least 0.0"),
                                          ("--lr=inf", "lr='inf' is not a valid float"),
                                          ("--grad_clip=nan", "grad_clip='nan' is not a valid float"),
                                          ("--max_seq_len=-3", "max_seq_len=-3: must be at least 1"),
@@ -333,6 +422,8 @@ def test_checkpoints_keep_last_k(tmp_path):
     for step in (9_999_999, 10_000_000):  # past 7 digits the names no longer sort as the numbers do
         common.save_checkpoint(str(tmp_path), step, model, opt, keep=2)
     assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == ["step_9999999", "step_10000000"]
+    os.makedirs(os.path.join(common.checkpoint_dir(str(tmp_path)), "step_10000000_copy"))  # a user's copy
+    assert common.latest_checkpoint(str(tmp_path)).endswith("step_10000000")
 
 
 def test_a_kill_while_old_checkpoints_are_deleted_is_finished_by_the_resume(tmp_path, monkeypatch):
