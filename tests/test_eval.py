@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import os
@@ -155,6 +156,16 @@ def bias_logits(model, bias):
     return model.register_forward_hook(lambda module, args, out: out + bias.to(out.dtype))
 
 
+@contextlib.contextmanager
+def constant_logits(model, logits):
+    """Within the block every position's logits are `logits` [V]: a model whose every token log-prob is known."""
+    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out) + logits)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def test_choice_with_higher_likelihood_wins(loaded):
     model, tok = loaded
     choices = [" hello", " world"]
@@ -179,12 +190,9 @@ def test_acc_norm_differs_from_acc_when_lengths_differ(loaded):
     # uniform logits: every token costs log V, so the sum favours fewer tokens, the per-character mean more
     # characters per token
     assert n_short < n_long and n_long / (len(long) - 1) < n_short / (len(short) - 1)
-    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
-    try:
+    with constant_logits(model, torch.zeros(model.config.vocab_size)):
         doc = ev.score_multiple_choice(model, tok, [{"query": "Question: q\nAnswer:", "choices": [short, long],
                                                      "gold": 1}], batch_size=2, desc="t")[0]
-    finally:
-        handle.remove()
     assert doc["pred"] == 0 and doc["pred_norm"] == 1
     assert doc["acc"] == 0.0 and doc["acc_norm"] == 1.0
 
@@ -347,11 +355,8 @@ def test_demo_evaluation_scores_a_scripted_model_as_computed_by_hand(monkeypatch
                         for k in ("chosen", "rejected"))
     bias = torch.zeros(model.config.vocab_size)
     bias[sorted(rejected - chosen)] = -3.0
-    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out) + bias)
-    try:
+    with constant_logits(model, bias):
         result = ev.evaluate_demo(model, tok, data, template="tulu", limit=2, batch_size=4, max_new_tokens=4)
-    finally:
-        handle.remove()
     assert result == {"arith_acc": 0.5, "arith_n": 2, "constraint_acc": 0.5, "constraint_n": 2, "pref_acc": 1.0,
                       "pref_n": 2}
 
@@ -377,12 +382,9 @@ def test_preference_accuracy_compares_mean_log_prob_per_token_not_sums(loaded):
     assert len(tok.encode(pair["chosen"][1]["content"])) == 12 and not set(tok.encode("x")) & set(liked)
     bias = torch.zeros(model.config.vocab_size)
     bias[sorted(set(liked))] = 3.0
-    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out) + bias)
-    try:
+    with constant_logits(model, bias):
         means = ev.response_logprob(model, tok, [pair["chosen"], pair["rejected"]], "tulu")
         result = ev.evaluate_demo(model, tok, {"rlvr_heldout": [], "pref_heldout": [pair]})
-    finally:
-        handle.remove()
     # every position has the same log-normaliser; the trained tokens end with eos: 12 liked + 1, and 1 + 1. The sums,
     # 12 * 3 - 13 log_z and -2 log_z, would prefer the rejected response.
     log_z = math.log(len(set(liked)) * math.exp(3.0) + model.config.vocab_size - len(set(liked)))
