@@ -124,7 +124,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path, bos_token=None, eos_token=None, pad_token=None):
         """Load tokenizer.json from a folder (or the file itself). Special tokens come from, in order: the arguments,
-        tokenizer_config.json, special_tokens_map.json, generation_config.json (ids), then '<|endoftext|>'."""
+        tokenizer_config.json and special_tokens_map.json (in transformers' order, below), generation_config.json
+        (ids), then '<|endoftext|>'."""
         if not path:
             raise FileNotFoundError("tokenizer: no folder given (pass --model=PATH, or --tokenizer=PATH)")
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -140,11 +141,17 @@ class Tokenizer:
         tok_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         special_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
         gen_config = _read_json(os.path.join(folder, "generation_config.json"))
+        # Which file wins where they disagree is transformers' rule: a tokenizer_config.json with
+        # added_tokens_decoder (what transformers has written since 4.34, SmolLM2's included) is the whole truth
+        # and special_tokens_map.json only fills its gaps; an older one is overridden by the map.
+        files = [(tok_config, "tokenizer_config.json"), (special_map, "special_tokens_map.json")]
+        if "added_tokens_decoder" not in tok_config:
+            files.reverse()
 
         def resolve(name, given):
             if given is not None:
                 return given
-            for source, file in ((tok_config, "tokenizer_config.json"), (special_map, "special_tokens_map.json")):
+            for source, file in files:
                 token = _token_str(source.get(name))
                 if token is not None:
                     if not isinstance(token, str):
@@ -163,7 +170,7 @@ class Tokenizer:
         eos = resolve("eos_token", eos_token)
         if eos is None:
             raise ValueError(f"tokenizer: no eos token found in {folder}; pass eos_token=")
-        settings = {k: v for k, v in {**special_map, **tok_config}.items() if k not in _SETTINGS_WE_WRITE}
+        settings = {k: v for k, v in {**files[1][0], **files[0][0]}.items() if k not in _SETTINGS_WE_WRITE}
         # special_tokens_map.json may spell tokens as AddedToken dicts, which tokenizer_config.json does not take
         for key in ("unk_token", "sep_token", "cls_token", "mask_token"):
             if key in settings:

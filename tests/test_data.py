@@ -74,6 +74,38 @@ def test_tokenizer_special_tokens_from_config_and_overrides(tok_dir, tmp_path):
         data.Tokenizer.from_pretrained(tok_dir, eos_token="<|nope|>")
 
 
+def _added_tokens_decoder():
+    return {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                     "special": True} for i, t in enumerate(data.SPECIAL_TOKENS)}
+
+
+@pytest.mark.parametrize("modern", [True, False], ids=["added_tokens_decoder", "legacy"])
+def test_tokenizer_config_and_special_tokens_map_disagreeing_resolve_as_transformers_does(tok_dir, tmp_path, modern):
+    """A tokenizer_config.json with added_tokens_decoder wins over special_tokens_map.json; an older one without it
+    loses to the map, token and setting alike. Loaded by us and saved, the folder reads the same in transformers."""
+    import transformers
+    snapshot, saved = tmp_path / "snapshot", tmp_path / "saved"
+    snapshot.mkdir()
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), snapshot / "tokenizer.json")
+    config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "model_max_length": 8192}
+    if modern:
+        config["added_tokens_decoder"] = _added_tokens_decoder()
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    (snapshot / "special_tokens_map.json").write_text(json.dumps({
+        "eos_token": {"content": "<|im_end|>", "lstrip": False}, "pad_token": "<|user|>", "bos_token": "<|im_start|>",
+        "model_max_length": 2048}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(snapshot))
+    ours = data.Tokenizer.from_pretrained(str(snapshot))
+    expected = ("<|endoftext|>",) * 3 + (8192,) if modern else ("<|im_end|>", "<|user|>", "<|im_start|>", 2048)
+    assert (hf.eos_token, hf.pad_token, hf.bos_token, hf.model_max_length) == expected  # the rule, in transformers
+    assert (ours.eos_token, ours.pad_token, ours.bos_token) == expected[:3]
+    assert ours.eos_id == ours.token_to_id(expected[0])
+    ours.save_pretrained(str(saved))
+    again = transformers.AutoTokenizer.from_pretrained(str(saved))
+    assert (again.eos_token, again.pad_token, again.bos_token, again.model_max_length) == expected
+
+
 def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     """model_max_length (lm-eval's context length), unk and additional special tokens (what decode skips) survive a
     load and save, from tokenizer_config.json or special_tokens_map.json; the special tokens we resolve win."""
@@ -83,7 +115,7 @@ def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     shutil.copy(os.path.join(tok_dir, "tokenizer.json"), snapshot / "tokenizer.json")
     (snapshot / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": 8192, "unk_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>", "add_prefix_space": False}))
+        "eos_token": "<|endoftext|>", "add_prefix_space": False, "added_tokens_decoder": _added_tokens_decoder()}))
     (snapshot / "special_tokens_map.json").write_text(json.dumps({  # tokens as strings or AddedToken dicts
         "additional_special_tokens": ["<|im_start|>", {"content": "<|im_end|>", "lstrip": False}],
         "model_max_length": 1}))
