@@ -13,7 +13,8 @@ import logging
 import multiprocessing
 import os
 import random
-import tempfile
+import re
+import socket
 from bisect import bisect_left, insort
 
 import numpy as np
@@ -733,17 +734,44 @@ def _map_chunks(fn, rows, extra, tok, num_workers, progress, desc):
     return out
 
 
-def _save_npz_atomic(path, **arrays):
-    # write to a temporary file in the same folder, then rename: readers (other ranks, a resumed run) never see a
-    # half-written cache
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+def write_atomic(path, write):
+    """Make the file at path by write(tmp), tmp a temporary name beside it, then a rename: readers (other ranks,
+    other runs sharing the cache) see the whole file or none. The temporary name carries this host and pid, so that
+    a later write into the folder deletes what a killed process (kill -9, an OOM kill) left half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    host = socket.gethostname()
+    for name in os.listdir(folder):
+        left = re.fullmatch(r".+\.tmp\.(.+)\.(\d+)", name)
+        if left and left[1] == host and not _process_alive(int(left[2])):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:  # another rank cleaned it first
+                pass
+    tmp = f"{path}.tmp.{host}.{os.getpid()}"
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException:  # Ctrl-C or a full disk: leave no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _save_npz(path, **arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append .npz to it
+            np.savez(f, **arrays)
+    write_atomic(path, write)
 
 
 def _tokenize_cached(kind, fn, rows, key_parts, extra, tok, cache_dir, num_workers, progress):
@@ -769,7 +797,7 @@ def _tokenize_cached(kind, fn, rows, key_parts, extra, tok, cache_dir, num_worke
     mask = np.fromiter((t for _, m in seqs for t in m), dtype=np.uint8, count=int(offsets[-1]))
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
-        _save_npz_atomic(path, ids=ids, mask=mask, offsets=offsets)
+        _save_npz(path, ids=ids, mask=mask, offsets=offsets)
     return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 

@@ -249,14 +249,7 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
     table = table.cpu()
     if d.is_main:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"  # this process's: two runs sharing the cache may write the same table
-        try:
-            save_file({"logps": table}, tmp)
-            os.replace(tmp, path)  # readers see the whole table or nothing
-        except BaseException:  # Ctrl-C or a full disk: leave no partial file behind
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        data.write_atomic(path, lambda tmp: save_file({"logps": table}, tmp))  # two runs may share the cache
         common.print0(f"reference log-probs ({name}): wrote {path}")
     common.barrier()
     return table

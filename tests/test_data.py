@@ -462,6 +462,42 @@ def demo_tok(demo):
     return data.build_demo_tokenizer(demo)
 
 
+def test_write_atomic_deletes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    """A process killed (-9) while writing into the cache leaves its temporary file; the next write into the folder
+    deletes it, and leaves alone a live process's, another host's, and every other file."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    target = tmp_path / "table.npz"
+    killed = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data\n"
+        "def write(tmp):\n"
+        "    open(tmp, 'wb').write(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "data.write_atomic(sys.argv[2], write)\n"), os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        str(target)])
+    assert killed.wait() == -signal.SIGKILL
+    host = socket.gethostname()
+    left = tmp_path / f"table.npz.tmp.{host}.{killed.pid}"
+    assert left.read_bytes() == b"half" and not target.exists()
+    live = tmp_path / f"other.npz.tmp.{host}.{os.getpid()}"  # a writer still at work (this process)
+    elsewhere = tmp_path / f"other.npz.tmp.another-host.{killed.pid}"  # its pids mean nothing here
+    unrelated = tmp_path / "notes.tmp"
+    for path in (live, elsewhere, unrelated):
+        path.write_bytes(b"keep")
+    data.write_atomic(str(target), lambda tmp: open(tmp, "wb").write(b"whole"))
+    assert target.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, elsewhere.name, "notes.tmp"])
+
+    def full_disk(tmp):
+        open(tmp, "wb").write(b"part")
+        raise OSError("No space left on device")
+    with pytest.raises(OSError, match="No space"):
+        data.write_atomic(str(target), full_disk)
+    assert target.read_bytes() == b"whole" and not list(tmp_path.glob(f"table.npz.tmp.{host}.*"))
+
+
 def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok, tmp_path, monkeypatch):
     rows = demo["sft_train"]
     cache = str(tmp_path / "cache")
@@ -491,7 +527,7 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
     data.tokenize_sft(rows[1:], demo_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     im_end = data.tokenize_sft(rows, im_end_tok, "tulu", 64, cache_dir=cache, num_workers=1, progress=False)
     assert im_end[0][0][-1] == im_end_tok.eos_id != demo_tok.eos_id
-    assert len(os.listdir(cache)) == 6 and not any(f.endswith(".tmp") for f in os.listdir(cache))
+    assert len(os.listdir(cache)) == 6 and not any(".tmp." in f for f in os.listdir(cache))
     # a cache file broken after it was written is named, with what to do
     (tmp_path / "cache" / files[0]).write_bytes(b"not a zip")
     with pytest.raises(RuntimeError, match=rf"{files[0]}: the cached tokenized sft data cannot be read .*delete the "
