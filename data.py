@@ -294,8 +294,9 @@ def _render_parts(messages, template, eos_token, add_generation_prompt, train_fr
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
                 parts.append(("<|assistant|>\n", False))
-                # open-instruct also trains the '\n' after a non-final assistant turn's eos
-                parts.append((m["content"] + eos_token + ("" if i == last else "\n"), i >= train_from))
+                parts.append((m["content"] + eos_token, i >= train_from))
+                if i != last:  # open-instruct masks it: its span of the next message starts after the eos
+                    parts.append(("\n", False))
             else:
                 parts.append((f"<|{m['role']}|>\n{m['content']}\n", False))
         if add_generation_prompt:
@@ -339,8 +340,8 @@ def _render(tok, messages, template, add_generation_prompt=False, train_from=0):
 
 def render_chat(tok, messages, template="tulu", add_generation_prompt=False):
     """Render messages with a chat template -> (ids, train_mask): ids equal tokenizing the full rendered text;
-    mask is 1 on assistant content and its end token (tulu: eos, plus the '\\n' after a non-final assistant turn;
-    chatml: <|im_end|>). With add_generation_prompt the generation header is appended, untrained."""
+    mask is 1 on assistant content and its end token (tulu: eos; chatml: <|im_end|>), the newline after either
+    untrained. With add_generation_prompt the generation header is appended, untrained."""
     return _render(tok, messages, template, add_generation_prompt)
 
 
@@ -659,7 +660,7 @@ def load_rlvr_rows(spec, skip_bad=False, check_ground_truth=None):
 # Tokenization, in parallel, cached on disk keyed by (data, tokenizer, template, max length, settings).
 
 _worker_tok = None
-CACHE_VERSION = 3  # bump when the rendering or truncation rules change, so old caches are not reused
+CACHE_VERSION = 4  # bump when the rendering or truncation rules change, so old caches are not reused
 
 
 def _init_worker(tok):

@@ -156,10 +156,39 @@ def _trained_text(tok, ids, mask):
     return tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
 
 
+def test_tulu_masks_equal_open_instructs_rule(tok, tmp_path):
+    """open-instruct's encode_sft_example: tokenize the whole conversation with the template, then mask each
+    non-assistant message from the length of the conversation rendered up to it (the previous assistant turn, now
+    the last, renders without its trailing newline) to the length up to and including it (plus the generation
+    header when an assistant turn follows). The newline after a non-final eos thus falls in the next message's
+    masked span."""
+    import transformers
+    tok.chat_template = "tulu"
+    tok.save_pretrained(str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+
+    def length(messages, generation_prompt=False):
+        ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        return len(ids if isinstance(ids, list) else ids["input_ids"])
+
+    conversations = CONVERSATIONS + [CONVERSATIONS[1] + [{"role": "user", "content": "Thanks"},
+                                                         {"role": "assistant", "content": "Bye\n"}]]
+    for conv in conversations:
+        expected = [1] * length(conv)
+        for i, m in enumerate(conv):
+            if m["role"] != "assistant":
+                start = length(conv[:i]) if i else 0
+                follows = i + 1 < len(conv) and conv[i + 1]["role"] == "assistant"
+                expected[start:length(conv[:i + 1], generation_prompt=follows)] = [0] * (
+                    length(conv[:i + 1], generation_prompt=follows) - start)
+        ids, mask = data.render_chat(tok, conv, "tulu")
+        assert len(ids) == len(expected) and mask == expected, conv
+
+
 def test_masks_cover_assistant_content_and_end_token(tok):
     conv = CONVERSATIONS[1]
     ids, mask = data.render_chat(tok, conv, "tulu")
-    assert _trained_text(tok, ids, mask) == "4<|endoftext|>\n6, of course.<|endoftext|>"
+    assert _trained_text(tok, ids, mask) == "4<|endoftext|>6, of course.<|endoftext|>"
     ids, mask = data.render_chat(tok, conv, "chatml")
     assert _trained_text(tok, ids, mask) == "4<|im_end|>6, of course.<|im_end|>"
     # chatml inserts SmolLM2's default system message when none is given; it is not trained
@@ -177,7 +206,7 @@ def test_masks_cover_assistant_content_and_end_token(tok):
         plain_ids, plain_mask = data.render_chat(tok, CONVERSATIONS[3], template)
         assert ids[:len(plain_ids)] == plain_ids and mask[:len(plain_mask)] == plain_mask
         assert ids[len(plain_ids):] == tok.encode(header) and not any(mask[len(plain_ids):])
-        assert _trained_text(tok, ids, mask) == "ok" + ("<|endoftext|>\n" if template == "tulu" else "<|im_end|>")
+        assert _trained_text(tok, ids, mask) == "ok" + ("<|endoftext|>" if template == "tulu" else "<|im_end|>")
 
 
 def test_a_token_joining_the_header_and_an_indented_response_is_trained():
