@@ -19,7 +19,10 @@ non_stop_penalty instead (open-instruct replaces the score rather than adding to
                per-token reward -beta * (logp_old - logp_ref) with the score added at the last response token;
                GAE (gamma, lam); advantages whitened over the global batch; clipped policy and value losses.
 
-The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the learning-rate schedule
+A minibatch's loss is the mean over its response tokens (--loss_reduction=token), or over its responses, each
+the mean over its own tokens (=sequence: the GRPO paper's form; open-instruct's Tulu 3 scripts take a token mean
+per micro-batch of 2 responses per GPU, which weighs responses equally up to that pairing, so the paper presets
+use sequence). The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the learning-rate schedule
 counts those optimizer steps, as open-instruct's does). All log-probs (old, reference, current) come from a
 training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab] logits never exist; the
 generator's own log-probs are not reused because they come from a different code path (KV cache, other kernels)
@@ -74,6 +77,8 @@ class RLVRConfig(common.TrainConfig):
     # update (batch_size = sequences per micro-batch of the learning forward)
     ppo_epochs: int = 1
     num_minibatches: int = 1        # optimizer steps per epoch over the rollout
+    loss_reduction: str = "token"   # token: every response token of a minibatch weighs the same | sequence: every
+                                    # response does (a mean over its tokens, then over the minibatch's responses)
     clip_eps: float = 0.2
     beta: float = 0.01              # KL coefficient (0 = no reference model at all)
     advantage_norm: str = "std"     # grpo: std | center
@@ -361,6 +366,8 @@ def check_config(cfg, d):
         raise common.ConfigError(f"temperature={cfg.temperature}: RLVR samples, it must be > 0")
     if cfg.value_model and cfg.algo != "ppo":
         raise common.ConfigError(f"value_model={cfg.value_model}: only --algo=ppo has a value model")
+    if cfg.loss_reduction not in ("token", "sequence"):
+        raise common.ConfigError(f"loss_reduction={cfg.loss_reduction!r}: expected token or sequence")
     grpo_advantages(torch.zeros(1, 2), cfg.advantage_norm)  # a bad advantage_norm fails now, not after a rollout
 
 
@@ -486,8 +493,10 @@ def main(argv=None):
                                   cfg.min_lr_ratio)
                 common.set_lr(optimizer, lr)
                 update += 1
-                denom = common.all_reduce_sum(mask[mb].sum().double())
-                if denom.item() == 0:
+                tokens, rows = common.all_reduce_sum(torch.stack([mask[mb].sum().double(),
+                                                                  torch.tensor(len(mb), dtype=torch.float64,
+                                                                               device=d.device)]))
+                if tokens.item() == 0:
                     # no rank kept a row here (every GRPO group had equal rewards): no step, or the zero gradients
                     # that sync_gradients fills in would still move the weights through weight decay and momentum
                     continue
@@ -505,7 +514,11 @@ def main(argv=None):
                             vf, vclip = value_loss(value(ids[rb, :T]), old_values[rb, :T], returns[rb, :T],
                                                    cfg.value_clip)
                             loss_tok = loss_tok + cfg.value_coef * vf
-                    ((loss_tok * m).sum() / denom).backward()
+                    if cfg.loss_reduction == "token":
+                        loss = (loss_tok * m).sum() / tokens
+                    else:
+                        loss = (loss_tok * m / m.sum(1, keepdim=True).clamp(min=1)).sum() / rows
+                    loss.backward()
                     with torch.no_grad():
                         part = [pg, clipped, kl] + ([vf, vclip] if value is not None else [0 * pg, 0 * pg])
                         sums += torch.stack([(x * m).sum() for x in part] + [m.sum()]).double()

@@ -217,7 +217,8 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     (["--grad_accum=2"], 1, "total_batch_size / grad_accum: RLVR batches are prompts_per_step x num_samples"),
     (["--total_batch_size=8"], 1, "total_batch_size / grad_accum"),
     (["--temperature=0"], 1, "temperature=0.0: RLVR samples, it must be > 0"),
-    (["--algo=grpo", "--value_model=x"], 1, "only --algo=ppo has a value model")])
+    (["--algo=grpo", "--value_model=x"], 1, "only --algo=ppo has a value model"),
+    (["--loss_reduction=mean"], 1, "loss_reduction='mean': expected token or sequence")])
 def test_settings_rlvr_cannot_run_are_refused_at_start_up(args, world, why):
     cfg = common.parse_config(train_rlvr.RLVRConfig, args)
     with pytest.raises(common.ConfigError, match=re.escape(why)):
@@ -314,6 +315,37 @@ def test_ppo_clips_the_ratio_with_clip_eps_and_the_value_with_value_clip(tiny, t
                              "--value_clip=0.3", "--max_steps=1", "--ppo_epochs=1", "--num_minibatches=1",
                              "--eval_data=", "--samples_per_step=0"))
     assert {args[3] for args, _ in policy_losses} == {0.1} and {args[3] for args, _ in value_losses} == {0.3}
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_loss_reduction_weighs_every_token_or_every_response_alike(tiny, tmp_path, monkeypatch, reduction):
+    """Checked on the first update's gradient, where the ratio is 1 and the policy is its own reference (the k3
+    term's gradient is 0): it must be -sum_rt w_rt A_r grad log p_rt, w = 1 / (the minibatch's response tokens)
+    with token, and 1 / (responses x the response's own tokens) with sequence, for responses of 2 to 11 tokens."""
+    real_rollout = train_rlvr.rollout
+
+    def unequal_lengths(*args, **kwargs):
+        samples = real_rollout(*args, **kwargs)
+        for i, s in enumerate(samples):
+            s["response_ids"] = s["response_ids"][:2 + 3 * (i % 4)]
+        return samples
+    monkeypatch.setattr(train_rlvr, "rollout", unequal_lengths)
+    advantages = torch.linspace(-1.0, 1.5, 16).view(4, 4)
+    monkeypatch.setattr(train_rlvr, "grpo_advantages", lambda rewards, norm="std", eps=1e-8: (
+        advantages, torch.ones(4, dtype=torch.bool)))
+    rollouts, grads = record_calls(monkeypatch, "collate_rollouts"), []
+    monkeypatch.setattr(train_rlvr, "sync_gradients", lambda params, d: grads.append([p.grad.clone() for p in params]))
+    train_rlvr.main(args_for(tiny, tmp_path / "run", f"--loss_reduction={reduction}", "--max_steps=1",
+                             "--ppo_epochs=1", "--num_minibatches=1", "--eval_data=", "--samples_per_step=0"))
+    (_, (ids, labels)), = rollouts
+    mask = (labels != -100).float()
+    assert mask.sum(1).tolist() == [2.0, 5.0, 8.0, 11.0] * 4
+    weight = mask / mask.sum() if reduction == "token" else mask / mask.sum(1, keepdim=True) / len(mask)
+    start = Transformer.from_pretrained(tiny.model_dir)
+    (-(advantages.view(-1, 1) * train_rlvr.token_logprobs(start, ids, labels) * weight).sum()).backward()
+    (got,) = grads
+    for p, g in zip(start.parameters(), got):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_a_value_model_with_grpo_is_an_error_not_ignored(tiny, tmp_path):
