@@ -22,24 +22,44 @@ would be; paths are relative to --data_dir:
     mmlu_pro   mmlu_pro/test                           question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
 
-How each task is scored:
-- Multiple choice by log-likelihood, 0-shot: the summed log-prob of each continuation given the query; acc takes
-  the argmax of the sum, acc_norm of the sum divided by the continuation's length in characters (its leading
-  space not counted). The prompts are SmolLM2's lighteval tasks' (huggingface/smollm text/evaluation/tasks.py),
-  with the text as published: ARC and PIQA "Question: {q}\nAnswer:" | " {choice}"; MMLU-Pro "The following are
-  multiple choice questions (with answers) about {category}.\n\n{q}\nA. {option}\nB. ...\nAnswer:" | "A", "B",
-  ...; HellaSwag lm-eval's preprocessing, "{label}: {ctx_a} {Ctx_b}" | " {ending}" (smollm's leaves a trailing
-  space that becomes a second space before each ending). ARC is the mean of Easy and Challenge.
-- GSM8K, 5-shot, greedy: "Question: {q}\nAnswer: {worked answer}" examples separated by blank lines, generation
-  stops at "Question:" (as smollm's and lm-eval's gsm8k do; a blank line would cut a worked answer with
-  paragraphs short), and the last number must equal the reference (verifiers.gsm8k). The
-  5 examples are drawn with --seed from gsm8k/train; without that file, the first 5 test rows are the
-  examples and are left out of the scored set.
-- IFEval, 0-shot: the prompt as a user turn in the chat template (--template), greedy until eos; verifiers'
-  IFEval checks give prompt- and instruction-level accuracy, strict and loose; the headline is their mean.
-- BBH, 3-shot: per subtask, its first 3 rows are the examples ("Question: {input}\nAnswer: {target}") and the
-  rest are scored, each prompt ending "Answer: " with smollm's trailing space, by exact match of the stripped first
-  line generated; the headline is the mean over subtasks.
+How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README
+runs the instruct models: `lighteval ... --use_chat_template`):
+- The prompt. Each task has a query and, few-shot, examples of (query, target). With the chat template (the
+  default, --use_chat_template=true; every model this project trains is a chat model) the prompt is what
+  lighteval's PromptManager.get_examples builds: each example a user turn (its query) and an assistant turn (its
+  target), then the query as a user turn, rendered with the model's chat template (--template; chatml adds SmolLM2's
+  default system turn) and the generation prompt. --use_chat_template=false gives lighteval's raw-text prompt, for
+  a base model: query + target per example, then the query, joined by blank lines.
+- Multiple choice by log-likelihood, 0-shot: the summed log-prob of each continuation after the prompt; acc takes
+  the argmax of the sum, acc_norm of the sum divided by the choice's length in characters (its leading space not
+  counted). As lighteval's tok_encode_pair, all trailing whitespace of the prompt (a chat prompt's final '\n')
+  moves into the continuation, and the continuation's tokens are those that follow the prompt's own tokens in the
+  encoding of the whole text. Queries | continuations, with the text as published:
+      ARC, PIQA  "Question: {q}\nAnswer:" | " {choice}"  (ARC: the mean of Easy and Challenge)
+      MMLU-Pro   "The following are multiple choice questions (with answers) about {category}.\n\n{q}\n"
+                 "A. {option}\nB. ...\nAnswer:" | "A", "B", ...
+      HellaSwag  lm-eval's preprocessing, "{label}: {ctx_a} {Ctx_b}" | " {ending}"  (smollm's leaves a trailing
+                 space, which would become a second space before each ending)
+- GSM8K, 5-shot, greedy, at most 256 new tokens: examples "Question: {q}\nAnswer:" | " {worked answer}", a fresh
+  draw of 5 for each question as lighteval's random_sampling_from_train makes it (one Random(--seed), default
+  lighteval's 42, shuffles the test rows' order and then draws for each row in that order; a --limit run keeps
+  the full run's prompts). The pool is gsm8k/train; without that file, the first 5 test rows, which are then not
+  scored. The headline is lighteval's quasi_exact_match_gsm8k ('qem'): the number after the first "#### " in the
+  output, commas removed, must equal the reference's as text ("#### 72.00" or an answer without "####" scores 0);
+  'last_number_acc' (verifiers.gsm8k: the last number, by value) is printed next to it, and the gap between the
+  two counts answers the format check fails.
+- IFEval, 0-shot: the prompt as a user turn in the chat template (with either --use_chat_template), greedy until
+  the end of the turn, at most 1280 new tokens; verifiers' IFEval checks give prompt- and instruction-level
+  accuracy, strict and loose; the headline is their mean.
+- BBH, 3-shot, every row of each subtask scored: examples "Question: {input}\nAnswer: " | "{target}" from
+  lighteval's balanced sampler as smollm's BBH tasks use it (few-shot split = evaluation split): a pool of 4 rows
+  taken label by label in turn from Random(0), of which each scored row gets the first 3 that are not itself.
+  Generation is greedy, up to 2048 tokens in all less the prompt (smollm sets no generation_size; its command sets
+  max_model_length=2048); the score is exact match of the whole stripped output; the headline is the mean over
+  subtasks.
+- Stopping. Without the chat template GSM8K and BBH stop at smollm's stop sequences "Question:" and "Question" (or
+  eos); with it, lighteval passes no stop sequences ("for chat models, generation stops with EOS token"), so they
+  stop at the end of the assistant turn, or the cap.
 
 Output: the table (task, metric, value, n) on stdout, and a JSON file (--out, default <model>/eval_results.json)
 with every metric and, per example, its question or prompt as the data gives it (not the rendered few-shot or
@@ -61,11 +81,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verifiers
-from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, resolve_template,
-                  stop_token_ids)
+from data import (DataError, Tokenizer, _render_parts, check_vocab, make_demo_data, read_rows, render_chat,
+                  resolve_template, stop_token_ids)
 from model import Transformer, generate
 
 ALL_TASKS = ("gsm8k", "ifeval", "arc", "hellaswag", "piqa", "mmlu_pro", "bbh")
+LIGHTEVAL_MAX_LENGTH = 2048  # max_model_length in smollm's lighteval command: bounds BBH's uncapped generations
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -140,21 +161,18 @@ def field(row, key, where):
 # Log-likelihood of continuations
 
 def encode_pair(tok, context, continuation):
-    """Token ids of (context, continuation) such that context + continuation is how the text tokenizes whole."""
-    # a trailing space belongs to the continuation: BPE vocabularies merge a space with the word after it
-    n_space = len(context) - len(context.rstrip(" "))
-    if n_space:
-        context, continuation = context[:-n_space], context[-n_space:] + continuation
-    whole = tok.encode(context + continuation)
+    """Token ids of (context, continuation) as lighteval's tok_encode_pair makes them: the context's trailing
+    whitespace moves into the continuation (BPE vocabularies merge a space or newline with the word after it;
+    a chat context ends in '\n'), the context is encoded on its own and the continuation is what follows it in
+    the encoding of the whole text."""
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     ctx = tok.encode(context)
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        cont = whole[len(ctx):]
-    else:  # the boundary merged across context and continuation: score the continuation as its own tokens
-        cont = tok.encode(continuation)
+    cont = tok.encode(context + continuation)[len(ctx):]
     if not ctx:  # the first continuation token needs something to be predicted from
         ctx = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
     if not cont:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens after {context[-40:]!r}")
     return ctx, cont
 
 
@@ -187,9 +205,11 @@ def continuation_logprobs(model, requests, batch_size, pad_id=0, desc="loglikeli
     return out
 
 
-def score_multiple_choice(model, tok, docs, batch_size, desc):
-    """docs: dicts with query, choices (continuation strings), gold. Adds logprobs, pred, pred_norm, acc, acc_norm."""
-    requests = [encode_pair(tok, doc["query"], choice) for doc in docs for choice in doc["choices"]]
+def score_multiple_choice(model, tok, docs, batch_size, desc, contexts=None):
+    """docs: dicts with query, choices (continuation strings), gold; contexts: the prompt each doc is scored after
+    (default: its query). Adds logprobs, pred, pred_norm, acc, acc_norm."""
+    contexts = [doc["query"] for doc in docs] if contexts is None else contexts
+    requests = [encode_pair(tok, context, choice) for doc, context in zip(docs, contexts) for choice in doc["choices"]]
     logprobs = continuation_logprobs(model, requests, batch_size, pad_id=tok.pad_id or 0, desc=desc)
     k = 0
     for doc in docs:
@@ -220,10 +240,11 @@ def generate_until(model, tok, prompts, max_new_tokens, stop_strings=(), stop_id
                    chunk=64, desc="generate"):
     """Greedy continuations of token-id prompts, cut at the first stop string. Returns list of str.
 
-    Stop strings are text, not tokens, so generation runs in chunks and each row stops once its decoded text
-    contains one; without stop strings a row runs to max_new_tokens or a stop token in one go."""
+    max_new_tokens: one cap for every prompt, or a list of one per prompt. Stop strings are text, not tokens, so
+    generation runs in chunks and each row stops once its decoded text contains one; without stop strings a row
+    runs to its cap or a stop token in one go."""
     max_len = model.config.max_position_embeddings
-    step = chunk if stop_strings else max_new_tokens
+    caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
     outputs = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
@@ -231,8 +252,10 @@ def generate_until(model, tok, prompts, max_new_tokens, stop_strings=(), stop_id
         new = {i: [] for i in idx}
         active = list(idx)
         while active:
+            # the rows still going have generated equally many tokens; the smallest cap left bounds this call
+            left = min(caps[i] - len(new[i]) for i in active)
             # past the context window the prompt slides out from the left, as lighteval truncates long prompts
-            budget = min(step, max_new_tokens - len(new[active[0]]), max_len // 2)
+            budget = min(chunk if stop_strings else left, left, max_len // 2)
             rows = [(prompts[i] + new[i])[-(max_len - budget):] for i in active]
             gen = generate(model, rows, max_new_tokens=budget, temperature=0.0, stop_token_ids=stop_ids,
                            pad_token_id=tok.pad_id or 0)
@@ -244,7 +267,7 @@ def generate_until(model, tok, prompts, max_new_tokens, stop_strings=(), stop_id
                 if cut >= 0:
                     text = text[:cut]
                 outputs[i] = text
-                if not stopped and cut < 0 and len(new[i]) < max_new_tokens:
+                if not stopped and cut < 0 and len(new[i]) < caps[i]:
                     still.append(i)
             active = still
     return outputs
@@ -258,6 +281,29 @@ def generate_until(model, tok, prompts, max_new_tokens, stop_strings=(), stop_id
 
 def qa_query(question):
     return f"Question: {question}\nAnswer:"
+
+
+def few_shot_context(ctx, shots, query):
+    """The prompt lighteval's PromptManager.get_examples builds from few-shot (query, target) pairs and the query.
+    Chat mode: each example a user turn (its query) and an assistant turn (its target), then the query as a user
+    turn, rendered with the chat template and the generation prompt. Raw text: query + target per example, then the
+    query, joined by blank lines."""
+    if not ctx.use_chat_template:
+        return "\n\n".join([q + t for q, t in shots] + [query])
+    messages = []
+    for q, t in shots:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": t}]
+    messages.append({"role": "user", "content": query})
+    return "".join(text for text, _ in _render_parts(messages, ctx.template, ctx.tok.eos_token, True, 0))
+
+
+def generation_stops(ctx, stop_strings):
+    """(stop strings, stop token ids) for a generative task. lighteval passes a task's stop sequences only without
+    the chat template; with it, generation ends at the end of the assistant turn (its models' greedy_until:
+    "for chat models, generation stops with EOS token")."""
+    if ctx.use_chat_template:
+        return (), stop_token_ids(ctx.tok, ctx.template)
+    return stop_strings, [ctx.tok.eos_id]
 
 
 def task_arc(ctx):
@@ -274,7 +320,8 @@ def task_arc(ctx):
                 raise DataError(where, f"answerKey {key!r} is not one of the choice labels {labels}")
             docs.append({"id": row.get("id", where), "query": qa_query(field(row, "question", where)),
                          "choices": [" " + t for t in texts], "gold": labels.index(key)})
-        score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc=subset)
+        score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc=subset,
+                              contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
         metrics[subset] = mc_summary(docs)
         examples += [dict(d, subset=subset) for d in docs]
     value = sum(metrics[s]["acc_norm"] for s in metrics) / len(metrics)  # lighteval averages the two subsets
@@ -301,7 +348,8 @@ def task_hellaswag(ctx):
                      "query": hellaswag_preprocess(f"{field(row, 'activity_label', where)}: {context}"),
                      "choices": [" " + hellaswag_preprocess(e) for e in endings],
                      "gold": gold_index(label, len(endings), where, "label")})
-    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="hellaswag")
+    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="hellaswag",
+                          contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
 
@@ -312,7 +360,8 @@ def task_piqa(ctx):
         docs.append({"id": where, "query": qa_query(field(row, "goal", where)),
                      "choices": [" " + field(row, k, where) for k in ("sol1", "sol2")],
                      "gold": gold_index(field(row, "label", where), 2, where, "label")})
-    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="piqa")
+    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="piqa",
+                          contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
 
@@ -333,7 +382,8 @@ def task_mmlu_pro(ctx):
                      "query": f"The following are multiple choice questions (with answers) about {topic}.\n\n"
                               f"{field(row, 'question', where)}\n{listing}Answer:",
                      "choices": list(LETTERS[:len(options)]), "gold": gold})
-    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="mmlu_pro")
+    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="mmlu_pro",
+                          contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
 
@@ -346,33 +396,72 @@ def gsm8k_reference(answer, where):
         verifiers.gsm8k("", reference)
     except ValueError as e:
         raise DataError(where, str(e)) from None
+    if gsm8k_normalize(answer) == GSM8K_INVALID:
+        raise DataError(where, f"answer has no '#### <digits>' for lighteval's gsm8k_normalizer: {answer[-40:]!r}")
     return reference
+
+
+GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+GSM8K_INVALID = "[invalid]"
+
+
+def gsm8k_normalize(text):
+    """lighteval's gsm8k_normalizer (from openai/grade-school-math): the number after the first '#### ', commas
+    removed, as text; '[invalid]' when there is none."""
+    match = GSM8K_ANSWER.search(text)
+    return match.group(1).strip().replace(",", "") if match else GSM8K_INVALID
+
+
+def gsm8k_qem(output, answer):
+    """lighteval's quasi_exact_match_gsm8k: ExactMatches(strip_strings=True) with gsm8k_normalizer on both sides,
+    so '#### 72.00' or a bare '72' does not match a reference of 72, and only the first '####' counts."""
+    if not output:
+        return 0.0
+    return float(gsm8k_normalize(output.strip()) == gsm8k_normalize(answer.strip()))
+
+
+def gsm8k_few_shots(test, pool, seed, k=5):
+    """Per test row, the k examples lighteval's random_sampling_from_train gives it: one Random(seed) shuffles the
+    test rows' order (create_requests_from_tasks) and then draws k from the pool for each row in that order; an
+    example equal to the row itself is dropped. Drawn for every row, so a --limit run keeps the full run's prompts."""
+    def content(row):  # lighteval compares its docs, which hold the question and the answer
+        return row[1].get("question"), row[1].get("answer")
+    rng = random.Random(seed)
+    order = list(range(len(test)))
+    rng.shuffle(order)
+    shots = [None] * len(test)
+    for i in order:
+        shots[i] = [s for s in rng.sample(pool, min(k, len(pool))) if content(s) != content(test[i])][:k]
+    return shots
 
 
 def task_gsm8k(ctx):
     test = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0]))
     train_path = find_split(ctx.data_dir, "gsm8k/train") or find_split(ctx.data_dir, "gsm8k/main/train")
     if train_path is not None:
-        train = load_rows(train_path)
-        shots = random.Random(ctx.seed).sample(train, min(5, len(train)))
-    else:  # documented fallback: the first five test rows become the examples and are not scored
-        shots, test = test[:5], test[5:]
+        pool = load_rows(train_path)
+    else:  # documented fallback: the first five test rows are the pool and are not scored
+        pool, test = test[:5], test[5:]
+    shots = gsm8k_few_shots(test, pool, ctx.seed)
     if ctx.limit is not None:
-        test = test[:ctx.limit]
-    header = "".join(f"Question: {field(s, 'question', where)}\nAnswer: {field(s, 'answer', where)}\n\n"
-                     for where, s in shots)
+        test, shots = test[:ctx.limit], shots[:ctx.limit]
     prompts, refs = [], []
-    for where, row in test:
-        prompts.append(header + f"Question: {field(row, 'question', where)}\nAnswer:")
+    for (where, row), row_shots in zip(test, shots):
+        # lighteval's gsm8k prompt: the target is " {answer}", with its leading space
+        examples = [(qa_query(field(s, "question", w)), " " + field(s, "answer", w)) for w, s in row_shots]
+        prompts.append(ctx.tok.encode(few_shot_context(ctx, examples, qa_query(field(row, "question", where)))))
         refs.append(gsm8k_reference(field(row, "answer", where), where))
-    outputs = generate_until(ctx.model, ctx.tok, [ctx.tok.encode(p) for p in prompts], ctx.max_new_tokens or 256,
-                             stop_strings=("Question:",), stop_ids=[ctx.tok.eos_id],
-                             batch_size=ctx.batch_size, desc="gsm8k")
+    stop_strings, stop_ids = generation_stops(ctx, ("Question:", "Question"))  # smollm's gsm8k stop_sequence
+    outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 256, stop_strings=stop_strings,
+                             stop_ids=stop_ids, batch_size=ctx.batch_size, desc="gsm8k")
     examples = [{"id": where, "question": row["question"], "output": out, "reference": ref,
-                 "score": verifiers.gsm8k(out, ref)} for (where, row), out, ref in zip(test, outputs, refs)]
-    value = sum(e["score"] for e in examples) / max(len(examples), 1)
-    return {"metric": "qem", "value": value, "n": len(examples), "metrics": {"qem": value, "n_shots": len(shots)},
-            "examples": examples}
+                 "score": gsm8k_qem(out, row["answer"]), "score_last_number": verifiers.gsm8k(out, ref)}
+                for (where, row), out, ref in zip(test, outputs, refs)]
+    n = max(len(examples), 1)
+    metrics = {"qem": sum(e["score"] for e in examples) / n,
+               "last_number_acc": sum(e["score_last_number"] for e in examples) / n,
+               "n_shots": min(5, len(pool))}
+    return {"metric": "qem", "value": metrics["qem"], "n": len(examples), "metrics": metrics, "examples": examples}
 
 
 def task_ifeval(ctx):
@@ -426,26 +515,58 @@ def bbh_subtasks(data_dir):
     return found
 
 
+def balanced_few_shots(rows, k, seed=0):
+    """lighteval's FewShotSampler 'balanced' pool (the default, which smollm's BBH tasks use): k + 1 rows, drawn
+    label by label in turn (labels with more rows first, ties in random order), each a random row of its label not
+    drawn before, from Random(seed) (lighteval seeds 0 for a single few-shot round). One more than k so that a row
+    can be scored with the others as its examples."""
+    rng = random.Random(seed)
+    by_label = {}
+    for row in rows:
+        by_label.setdefault(str(row[1]["target"]), []).append(row)
+    by_count = {}
+    for label in sorted(by_label):
+        by_count.setdefault(len(by_label[label]), []).append(label)
+    labels = []
+    for count in sorted(by_count, reverse=True):
+        rng.shuffle(by_count[count])
+        labels += by_count[count]
+    pool, need = [], min(len(rows), k + 1)
+    for label in itertools.cycle(labels):
+        if need == 0:
+            break
+        if by_label[label]:
+            pool.append(by_label[label].pop(rng.randrange(len(by_label[label]))))
+            need -= 1
+    return pool
+
+
 def task_bbh(ctx):
     prompts, items = [], []
     for subtask, path in bbh_subtasks(ctx.data_dir).items():
         rows = load_rows(path)
         if len(rows) < 4:
-            raise DataError(path, f"{len(rows)} rows; BBH needs 3 few-shot rows plus at least one to score")
+            raise DataError(path, f"{len(rows)} rows; BBH needs at least 4, so that each row has 3 others as examples")
         for where, row in rows:
             field(row, "input", where), field(row, "target", where)
-        header = "".join(f"Question: {r['input']}\nAnswer: {r['target']}\n\n" for _, r in rows[:3])
-        scored = rows[3:] if ctx.limit is None else rows[3:3 + ctx.limit]
-        for where, row in scored:
-            prompts.append(ctx.tok.encode(header + f"Question: {row['input']}\nAnswer: "))
+        # smollm's BBH: the few-shot split is the evaluation split, every row is scored, and a row in the pool is
+        # never its own example (lighteval drops the doc under evaluation from its examples)
+        pool = balanced_few_shots(rows, 3)
+        for where, row in rows if ctx.limit is None else rows[:ctx.limit]:
+            shots = [(f"Question: {r['input']}\nAnswer: ", str(r["target"])) for _, r in pool
+                     if (r["input"], str(r["target"])) != (row["input"], str(row["target"]))][:3]
+            prompts.append(ctx.tok.encode(few_shot_context(ctx, shots, f"Question: {row['input']}\nAnswer: ")))
             items.append((subtask, where, row))
-    # BBH answers are one line; a newline ends them as surely as the next "Question:"
-    outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 128,
-                             stop_strings=("Question:", "\n"), stop_ids=[ctx.tok.eos_id],
+    stop_strings, stop_ids = generation_stops(ctx, ("Question:", "Question"))  # smollm's BBH stop_sequence
+    # smollm sets no generation_size: lighteval then generates up to the context length (max_model_length=2048 in
+    # smollm's command), less the prompt
+    caps = [ctx.max_new_tokens or max(1, LIGHTEVAL_MAX_LENGTH - len(p)) for p in prompts]
+    outputs = generate_until(ctx.model, ctx.tok, prompts, caps, stop_strings=stop_strings, stop_ids=stop_ids,
                              batch_size=ctx.batch_size, desc="bbh")
     examples, per_task = [], {}
     for (subtask, where, row), out in zip(items, outputs):
-        score = float(out.strip() == str(row["target"]).strip())
+        # lighteval's exact_match: ExactMatches(strip_strings=True), the whole output
+        score = float(bool(out) and out.strip() == str(row["target"]).strip())
         examples.append({"subtask": subtask, "id": where, "input": row["input"], "output": out,
                          "target": row["target"], "score": score})
         per_task.setdefault(subtask, []).append(score)
@@ -459,14 +580,18 @@ TASKS = {"gsm8k": task_gsm8k, "ifeval": task_ifeval, "arc": task_arc, "hellaswag
 
 
 class EvalContext:
-    def __init__(self, model, tok, data_dir, template="tulu", limit=None, batch_size=16, seed=0, max_new_tokens=None):
+    def __init__(self, model, tok, data_dir, template="tulu", limit=None, batch_size=16, seed=42, max_new_tokens=None,
+                 use_chat_template=True):
         self.model, self.tok, self.data_dir, self.template = model, tok, data_dir, template
         self.limit, self.batch_size, self.seed, self.max_new_tokens = limit, batch_size, seed, max_new_tokens
+        self.use_chat_template = use_chat_template
 
 
-def evaluate_tasks(model, tok, tasks, data_dir, template="tulu", limit=None, batch_size=16, seed=0,
-                   max_new_tokens=None):
-    """Run the named benchmark tasks; returns {task: {"metric", "value", "n", "metrics", "examples"}}."""
+def evaluate_tasks(model, tok, tasks, data_dir, template="tulu", limit=None, batch_size=16, seed=42,
+                   max_new_tokens=None, use_chat_template=True):
+    """Run the named benchmark tasks; returns {task: {"metric", "value", "n", "metrics", "examples"}}.
+    use_chat_template: every task's prompt in the chat template (lighteval --use_chat_template, as SmolLM2's
+    instruct models are scored); False: raw text, as for a base model (IFEval is a chat prompt either way)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
@@ -476,7 +601,7 @@ def evaluate_tasks(model, tok, tasks, data_dir, template="tulu", limit=None, bat
         if task == "bbh":
             bbh_subtasks(data_dir)
     torch.manual_seed(seed)
-    ctx = EvalContext(model, tok, data_dir, template, limit, batch_size, seed, max_new_tokens)
+    ctx = EvalContext(model, tok, data_dir, template, limit, batch_size, seed, max_new_tokens, use_chat_template)
     return {task: TASKS[task](ctx) for task in tasks}
 
 
@@ -548,6 +673,14 @@ def print_table(rows):
         print(f"| {task:<{widths[0]}} | {metric:<{widths[1]}} | {100 * value:6.1f} | {n:>{widths[2]}} |")
 
 
+def true_or_false(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/sft_demo/final", help="HF-layout folder written by save_pretrained")
@@ -559,11 +692,16 @@ def main(argv=None):
                    help="score at most N examples per task (per subset for ARC, per subtask for BBH)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--template", default=None, choices=["tulu", "chatml"],
-                   help="chat template for IFEval / demo (default: the one the tokenizer was saved with, else tulu)")
+                   help="chat template (default: the one the tokenizer was saved with, else tulu)")
+    p.add_argument("--use_chat_template", type=true_or_false, nargs="?", const=True, default=True,
+                   help="benchmark prompts in the chat template, as lighteval --use_chat_template scores SmolLM2's "
+                        "instruct models (default true); false: raw-text prompts, for a base model")
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="generation cap (default per task: gsm8k 256, ifeval 1280, bbh 128, demo 128)")
+                   help="generation cap (default per task: gsm8k 256, ifeval 1280, bbh 2048 less the prompt, "
+                        "demo 128)")
     p.add_argument("--out", default=None, help="JSON results file (default <model>/eval_results.json)")
-    p.add_argument("--seed", type=int, default=0, help="GSM8K few-shot draw and torch's RNG")
+    p.add_argument("--seed", type=int, default=42,
+                   help="GSM8K's per-question few-shot draws (lighteval's sampler seed, 42) and torch's RNG")
     p.add_argument("--demo_seed", type=int, default=0, help="data.make_demo_data seed (as the trainers' demo_seed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -595,13 +733,15 @@ def main(argv=None):
         if not tasks:
             p.error(f"--tasks names no task; choose from {','.join(TASKS)}")
         per_task = evaluate_tasks(model, tok, tasks, args.data_dir, template, args.limit, args.batch_size,
-                                  args.seed, args.max_new_tokens)
+                                  args.seed, args.max_new_tokens, args.use_chat_template)
         rows = []
         for t, r in per_task.items():
             rows.append((t, r["metric"], r["value"], r["n"]))
             if t == "ifeval":  # the paper does not say which of the four it reports
                 rows += [(t, k, v, r["n"]) for k, v in r["metrics"].items()]
-        results = {"mode": "benchmarks", "data_dir": args.data_dir,
+            if t == "gsm8k":  # the last number by value: its gap to qem counts answers without '#### N'
+                rows.append((t, "last_number_acc", r["metrics"]["last_number_acc"], r["n"]))
+        results = {"mode": "benchmarks", "data_dir": args.data_dir, "use_chat_template": args.use_chat_template,
                    "summary": {t: {k: r[k] for k in ("metric", "value", "n", "metrics")} for t, r in per_task.items()},
                    "examples": {t: r["examples"] for t, r in per_task.items()}}
         if "ifeval" in tasks:

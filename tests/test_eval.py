@@ -2,6 +2,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 
@@ -76,10 +77,11 @@ def scripted_generate(tok, answer):
 
 
 def fixture_answer(prompt):
-    if prompt.endswith("Answer: "):  # BBH: right on both boolean_expressions rows, wrong on the sports one
-        return "True\nQuestion: not generated"
-    if prompt.endswith("Answer:"):  # GSM8K: right only on the first row (#### 70)
-        return " 10 * 7 = 70 pages.\n\nQuestion: not generated"
+    question = prompt.rsplit("Question: ", 1)[-1]
+    if "Question: " in prompt and question.startswith(("not ", "True ", "False ", "Is the following")):
+        return "True"  # BBH: right on the 3 boolean_expressions rows whose target is True, wrong on sports
+    if "Question: " in prompt:  # GSM8K: right only on the first row (#### 70)
+        return " 10 * 7 = 70 pages.\n#### 70"
     # IFEval: no comma; lowercase English once the first line is dropped (loose); no <<title>>
     return "Note:\nthe weather is nice and the park is full of people"
 
@@ -95,7 +97,7 @@ def test_every_task_runs_on_fixtures_and_scores_a_scripted_model_as_computed_by_
     printed = capsys.readouterr().out
     results = json.load(open(out))
     summary = results["summary"]
-    expected_n = {"gsm8k": 3, "ifeval": 4, "arc": 5, "hellaswag": 2, "piqa": 2, "mmlu_pro": 2, "bbh": 3}
+    expected_n = {"gsm8k": 3, "ifeval": 4, "arc": 5, "hellaswag": 2, "piqa": 2, "mmlu_pro": 2, "bbh": 9}
     for task, n in expected_n.items():
         assert summary[task]["n"] == n == len(results["examples"][task]), task
         assert f"| {task} " in printed
@@ -107,10 +109,12 @@ def test_every_task_runs_on_fixtures_and_scores_a_scripted_model_as_computed_by_
     assert summary["hellaswag"]["metrics"] == summary["piqa"]["metrics"] == {"acc": 0.0, "acc_norm": 1.0, "n": 2}
     assert summary["mmlu_pro"]["metrics"] == {"acc": 0.0, "acc_norm": 0.0, "n": 2}  # letters tie: A, never gold
     assert [e["pred_norm"] for e in results["examples"]["hellaswag"]] == [0, 0]
-    assert summary["gsm8k"]["value"] == pytest.approx(1 / 3)
-    assert [e["output"] for e in results["examples"]["gsm8k"]] == [" 10 * 7 = 70 pages.\n\n"] * 3
-    assert summary["bbh"]["metrics"] == {"boolean_expressions": 1.0, "sports_understanding": 0.0}
-    assert summary["bbh"]["value"] == 0.5  # the mean of the subtasks, not 2 of 3 items
+    assert summary["gsm8k"]["value"] == summary["gsm8k"]["metrics"]["last_number_acc"] == pytest.approx(1 / 3)
+    assert [e["output"] for e in results["examples"]["gsm8k"]] == [" 10 * 7 = 70 pages.\n#### 70"] * 3
+    assert re.search(r"\| gsm8k +\| last_number_acc +\|", printed)
+    assert summary["bbh"]["metrics"] == {"boolean_expressions": 0.6, "sports_understanding": 0.0}
+    assert summary["bbh"]["value"] == 0.3  # the mean of the subtasks, not 3 of 9 items
+    assert results["use_chat_template"] is True
     assert summary["ifeval"]["metrics"] == {"prompt_level_strict_acc": 0.25, "inst_level_strict_acc": 0.25,
                                             "prompt_level_loose_acc": 0.75, "inst_level_loose_acc": 0.75}
     assert summary["ifeval"]["value"] == 0.5
@@ -126,7 +130,7 @@ def test_prompts_are_smollm_lighteval_tasks_character_for_character(loaded, monk
     seen = []
     monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a, **k: seen.extend(prompts) or
                         [""] * len(prompts))
-    results = ev.evaluate_tasks(model, tok, ["arc", "piqa", "mmlu_pro", "bbh"], FIXTURES)
+    results = ev.evaluate_tasks(model, tok, ["arc", "piqa", "mmlu_pro", "bbh"], FIXTURES, use_chat_template=False)
     arc = results["arc"]["examples"][0]
     assert arc["query"] == "Question: Which of these is a source of light?\nAnswer:"
     assert arc["choices"] == [" the Sun", " a rock", " a shadow"]
@@ -138,9 +142,11 @@ def test_prompts_are_smollm_lighteval_tasks_character_for_character(loaded, monk
     assert mmlu["query"] == ("The following are multiple choice questions (with answers) about physics.\n\n"
                              "Which planet is closest to the Sun?\nA. Venus\nB. Earth\nC. Mercury\nD. Mars\nAnswer:")
     assert mmlu["choices"] == ["A", "B", "C", "D"] and mmlu["gold"] == 2
-    bbh = tok.decode(seen[0])
-    assert bbh.startswith("Question: not ( True ) and ( True ) is\nAnswer: False\n\nQuestion: ")
-    assert bbh.endswith("\nAnswer: ") and bbh.count("Question: ") == 4
+    # the first row's examples: lighteval's balanced pool of the subtask (see test_bbh_...) less the row itself
+    assert tok.decode(seen[0]) == ("Question: True or not False and False is\nAnswer: True\n\n"
+                                   "Question: not True or ( False and True ) is\nAnswer: False\n\n"
+                                   "Question: True and not not ( not False ) is\nAnswer: True\n\n"
+                                   "Question: not ( True ) and ( True ) is\nAnswer: ")
 
 
 def test_limit_caps_examples_per_task(model_dir, tmp_path):
@@ -237,14 +243,101 @@ def test_encode_pair_moves_trailing_space_to_continuation(loaded):
     assert ctx == tok.encode("Answer:") and ctx + cont == tok.encode("Answer: hello")
 
 
-def test_gsm8k_scores_the_final_number(loaded, monkeypatch):
+def test_encode_pair_moves_all_trailing_whitespace_as_lightevals_tok_encode_pair(loaded):
+    """context.rstrip(): a chat context's final '\n' (after '<|im_start|>assistant') is scored with every choice."""
+    _, tok = loaded
+    for context, tail in [("<|im_start|>assistant\n", "\n"), ("Answer: \n\t", " \n\t")]:
+        ctx, cont = ev.encode_pair(tok, context, " the Sun")
+        assert ctx == tok.encode(context[:-len(tail)])
+        assert cont == tok.encode(context + " the Sun")[len(ctx):]
+        assert tok.decode(cont, skip_special_tokens=False) == tail + " the Sun"
+
+
+def record_encode_pair(monkeypatch):
+    seen = []
+
+    def recording(tok, context, continuation):
+        seen.append((context, continuation))
+        return real(tok, context, continuation)
+    real = ev.encode_pair
+    monkeypatch.setattr(ev, "encode_pair", recording)
+    return seen
+
+
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def test_chat_template_context_of_an_arc_row_is_lightevals(loaded, monkeypatch):
+    """lighteval --use_chat_template: the query as a user turn, rendered with the generation prompt (SmolLM2's
+    template adds its default system turn); the choices are scored after it."""
     model, tok = loaded
-    outputs = ["He reads 10 * 7 = 70 pages. #### 70", "3 shirts cost 40 dollars.", "9 - 4 = 5, so 5"]
+    seen = record_encode_pair(monkeypatch)
+    ev.evaluate_tasks(model, tok, ["arc"], FIXTURES, template="chatml", limit=1)
+    context = (SYSTEM + "<|im_start|>user\nQuestion: Which of these is a source of light?\nAnswer:<|im_end|>\n"
+               "<|im_start|>assistant\n")
+    assert seen[:3] == [(context, choice) for choice in (" the Sun", " a rock", " a shadow")]
+    seen.clear()
+    ev.evaluate_tasks(model, tok, ["arc"], FIXTURES, template="chatml", limit=1, use_chat_template=False)
+    assert seen[0] == ("Question: Which of these is a source of light?\nAnswer:", " the Sun")
+
+
+def lighteval_gsm8k_draws(n_test, n_pool, seed, k=5):
+    """random_sampling_from_train as create_requests_from_tasks runs it: rnd = Random(seed) shuffles the test docs,
+    then rnd.sample(pool, k) for each doc in the shuffled order. Returned as pool indices per test row."""
+    rnd = random.Random(seed)
+    order = list(range(n_test))
+    rnd.shuffle(order)
+    return {i: rnd.sample(range(n_pool), k) for i in order}
+
+
+def rows_of(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_chat_template_context_of_a_gsm8k_row_has_its_five_examples_as_turns(loaded, monkeypatch):
+    model, tok = loaded
+    seen = []
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a, **k: seen.append((prompts, k)) or
+                        [""] * len(prompts))
+    ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, template="chatml")
+    test, train = (rows_of(os.path.join(FIXTURES, "gsm8k", f"{s}.jsonl")) for s in ("test", "train"))
+    draws = lighteval_gsm8k_draws(len(test), len(train), seed=42)
+    prompts, kwargs = seen[0]
+    for i, row in enumerate(test):
+        turns = "".join(f"<|im_start|>user\nQuestion: {train[j]['question']}\nAnswer:<|im_end|>\n"
+                        f"<|im_start|>assistant\n {train[j]['answer']}<|im_end|>\n" for j in draws[i])
+        question = f"<|im_start|>user\nQuestion: {row['question']}\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+        assert tok.decode(prompts[i], skip_special_tokens=False) == SYSTEM + turns + question
+    # a chat model's answer ends with its turn: lighteval drops the task's stop sequences under the chat template
+    assert kwargs["stop_strings"] == () and kwargs["stop_ids"] == [tok.token_to_id("<|im_end|>"), tok.eos_id]
+    seen.clear()
+    ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, use_chat_template=False)
+    assert seen[0][1]["stop_strings"] == ("Question:", "Question") and seen[0][1]["stop_ids"] == [tok.eos_id]
+
+
+@pytest.mark.parametrize("output,score", [
+    ("9 * 8 = 72, so 72.", 0.0),  # no '#### ': gsm8k_normalizer gives [invalid]
+    ("#### 72.00", 0.0),  # compared as text, not by value
+    ("#### $72", 0.0),
+    ("#### 72\nQuestion: then 5", 1.0),  # the first '####' counts, not the last number
+    ("  #### 72  ", 1.0),
+    ("#### 7,2", 1.0),  # commas removed
+    ("#### 70\n#### 72", 0.0),
+    ("", 0.0)])
+def test_gsm8k_qem_is_lightevals_quasi_exact_match_gsm8k(output, score):
+    assert ev.gsm8k_qem(output, "8 * 9 = <<8*9=72>>72\n#### 72") == score
+
+
+def test_gsm8k_headline_is_qem_and_the_last_number_is_a_second_metric(loaded, monkeypatch):
+    model, tok = loaded
+    outputs = ["He reads 10 * 7 = 70 pages, so 70.", "#### 45.00", "#### 5\nThen 9 - 4 = 5 and 2 more: 7"]
     monkeypatch.setattr(ev, "generate_until", lambda *args, **kwargs: outputs)
     result = ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES)["gsm8k"]
-    assert [e["score"] for e in result["examples"]] == [1.0, 0.0, 1.0]
     assert [e["reference"] for e in result["examples"]] == ["70", "45", "5"]
-    assert result["value"] == pytest.approx(2 / 3) and result["metrics"]["n_shots"] == 5
+    assert [e["score"] for e in result["examples"]] == [0.0, 0.0, 1.0]
+    assert [e["score_last_number"] for e in result["examples"]] == [1.0, 1.0, 0.0]
+    assert result["metric"] == "qem" and result["value"] == pytest.approx(1 / 3)
+    assert result["metrics"] == {"qem": pytest.approx(1 / 3), "last_number_acc": pytest.approx(2 / 3), "n_shots": 5}
     assert ev.gsm8k_reference("1,000 - 250 = 750\n#### 1,750", "row") == "1750"
     with pytest.raises(DataError, match="row 3"):
         ev.gsm8k_reference("no marker", "row 3")
@@ -254,40 +347,90 @@ def test_gsm8k_without_train_file_uses_first_test_rows_as_shots(loaded, tmp_path
     model, tok = loaded
     shutil.copytree(os.path.join(FIXTURES, "gsm8k"), tmp_path / "gsm8k")
     os.remove(tmp_path / "gsm8k" / "train.jsonl")
-    for _ in range(3):  # 5 shots + 1 scored row need 6 test rows
+    for i in (1, 2, 3):  # 5 shots + 1 scored row need 6 test rows
         with open(tmp_path / "gsm8k" / "test.jsonl", "a") as f:
-            f.write(json.dumps({"question": "1 + 1?", "answer": "2\n#### 2"}) + "\n")
+            f.write(json.dumps({"question": f"{i} + {i}?", "answer": f"{2 * i}\n#### {2 * i}"}) + "\n")
     seen = []
     monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a, **k: seen.extend(prompts) or
-                        ["2"] * len(prompts))
+                        ["#### 6"] * len(prompts))
     result = ev.evaluate_tasks(model, tok, ["gsm8k"], str(tmp_path))["gsm8k"]
-    assert result["n"] == 1 and result["value"] == 1.0
+    assert result["n"] == 1 and result["value"] == 1.0 and result["examples"][0]["question"] == "3 + 3?"
     assert tok.decode(seen[0]).count("Question:") == 6
 
 
-def test_gsm8k_few_shot_examples_are_drawn_from_train_with_the_seed(loaded, monkeypatch):
-    """random.Random(seed).sample(train, 5): the same prompt on every run of a seed, another under another seed."""
+def test_gsm8k_draws_five_examples_per_question_as_lighteval_random_sampling_from_train(loaded, monkeypatch):
+    """One Random(--seed) across the task: a fresh draw for each question, the same on every run of a seed."""
     model, tok = loaded
     seen = []
     monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a, **k: seen.extend(prompts) or
                         [""] * len(prompts))
+    train = rows_of(os.path.join(FIXTURES, "gsm8k", "train.jsonl"))
 
-    def shots(seed):
+    def shots(seed, **kwargs):
         seen.clear()
-        ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, limit=1, seed=seed)
-        return re.findall(r"Question: (.*)\n", tok.decode(seen[0]))[:-1]  # the last one is the scored question
-    first = shots(0)
-    assert first == ["A train travels 60 miles per hour for 2 hours. How far does it go?",
-                     "A farm has 1,000 hens and sells 250. How many remain?",
-                     "Tom has 3 apples and buys 4 more. How many apples does he have?",
-                     "A box holds 6 pens. How many pens are in 5 boxes?",
-                     "Mia had 20 dollars and spent 8. How much is left?"]
-    assert shots(0) == first
-    assert shots(1) == ["A box holds 6 pens. How many pens are in 5 boxes?",
-                        "There are 12 cookies shared by 4 kids. How many does each get?",
-                        "Tom has 3 apples and buys 4 more. How many apples does he have?",
-                        "A farm has 1,000 hens and sells 250. How many remain?",
-                        "A train travels 60 miles per hour for 2 hours. How far does it go?"]
+        ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, seed=seed, use_chat_template=False, **kwargs)
+        return [re.findall(r"Question: (.*)\n", tok.decode(p))[:-1] for p in seen]  # the last is the scored one
+    first = shots(42)
+    draws = sorted(lighteval_gsm8k_draws(3, 6, seed=42).items())
+    assert first == [[train[j]["question"] for j in draw] for _, draw in draws]
+    assert len({tuple(q) for q in first}) == 3  # three questions, three different draws (not one shared set)
+    assert shots(42) == first and shots(7) != first
+    assert shots(42, limit=2) == first[:2]  # a --limit run keeps the full run's prompts
+
+
+def test_bbh_examples_are_lightevals_balanced_draw_and_every_row_is_scored(loaded, tmp_path, monkeypatch):
+    """smollm's BBH: few-shot split = evaluation split, lighteval's default 'balanced' sampler seeded 0, the row
+    under evaluation never its own example; the whole stripped output must equal the target."""
+    model, tok = loaded
+    targets = ["True", "True", "True", "False", "False"]  # the first three rows share a label
+    (tmp_path / "bbh").mkdir()
+    (tmp_path / "bbh" / "sub.jsonl").write_text("".join(json.dumps({"input": f"q{i}", "target": t}) + "\n"
+                                                        for i, t in enumerate(targets)))
+    # the balanced pool by hand: 4 rows (3 shots + 1), labels taken in turn, the label with more rows first
+    # (True: q0 q1 q2, then False: q3 q4), each a random row of its label left, from Random(0)
+    rnd = random.Random(0)
+    left = {"True": ["q0", "q1", "q2"], "False": ["q3", "q4"]}
+    pool = [left[label].pop(rnd.randrange(len(left[label]))) for label in ("True", "False", "True", "False")]
+    assert pool == ["q1", "q4", "q0", "q3"]
+    calls = []
+    outputs = ["True", " True \n", "True\nBecause q2 is true.", "", "False"]
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, caps, **k: calls.append((prompts, caps, k))
+                        or outputs)
+    result = ev.evaluate_tasks(model, tok, ["bbh"], str(tmp_path), use_chat_template=False)["bbh"]
+    prompts, caps, kwargs = calls[0]
+    examples = [re.findall(r"Question: (q\d)\nAnswer: (\w+)", tok.decode(p)) for p in prompts]
+    want = {f"q{i}": [q for q in pool if q != f"q{i}"][:3] for i in range(5)}
+    assert examples == [[(q, targets[int(q[1])]) for q in want[f"q{i}"]] for i in range(5)]
+    assert all({t for _, t in ex} == {"True", "False"} for ex in examples)  # balanced, unlike the first 3 rows
+    assert [e["input"] for e in result["examples"]] == ["q0", "q1", "q2", "q3", "q4"] and result["n"] == 5
+    assert [e["score"] for e in result["examples"]] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    # smollm's BBH: stop sequences "Question:" and "Question" (no newline), no generation_size: up to 2048 tokens
+    assert kwargs["stop_strings"] == ("Question:", "Question") and kwargs["stop_ids"] == [tok.eos_id]
+    assert caps == [2048 - len(p) for p in prompts]
+    calls.clear()
+    ev.evaluate_tasks(model, tok, ["bbh"], str(tmp_path), template="chatml")
+    prompts, caps, kwargs = calls[0]
+    assert tok.decode(prompts[0], skip_special_tokens=False) == (
+        SYSTEM + "".join(f"<|im_start|>user\nQuestion: {q}\nAnswer: <|im_end|>\n<|im_start|>assistant\n"
+                         f"{targets[int(q[1])]}<|im_end|>\n" for q in want["q0"])
+        + "<|im_start|>user\nQuestion: q0\nAnswer: <|im_end|>\n<|im_start|>assistant\n")
+    assert kwargs["stop_strings"] == () and kwargs["stop_ids"] == [tok.token_to_id("<|im_end|>"), tok.eos_id]
+
+
+def test_use_chat_template_flag(model_dir, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a, **k: seen.extend(prompts) or
+                        [""] * len(prompts))
+    out = tmp_path / "results.json"
+    for flag, chat in (([], True), (["--use_chat_template=false"], False), (["--use_chat_template"], True)):
+        seen.clear()
+        ev.main([f"--model={model_dir}", "--tasks=gsm8k", f"--data_dir={FIXTURES}", "--limit=1", f"--out={out}",
+                 "--template=chatml"] + flag)
+        assert json.load(open(out))["use_chat_template"] is chat
+        tok = ev.load_model_and_tokenizer(model_dir)[1]
+        assert tok.decode(seen[0], skip_special_tokens=False).startswith(SYSTEM if chat else "Question: ")
+    with pytest.raises(SystemExit):
+        ev.main([f"--model={model_dir}", "--use_chat_template=maybe"])
 
 
 def test_generate_until_cuts_at_stop_string_and_stops_generating(loaded, monkeypatch):
@@ -464,7 +607,7 @@ def test_a_gsm8k_answer_with_paragraphs_is_scored_on_its_final_number(loaded, mo
     def scripted(model, prompts, max_new_tokens, **kwargs):
         return Generation([answer for _ in prompts], [[0.0] * len(answer) for _ in prompts], [False] * len(prompts))
     monkeypatch.setattr(ev, "generate", scripted)
-    result = ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, max_new_tokens=64)["gsm8k"]
+    result = ev.evaluate_tasks(model, tok, ["gsm8k"], FIXTURES, max_new_tokens=64, use_chat_template=False)["gsm8k"]
     assert all(e["output"] == " 6 plus 6.\n\nThat makes 12 in all.\n#### 12\n\n" for e in result["examples"])
     assert [e["score"] for e in result["examples"]] == [float(e["reference"] == "12") for e in result["examples"]]
 
