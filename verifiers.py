@@ -2,10 +2,18 @@
 Answer checkers: GSM8K, MATH, IFEval (Google's 25 instruction types) and the RLVR
 verifiable rewards of allenai/RLVR-GSM-MATH-IF-Mixed-Constraints.
 
-Standard library only. Model output is untrusted text, so nothing here evaluates it,
-and every scan is linear in the response length: where a reference regex would
-backtrack quadratically on hostile input (a megabyte of '[' or of blank lines), the
-same matches are found with an explicit scan instead.
+Standard library only; optional packages are used when installed (see BACKENDS, which
+eval.py records). Model output is untrusted text, so nothing here runs it as code, and
+every scan is linear in the response length: where a reference regex would backtrack
+quadratically on hostile input (a megabyte of '[' or of blank lines), the same matches
+are found with an explicit scan instead.
+
+MATH follows open-instruct's Tulu 3-era RLVR verifier (ground_truth_utils.verify_math_sample
+with math_utils.py): its answer candidates, Minerva's normalize_final_answer, Hendrycks'
+strip_string, and sympy's equivalence check (parse_latex, then simplify(a - b) == 0) when
+sympy and the antlr4 4.11 runtime its LaTeX parser needs are installed. Without them the
+symbolic check is replaced by an exact comparison of plain numbers and fractions, so
+2\\sqrt{2} vs \\sqrt{8} or x+1 vs 1+x, which the reference accepts, score 0.
 
 IFEval follows Google's reference (google-research instruction_following_eval, as
 vendored by lm-evaluation-harness) instruction by instruction. Three of its checks
@@ -23,6 +31,8 @@ unescaped; no published keyword contains a regex metacharacter).
 
 import json
 import re
+import signal
+import threading
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
@@ -44,10 +54,23 @@ try:
 except (ImportError, LookupError, AttributeError, OSError):
     _punkt = None
 
+_parse_latex = _simplify = None
+_no_sympy = ""
+try:
+    from sympy import simplify as _simplify
+    from sympy.parsing.latex import parse_latex as _parse_latex
+    _parse_latex("1")  # the parser loads antlr4 on first use and refuses any version but the 4.11 it was built for
+except ImportError as e:
+    _parse_latex = _simplify = None
+    _no_sympy = str(e)  # why, for the tests' skip reason
+
 BACKENDS = {
     "language": "langdetect" if langdetect is not None else "builtin (unicode scripts + common words)",
     "sentences": "nltk punkt" if _punkt is not None else "builtin (reference regex splitter)",
     "words": "nltk word_tokenize" if _punkt is not None else "builtin (Treebank rules)",
+    "math": ("sympy (parse_latex + simplify) and Hendrycks strings" if _parse_latex is not None else
+             "builtin (Hendrycks strings + exact numbers, no symbolic equivalence: needs sympy and "
+             "antlr4-python3-runtime==4.11)"),
 }
 
 # -----------------------------------------------------------------------------
@@ -101,65 +124,158 @@ def gsm8k_strict(response, ground_truth):
     return gsm8k(response, ground_truth, strict=True)
 
 # -----------------------------------------------------------------------------
-# MATH: answer extraction, then Hendrycks' normalisation (math_equivalence.py)
+# MATH: open-instruct's Tulu 3-era verify_math_sample (the one SmolTulu's RLVR ran). It reads the model's
+# answer candidates (the last \boxed, Minerva's "Final Answer" line, the last $...$, the whole response) and
+# accepts when one of them equals the ground truth by sympy or by Hendrycks' strip_string.
 
 
 def _last_boxed(text):
-    """Content of the last \\boxed{...} / \\fbox{...} (nested braces), or of '\\boxed X'."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if text.startswith(" ", i) and not text[i:].lstrip(" ").startswith("{"):
-        return text[i:].lstrip(" ").split("$", 1)[0].strip()
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":
+    """What the reference's last_boxed_only_string + remove_boxed give: the text after the last '\\boxed '
+    up to the next '$' when the text has one, else the braces of the last '\\boxed{', else None. (An \\fbox
+    never gets through remove_boxed's assert, so it is no candidate.)"""
+    k = text.rfind("\\boxed ")
+    if k >= 0:
+        return text[k + 7:].split("$", 1)[0]
+    k = text.rfind("\\boxed")
+    if k < 0 or not text.startswith("{", k + 6):
         return None
     depth = 0
-    for j in range(i, len(text)):
+    for j in range(k + 6, len(text)):
         c = text[j]
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[k + 7:j]
     return None  # unbalanced
 
 
+_MINERVA_PREFIX = "Final Answer: The final answer is"
+_MINERVA_HOPE = " I hope it is correct"
+
+
 def _minerva_answer(text):
-    """X of Minerva's 'The final answer is X. I hope it is correct.', or None."""
-    k = text.lower().rfind("final answer is")
-    if k < 0:
-        return None
-    tail = text[k + len("final answer is"):]
-    h = tail.lower().find("i hope it is correct")
-    tail = tail[:h] if h >= 0 else tail.split("\n", 1)[0]
-    tail = tail.strip().rstrip(".").strip()
-    if len(tail) >= 2 and tail[0] == "$" and tail[-1] == "$":
-        tail = tail.strip("$")
-    return tail.strip()
+    """X of the first 'Final Answer: The final answer is X. I hope it is correct.' on one line, or None.
+
+    The reference searches re'Final Answer: The final answer is(.*?). I hope it is correct.' (each '.' any
+    character but a newline) in the text with 'I hope it is correct.' appended; this finds the same match
+    without its rescan of the line from every later prefix."""
+    text += "I hope it is correct."
+    i = 0
+    while True:
+        s = text.find(_MINERVA_PREFIX, i)
+        if s < 0:
+            return None
+        e = s + len(_MINERVA_PREFIX)
+        k = text.find(_MINERVA_HOPE, e + 1)  # the first fits, or none on this line does
+        if k < 0:
+            return None
+        tail = k + len(_MINERVA_HOPE) + 1  # the pattern's last '.' is one more character
+        newline = text.find("\n", e, tail)
+        if newline < 0 and tail <= len(text):
+            return text[e:k - 1].strip()
+        i = newline + 1 if newline >= 0 else len(text)
+
+
+_MINERVA_SUBSTITUTIONS = [
+    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+]
+_MINERVA_REMOVED = [
+    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units", "\\ldots", "sue",
+    "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges",
+    "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2",
+    "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"',
+    "\\dots",
+]
+
+
+def _first_dollar_pair(line):
+    # re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\3$") on one line: a line with two '$' becomes its first $...$
+    i = line.find("$")
+    j = line.find("$", i + 1) if i >= 0 else -1
+    return line if j < 0 else line[i:j + 1]
+
+
+def _unwrap_lazy(s, opener):
+    # re.sub(opener + r"(.*?)\}", r"\1"): each opener up to the first '}' on its line becomes what it wraps
+    out, i = [], 0
+    while True:
+        k = s.find(opener, i)
+        if k < 0:
+            break
+        j = s.find("}", k + len(opener))
+        if j < 0:
+            break  # no '}' after it, so after no later opener either
+        newline = s.find("\n", k, j)
+        if newline >= 0:  # this opener and the others before that newline are left as they are
+            out.append(s[i:newline])
+            i = newline
+            continue
+        out += [s[i:k], s[k + len(opener):j]]
+        i = j + 1
+    out.append(s[i:])
+    return "".join(out)
+
+
+def _unwrap_boxed_greedy(line):
+    # re.sub(r"\\boxed\{(.*)\}", r"\1") on one line: the first '\boxed{' up to the line's last '}'
+    k = line.find("\\boxed{")
+    j = line.rfind("}", k + 7) if k >= 0 else -1
+    return line if j < 0 else line[:k] + line[k + 7:j] + line[j + 1:]
+
+
+def normalize_final_answer(answer):
+    """Minerva's answer normalisation (Lewkowycz et al. 2022, appendix D) as open-instruct's math_utils runs it:
+    the text after the last '=', its substitutions and removed unit words, the first $...$, \\text{} and the
+    like unwrapped, \\frac12 / \\sqrt2 shorthands expanded, '$' dropped, thousands commas of an integer dropped."""
+    answer = answer.split("=")[-1]
+    for before, after in _MINERVA_SUBSTITUTIONS:
+        answer = answer.replace(before, after)
+    for word in _MINERVA_REMOVED:
+        answer = answer.replace(word, "")
+    answer = "\n".join(_first_dollar_pair(line) for line in answer.split("\n"))
+    for opener in ("\\text{", "\\textbf{", "\\overline{"):
+        answer = _unwrap_lazy(answer, opener)
+    answer = "\n".join(_unwrap_boxed_greedy(line) for line in answer.split("\n"))
+    answer = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", answer)
+    answer = re.sub(r"(sqrt)([^{])", r"sqrt{\2}", answer)
+    answer = answer.replace("$", "")
+    if answer.replace(",", "").isdigit():
+        answer = answer.replace(",", "")
+    return answer
 
 
 def math_answer_candidates(text):
-    """The model's final answer as open-instruct's MATH verifier reads it: the last boxed and
-    Minerva's 'final answer is X' (each when present); failing both, the text between the
-    last two '$'; failing that, the whole response."""
-    found = [a for a in (_last_boxed(text), _minerva_answer(text)) if a is not None]
-    if found:
-        return found
-    last = text.rfind("$")
-    prev = text.rfind("$", 0, last) if last > 0 else -1
-    return [text[prev + 1:last]] if prev >= 0 else [text]
+    """The model's final answers as open-instruct's Tulu 3-era MATH verifier reads them, in its order: the last
+    boxed (as written) and Minerva's 'Final Answer: ...' (normalised), each when present; failing both, the
+    normalised text between the last two '$'; failing that, the whole response, normalised. (Later open-instruct
+    also tries the raw response last; the Tulu 3-era code does not.)"""
+    found = []
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        found.append(boxed)
+    minerva = _minerva_answer(text)
+    # the reference marks "no match" with the string "[invalidanswer]" and drops it after normalising
+    if minerva is not None and normalize_final_answer(minerva) != "[invalidanswer]":
+        found.append(normalize_final_answer(minerva))
+    if not found:
+        last = text.rfind("$")
+        prev = text.rfind("$", 0, last) if last > 0 else -1
+        if prev >= 0:
+            found.append(normalize_final_answer(text[prev + 1:last]))
+    return found or [normalize_final_answer(text)]
 
 
 def _fix_fracs(s):
-    # \frac12 -> \frac{1}{2}, \frac1{72} -> \frac{1}{72}
+    # \frac12 -> \frac{1}{2}, \frac1{72} -> \frac{1}{72}; a lone character after \frac leaves the string as it was
     parts = s.split("\\frac")
     out = [parts[0]]
     for p in parts[1:]:
-        if p.startswith("{"):
+        if not p:
+            raise ValueError(f"strip_string: \\frac with nothing after it in {s[:80]!r}")
+        if p[0] == "{":
             out.append("\\frac" + p)
         elif len(p) < 2:
             return s
@@ -170,15 +286,17 @@ def _fix_fracs(s):
     return "".join(out)
 
 
-_INT = re.compile(r"-?(?:0|[1-9]\d*)")
-
-
 def _fix_a_slash_b(s):
-    # "3/4" -> \frac{3}{4}, only when both sides are plain integers written canonically
+    # "3/4" -> \frac{3}{4} when both sides are integers written canonically. The reference converts with int()
+    # and lets its ValueError through (so "x/2" falls back to comparing raw strings): int() is kept for that.
     parts = s.split("/")
-    if len(parts) == 2 and _INT.fullmatch(parts[0]) and _INT.fullmatch(parts[1]):
-        return "\\frac{" + parts[0] + "}{" + parts[1] + "}"
-    return s
+    if len(parts) != 2:
+        return s
+    try:
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"strip_string: a/b with a non-integer side in {s[:80]!r}") from None
+    return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
 
 
 def _fix_sqrt(s):
@@ -186,24 +304,25 @@ def _fix_sqrt(s):
     parts = s.split("\\sqrt")
     out = [parts[0]]
     for p in parts[1:]:
-        if p and p[0] != "{":
-            out.append("\\sqrt{" + p[0] + "}" + p[1:])
-        else:
-            out.append("\\sqrt" + p)
+        if not p:
+            raise ValueError(f"strip_string: \\sqrt with nothing after it in {s[:80]!r}")
+        out.append(("\\sqrt{" + p[0] + "}" + p[1:]) if p[0] != "{" else "\\sqrt" + p)
     return "".join(out)
 
 
 def strip_string(s):
-    """Hendrycks MATH normalisation (plus: a trailing period is dropped; text after the
-    first '\\text{ ' unit marker is dropped where the reference would assert)."""
-    s = s.strip().rstrip(".")
+    """Hendrycks' MATH normalisation, as open-instruct's math_utils.strip_string. Raises ValueError where that
+    one fails (a second '\\text{ ' unit marker, a trailing \\sqrt or \\frac, an a/b with a non-integer side)."""
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "")
     s = s.replace("\\$", "")
     if "\\text{ " in s:  # "\text{ " only ever introduces units in MATH
-        s = s.split("\\text{ ", 1)[0]
+        units = s.split("\\text{ ")
+        if len(units) != 2:
+            raise ValueError(f"strip_string: more than one '\\text{{ ' in {s[:80]!r}")
+        s = units[0]
     s = s.replace("\\%", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
@@ -221,7 +340,56 @@ def strip_string(s):
     return _fix_a_slash_b(s)
 
 
-_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+def _strip_or_none(s):
+    try:
+        return strip_string(s)
+    except ValueError:
+        return None
+
+
+def hendrycks_equiv(a, b):
+    """open-instruct's hendrycks_is_equiv: the strip_string forms are equal, or, where strip_string fails on
+    either, the raw strings are."""
+    sa, sb = _strip_or_none(a), _strip_or_none(b)
+    return a == b if sa is None or sb is None else sa == sb
+
+
+_SYMPY_SECONDS = 5  # the reference's alarm
+_SYMPY_MAX_CHARS = 1_000  # ours: parsing and simplifying a few thousand characters already takes longer than that
+
+
+class _SympyTimeout(BaseException):
+    pass  # not an Exception, so that sympy's own `except Exception` cannot swallow it
+
+
+def _raise_timeout(signum, frame):
+    raise _SympyTimeout
+
+
+def sympy_equiv(a, b):
+    """open-instruct's is_equiv: sympy.simplify(parse_latex(a) - parse_latex(b)) == 0, False on any failure or
+    after _SYMPY_SECONDS (a SIGALRM, as the reference sets, where this runs in the main thread of a Unix
+    process). Strings over _SYMPY_MAX_CHARS are not parsed: that guard is ours, not the reference's."""
+    if _parse_latex is None:
+        raise RuntimeError("sympy_equiv: sympy's LaTeX parser is not available (see BACKENDS['math'])")
+    if len(a) > _SYMPY_MAX_CHARS or len(b) > _SYMPY_MAX_CHARS:
+        return False
+    alarm = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    try:
+        if alarm:
+            previous = signal.signal(signal.SIGALRM, _raise_timeout)
+            signal.setitimer(signal.ITIMER_REAL, _SYMPY_SECONDS)
+        try:
+            return bool(_simplify(_parse_latex(a) - _parse_latex(b)) == 0)
+        finally:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+    except (Exception, _SympyTimeout):  # the reference returns False on every parse, subtract or simplify error
+        return False
+
+
+_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")  # sympy reads neither "5." nor ".5" (strip_string makes that 0.5)
 _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _FRAC = re.compile(r"\\frac\{(-?[\d.,]+)\}\{(-?[\d.,]+)\}")
 
@@ -237,7 +405,6 @@ def _unsigned_value(s):
 def _number_value(s):
     """The exact value of a normalised answer that is a plain number (thousands commas and
     decimals allowed) or a \\frac of two, with an optional minus; else None."""
-    s = s.replace("{,}", ",")
     sign = -1 if s.startswith("-") else 1
     s = s[1:] if sign < 0 else s
     m = _FRAC.fullmatch(s)
@@ -253,19 +420,29 @@ def _number_value(s):
 
 
 def math(response, ground_truth):
-    """1.0 if one of the model's answer candidates equals the reference after Hendrycks'
-    normalisation, or has the same exact value when both are plain numbers or fractions of
-    them (1,000 = 1000.00, 0.50 = \\frac{1}{2}, \\frac{-1}{2} = -\\frac{1}{2})."""
+    """1.0 if one of the model's answer candidates matches the reference answer as open-instruct's Tulu 3-era
+    verifier decides it: sympy finds the two equal (2\\sqrt{2} = \\sqrt{8}, x+1 = 1+x), or Hendrycks'
+    normalisation makes them the same string. Without sympy (BACKENDS['math']) the symbolic check is replaced by
+    an exact comparison of plain numbers and fractions (1,000 = 1000.00, 0.50 = \\frac{1}{2}), which sympy also
+    accepts. A ground truth holding a \\boxed answer (a worked solution) is read for that answer."""
     gt = str(ground_truth)
-    truth = _last_boxed(gt) if ("\\boxed" in gt or "\\fbox" in gt) else gt
+    truth = _last_boxed(gt) if "\\boxed" in gt else gt
     if truth is None or not truth.strip():
         raise ValueError(f"MATH ground truth has no answer: {gt[:80]!r}")
-    truth = strip_string(truth)
-    value = _number_value(truth)
+    stripped_truth = _strip_or_none(truth)
+    value = None
+    if _parse_latex is None and stripped_truth is not None:
+        value = _number_value(stripped_truth)
     for answer in math_answer_candidates(response):
-        answer = strip_string(answer)
-        if answer == truth or (value is not None and _number_value(answer) == value):
+        if hendrycks_equiv(answer, truth):
             return 1.0
+        if _parse_latex is not None:
+            if sympy_equiv(answer, truth):
+                return 1.0
+        elif value is not None:
+            stripped = _strip_or_none(answer)
+            if stripped is not None and _number_value(stripped) == value:
+                return 1.0
     return 0.0
 
 # -----------------------------------------------------------------------------
