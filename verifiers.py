@@ -257,9 +257,10 @@ def math_answer_candidates(text):
     if boxed is not None:
         found.append(boxed)
     minerva = _minerva_answer(text)
-    # the reference marks "no match" with the string "[invalidanswer]" and drops it after normalising
-    if minerva is not None and normalize_final_answer(minerva) != "[invalidanswer]":
-        found.append(normalize_final_answer(minerva))
+    if minerva is not None:
+        minerva = normalize_final_answer(minerva)
+        if minerva != "[invalidanswer]":  # the reference's "no match" marker, which it drops after normalising
+            found.append(minerva)
     if not found:
         last = text.rfind("$")
         prev = text.rfind("$", 0, last) if last > 0 else -1
