@@ -345,6 +345,12 @@ def render_chat(tok, messages, template="tulu", add_generation_prompt=False):
     return _render(tok, messages, template, add_generation_prompt)
 
 
+def render_chat_text(tok, messages, template="tulu", add_generation_prompt=False):
+    """The text render_chat tokenizes (evaluation builds prompts as text, as lighteval does)."""
+    validate_messages(messages, "messages")
+    return "".join(text for text, _ in _render_parts(messages, template, tok.eos_token, add_generation_prompt, 0))
+
+
 def stop_token_ids(tok, template):
     """Token ids that end an assistant turn under `template` (for generation)."""
     ids = [tok.eos_id]

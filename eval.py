@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verifiers
-from data import (DataError, Tokenizer, _render_parts, check_vocab, make_demo_data, read_rows, render_chat,
+from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, render_chat_text,
                   resolve_template, stop_token_ids)
 from model import Transformer, generate
 
@@ -294,7 +294,7 @@ def few_shot_context(ctx, shots, query):
     for q, t in shots:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": t}]
     messages.append({"role": "user", "content": query})
-    return "".join(text for text, _ in _render_parts(messages, ctx.template, ctx.tok.eos_token, True, 0))
+    return render_chat_text(ctx.tok, messages, ctx.template, add_generation_prompt=True)
 
 
 def generation_stops(ctx, stop_strings):

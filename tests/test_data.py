@@ -149,6 +149,8 @@ def test_chat_template_ids_match_transformers(tok, tmp_path, template):
                 expected = expected["input_ids"]
             ids, mask = data.render_chat(tok, conv, template, add_generation_prompt=gen)
             assert ids == list(expected), (template, gen, conv)
+            text = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert data.render_chat_text(tok, conv, template, add_generation_prompt=gen) == text
             assert len(mask) == len(ids)
 
 
