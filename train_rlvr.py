@@ -427,6 +427,8 @@ def main(argv=None):
     common.print0(f"{cfg.algo.upper()} from {cfg.model}: {len(train_rows)} prompts, {len(eval_rows)} held out; "
                   f"{policy.num_params() / 1e6:.2f}M params; {cfg.prompts_per_step} prompts x {cfg.num_samples} "
                   f"samples per step over {d.world_size} ranks, lr {cfg.lr:.3g}, beta {cfg.beta}, {total_steps} steps")
+    # the MATH and IFEval checks run other code when sympy, langdetect or nltk are missing: say which this run has
+    common.print0("reward checkers: " + "; ".join(f"{k}: {v}" for k, v in verifiers.BACKENDS.items()))
     if cfg.algo == "ppo":  # Tulu 3 starts the value model from a reward model; say so when it does not
         common.print0(f"value model: the reward model at {cfg.value_model}" if cfg.value_model else
                       "value model: a copy of the policy with a zero value head (no --value_model given; Tulu 3 "

@@ -243,7 +243,9 @@ def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch, c
     # the input model was saved with tulu: final/ must record the template the policy was trained with
     train_rlvr.main(args_for(tiny, run, "--algo=ppo", "--num_samples=1", "--beta=0.05", "--eval_data=",
                              "--template=chatml"))
-    assert "value model: a copy of the policy with a zero value head (no --value_model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "value model: a copy of the policy with a zero value head (no --value_model" in out
+    assert f"; math: {train_rlvr.verifiers.BACKENDS['math']}" in out  # which MATH checker gave the rewards
     assert data.Tokenizer.from_pretrained(str(run / "final")).chat_template == data.CHATML_TEMPLATE
     assert clipped == ["Transformer", "ValueModel"] * 8  # 2 steps x 2 epochs x 2 minibatches
     m = read_jsonl(run / "metrics.jsonl")
