@@ -369,25 +369,26 @@ def _raise_timeout(signum, frame):
 
 def sympy_equiv(a, b):
     """open-instruct's is_equiv: sympy.simplify(parse_latex(a) - parse_latex(b)) == 0, False on any failure or
-    after _SYMPY_SECONDS (a SIGALRM, as the reference sets, where this runs in the main thread of a Unix
-    process). Strings over _SYMPY_MAX_CHARS are not parsed: that guard is ours, not the reference's."""
+    after _SYMPY_SECONDS (a SIGALRM, as the reference sets). Off the main thread, or where there is no SIGALRM,
+    nothing could stop a runaway simplify: False, as the reference's own signal.signal call fails there. Strings
+    over _SYMPY_MAX_CHARS are not parsed: that guard is ours, not the reference's."""
     if _parse_latex is None:
         raise RuntimeError("sympy_equiv: sympy's LaTeX parser is not available (see BACKENDS['math'])")
     if len(a) > _SYMPY_MAX_CHARS or len(b) > _SYMPY_MAX_CHARS:
         return False
-    alarm = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
     try:
-        if alarm:
-            previous = signal.signal(signal.SIGALRM, _raise_timeout)
-            signal.setitimer(signal.ITIMER_REAL, _SYMPY_SECONDS)
+        signal.setitimer(signal.ITIMER_REAL, _SYMPY_SECONDS)
         try:
             return bool(_simplify(_parse_latex(a) - _parse_latex(b)) == 0)
         finally:
-            if alarm:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
+            signal.setitimer(signal.ITIMER_REAL, 0)
     except (Exception, _SympyTimeout):  # the reference returns False on every parse, subtract or simplify error
         return False
+    finally:  # after the timer is off (an alarm firing at the deadline is caught above), the caller's handler
+        signal.signal(signal.SIGALRM, previous)
 
 
 _PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")  # sympy reads neither "5." nor ".5" (strip_string makes that 0.5)
@@ -425,7 +426,9 @@ def math(response, ground_truth):
     verifier decides it: sympy finds the two equal (2\\sqrt{2} = \\sqrt{8}, x+1 = 1+x), or Hendrycks'
     normalisation makes them the same string. Without sympy (BACKENDS['math']) the symbolic check is replaced by
     an exact comparison of plain numbers and fractions (1,000 = 1000.00, 0.50 = \\frac{1}{2}), which sympy also
-    accepts. A ground truth holding a \\boxed answer (a worked solution) is read for that answer."""
+    accepts. A ground truth holding a \\boxed answer (a worked solution) is read for that answer. The response is
+    stripped first, as the Tulu 3 release's verify_math_sample does (its Minerva match fails on a trailing space)."""
+    response = response.strip()
     gt = str(ground_truth)
     truth = _last_boxed(gt) if "\\boxed" in gt else gt
     if truth is None or not truth.strip():

@@ -178,6 +178,37 @@ def test_sympy_check_times_out(monkeypatch):
     assert time.perf_counter() - t0 < 3.0
 
 
+@needs_sympy
+def test_sympy_check_leaves_the_callers_alarm_handler_and_refuses_threads(monkeypatch):
+    """Off the main thread no alarm can stop sympy: no symbolic verdict there (the reference's signal.signal call
+    fails and it returns False), rather than a hang. And a timeout puts back the handler the caller had."""
+    import signal
+    import threading
+
+    def caller_handler(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGALRM, caller_handler)
+    try:
+        monkeypatch.setattr(V, "_SYMPY_SECONDS", 0.2)
+        assert V.sympy_equiv("9^{9^{9^{9}}}", "1") is False
+        assert V.sympy_equiv("x+1", "1+x") is True
+        assert signal.getsignal(signal.SIGALRM) is caller_handler
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    in_thread = []
+    thread = threading.Thread(target=lambda: in_thread.append(V.sympy_equiv("x+1", "1+x")))
+    thread.start()
+    thread.join()
+    assert in_thread == [False]
+
+
+def test_math_strips_the_response_first(backend):
+    # as the Tulu 3 release's verify_math_sample: the Minerva pattern, read with "I hope it is correct." appended,
+    # finds " I hope" only where the response ended in a space, which the strip removes
+    assert V.math("Final Answer: The final answer is 5. ", "5") == 0.0
+    assert V.math("Final Answer: The final answer is 5. I hope it is correct. \n", "5") == 1.0
+
+
 @pytest.mark.parametrize("response,truth,verdict", [
     # the reference needs Minerva's exact line: "Final Answer: The final answer is X. I hope it is correct."
     ("The final answer is 5.", "5", 0.0),
