@@ -13,8 +13,9 @@ verifiers.verify accepts the decoded response, else 0; a response that hit max_r
 non_stop_penalty instead (open-instruct replaces the score rather than adding to it). Then:
 
   --algo=grpo  advantage (r - mean_group) / (std_group + eps) per prompt (--advantage_norm=center: r - mean),
-               the same for every token of a response; groups whose rewards are all equal carry no signal and are
-               counted and skipped; loss = clipped ratio + beta * k3 KL to the reference, per token.
+               the same for every token of a response; loss = clipped ratio + beta * k3 KL to the reference, per
+               token. Groups whose rewards are all equal have no advantage and are counted and skipped
+               (--skip_equal_groups=false keeps them, as Tulu 3.1's script did: their KL term still acts).
   --algo=ppo   a value model (from the reward model at --value_model, else a copy of the policy with a zero head);
                per-token reward -beta * (logp_old - logp_ref) with the score added at the last response token;
                GAE (gamma, lam); advantages whitened over the global batch; clipped policy and value losses.
@@ -82,6 +83,7 @@ class RLVRConfig(common.TrainConfig):
     clip_eps: float = 0.2
     beta: float = 0.01              # KL coefficient (0 = no reference model at all)
     advantage_norm: str = "std"     # grpo: std | center
+    skip_equal_groups: bool = True  # grpo: leave out groups whose rewards are all equal (only their KL would act)
     adv_eps: float = 1e-8
     # ppo
     value_model: str = ""           # reward-model folder (train_dpo.py --objective=reward_model); '' = the policy
@@ -467,7 +469,8 @@ def main(argv=None):
         if cfg.algo == "grpo":
             adv_seq, keep = grpo_advantages(rewards.view(-1, cfg.num_samples), cfg.advantage_norm, cfg.adv_eps)
             adv = adv_seq.view(-1, 1) * mask
-            rows_kept = keep.repeat_interleave(cfg.num_samples).nonzero().squeeze(1)
+            trained_groups = keep if cfg.skip_equal_groups else torch.ones_like(keep)
+            rows_kept = trained_groups.repeat_interleave(cfg.num_samples).nonzero().squeeze(1)
             stats[0] = (~keep).sum()
             returns = None
         else:

@@ -276,6 +276,32 @@ def test_grpo_kl_penalty_pulls_the_policy_toward_the_reference(tiny, tmp_path, m
     assert after < 0.5 * before, (before, after)  # measured: 0.113 -> 0.028
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_groups_with_equal_rewards_are_skipped_or_kept_for_their_kl_term(tiny, tmp_path, monkeypatch, skip):
+    """Every group's rewards equal: skipped (the default), nothing moves the weights; kept (Tulu 3.1's script), the
+    KL term alone pulls the policy toward the reference."""
+    reference = perturbed(tiny.model_dir)
+    use_reference(monkeypatch, reference)
+    monkeypatch.setattr(train_rlvr, "grpo_advantages", lambda rewards, norm="std", eps=1e-8: (
+        torch.zeros_like(rewards), torch.zeros(len(rewards), dtype=torch.bool)))
+    rollouts = record_calls(monkeypatch, "collate_rollouts")
+    run = tmp_path / "run"
+    train_rlvr.main(args_for(tiny, run, "--beta=1", "--max_steps=1", "--eval_data=", "--samples_per_step=0",
+                             f"--skip_equal_groups={str(skip).lower()}"))
+    record, = read_jsonl(run / "metrics.jsonl")
+    assert record["zero_std_groups"] == 4 and record["trained_seqs"] == (0 if skip else 16)
+    (_, (ids, labels)), = rollouts
+    start, after = (Transformer.from_pretrained(p) for p in (tiny.model_dir, str(run / "final")))
+    with torch.no_grad():
+        ref = train_rlvr.token_logprobs(reference, ids, labels)
+        d = {name: train_rlvr.token_logprobs(m, ids, labels) - ref for name, m in (("start", start), ("after", after))}
+    k3 = {name: (torch.exp(-x) - 1 + x)[labels != -100].mean().item() for name, x in d.items()}
+    if skip:
+        assert torch.equal(d["after"], d["start"])
+    else:
+        assert k3["after"] < 0.5 * k3["start"], k3
+
+
 def test_ppo_token_rewards_are_the_kl_penalty_plus_the_score_on_the_last_response_token(tiny, tmp_path, monkeypatch):
     reference = perturbed(tiny.model_dir)
     use_reference(monkeypatch, reference)
