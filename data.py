@@ -687,12 +687,17 @@ def _truncate_pair(pair, max_seq_len, policy):
     """[(ids, mask), (ids, mask)] cut to max_seq_len, or None (policy 'drop'). 'left' drops the same number of
     oldest prompt tokens from both sides, so that chosen and rejected are scored in the same context, keeping at
     least one prompt token so that the first response token has a label; a response that still does not fit loses
-    its end, and a pair left without a response token on either side is dropped (None)."""
+    its end, and a pair left without a response token on either side is dropped (None). 'right' cuts each side at
+    its own end, as Tulu 3's DPO did (each side tokenized with truncation at max_length, then pairs with no label left
+    on a side filtered out): the whole prompt is kept, and an overlong response loses its end and eos."""
     longest = max(len(ids) for ids, _ in pair)
     if longest <= max_seq_len:
         return pair
     if policy == "drop":
         return None
+    if policy == "right":
+        cut = [(ids[:max_seq_len], mask[:max_seq_len]) for ids, mask in pair]
+        return cut if all(1 in mask for _, mask in cut) else None
     prompt_len = min(mask.index(1) if 1 in mask else len(ids) for ids, mask in pair)
     start = min(longest - max_seq_len, max(prompt_len - 1, 0))
     cut = [(ids[start:start + max_seq_len], mask[start:start + max_seq_len]) for ids, mask in pair]
@@ -831,14 +836,17 @@ def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=N
     return out
 
 
+TRUNCATIONS = ("left", "right", "drop")  # of preference pairs over max_seq_len (see _truncate_pair)
+
+
 def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cache_dir=None, num_workers=None,
                         progress=True):
     """Tokenize normalised preference rows -> Rows of {'chosen': (ids, mask), 'rejected': (ids, mask)} where only
     the final response is trained. Pairs longer than max_seq_len are cut from the left of the prompt
-    (truncation='left'; a pair that keeps no response token is dropped) or dropped (truncation='drop'); both are
-    reported."""
-    if truncation not in ("left", "drop"):
-        raise ValueError(f"truncation must be 'left' or 'drop', got {truncation!r}")
+    (truncation='left'), each side at its end (truncation='right', Tulu 3's DPO), a pair that keeps no response
+    token on a side being dropped, or dropped (truncation='drop'); all are reported."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {template!r} (expected one of {', '.join(CHAT_TEMPLATES)})")
     key = (_fingerprint_rows(rows, ["prompt", "chosen", "rejected"]), tok.fingerprint(), template, max_seq_len,
@@ -854,9 +862,10 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
         log.warning(f"dropped {out.num_skipped} preference pairs longer than {max_seq_len} tokens " +
                     ("(truncation='drop')" if truncation == "drop" else "that had no response token left when cut"))
     full = sum(1 for row in out if max_seq_len in (len(row["chosen"][0]), len(row["rejected"][0])))
-    if truncation == "left" and full:
-        log.warning(f"{full} preference pairs fill max_seq_len={max_seq_len}: longer ones lost their oldest prompt "
-                    f"tokens, and a response that still did not fit lost its end")
+    if truncation != "drop" and full:
+        log.warning(f"{full} preference pairs fill max_seq_len={max_seq_len}: " + (
+            "longer ones lost their oldest prompt tokens, and a response that still did not fit lost its end"
+            if truncation == "left" else "longer responses lost their ends"))
     return out
 
 

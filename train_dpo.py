@@ -26,8 +26,9 @@ Saved format, for train_rlvr.py's PPO value model:
     last real token.
 
 Only the final assistant turn is trained. Pairs longer than --max_seq_len are cut from the left of the prompt
-(--truncation=left, the default; a pair left without a response token is dropped) or dropped (--truncation=drop);
-the counts are printed at start-up.
+(--truncation=left, the default), or each side at its end (--truncation=right, as Tulu 3's DPO and the paper
+presets), a pair left without a response token on a side being dropped; or they are dropped (--truncation=drop).
+The counts are printed at start-up.
 """
 import copy
 import hashlib
@@ -63,7 +64,8 @@ class DPOConfig(common.TrainConfig):
     eval_split: float = 0.0         # fraction of data held out (seeded) when eval_data is empty
     template: str = ""              # tulu | chatml ('' = the one the model was saved with, tulu when none)
     max_seq_len: int = 2048
-    truncation: str = "left"        # pairs over max_seq_len: left = cut the prompt from the left | drop
+    truncation: str = "left"        # pairs over max_seq_len: left = cut the prompt from the left | right = cut each
+                                    # side's end (Tulu 3) | drop
     loss_type: str = "dpo_norm"     # dpo | dpo_norm | simpo | ipo
     beta: float = 5.0
     label_smoothing: float = 0.0    # conservative DPO (dpo / dpo_norm)
@@ -109,9 +111,12 @@ def normalize_demo(row):
     return {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
 
 
+CUT = {"left": " (prompt cut from the left where longer)", "right": " (responses cut at their ends where longer)"}
+
+
 def tokenize(cfg, tok, rows, name, d):
     """Rank 0 fills the tokenization cache first, the others then read it. Reports the truncation policy's
-    effect: how many pairs were dropped or reach the limit (were cut from the left)."""
+    effect: how many pairs were dropped or reach the limit (were cut)."""
     cache = cfg.cache_dir or None
     run = lambda: data.tokenize_preference(rows, tok, cfg.template, cfg.max_seq_len, truncation=cfg.truncation,
                                            cache_dir=cache, progress=d.is_main and cfg.progress)
@@ -123,8 +128,8 @@ def tokenize(cfg, tok, rows, name, d):
     at_limit = sum(max(len(p["chosen"][0]), len(p["rejected"][0])) == cfg.max_seq_len for p in pairs)
     common.print0(f"{name} preference pairs: {len(pairs)} of {len(rows)} kept; {pairs.num_skipped} dropped as "
                   f"longer than max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}"
-                  f"{': no response token left when cut' if cfg.truncation == 'left' else ''}); {at_limit} at the "
-                  f"limit{' (prompt cut from the left where longer)' if cfg.truncation == 'left' else ''}")
+                  f"{'' if cfg.truncation == 'drop' else ': no response token left when cut'}); {at_limit} at the "
+                  f"limit{CUT.get(cfg.truncation, '')}")
     return pairs
 
 
@@ -338,8 +343,8 @@ def main(argv=None):
         raise common.ConfigError(f"objective={cfg.objective!r}: expected dpo or reward_model")
     if cfg.objective == "reward_model":
         common.refuse_unused(cfg, ["reference_in_memory"], "a reward model has no reference")
-    if cfg.truncation not in ("left", "drop"):
-        raise common.ConfigError(f"truncation={cfg.truncation!r}: expected left or drop")
+    if cfg.truncation not in data.TRUNCATIONS:
+        raise common.ConfigError(f"truncation={cfg.truncation!r}: expected one of {', '.join(data.TRUNCATIONS)}")
     kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
     if not cfg.model:
         raise common.ConfigError("--model=PATH is required (an HF-layout folder, e.g. the SFT run's final/)")

@@ -761,6 +761,27 @@ def test_left_truncation_cuts_chosen_and_rejected_alike(demo_tok):
     assert np.array_equal(cut["rejected"][0], r_ids[2:]) and np.array_equal(cut["rejected"][1], r_mask[2:])
 
 
+def test_right_truncation_cuts_each_side_at_its_own_end_as_tulu3(demo_tok, caplog):
+    """Tulu 3's DPO tokenized each side with truncation at max_length and kept a pair while both sides had a label:
+    the overflowing side loses its end (eos included), the other stays whole, the prompt is never cut."""
+    user = {"role": "user", "content": "Tell me about cats and dogs and birds. Use only lowercase letters."}
+    row = {"prompt": [user], "chosen": [{"role": "assistant", "content": "many people enjoy cats and dogs."}],
+           "rejected": [{"role": "assistant", "content": "cats."}]}
+    (full,) = data.tokenize_preference([row], demo_tok, "tulu", 1000, num_workers=1, progress=False)
+    (c_ids, c_mask), (r_ids, r_mask) = full["chosen"], full["rejected"]
+    limit = len(c_ids) - 2
+    assert len(r_ids) <= limit
+    (cut,) = data.tokenize_preference([row], demo_tok, "tulu", limit, truncation="right", num_workers=1,
+                                      progress=False)
+    assert np.array_equal(cut["chosen"][0], c_ids[:limit]) and np.array_equal(cut["chosen"][1], c_mask[:limit])
+    assert np.array_equal(cut["rejected"][0], r_ids) and np.array_equal(cut["rejected"][1], r_mask)
+    assert "1 preference pairs fill max_seq_len" in caplog.text and "longer responses lost their ends" in caplog.text
+    prompt_len = list(r_mask).index(1)  # no response token of either side fits: the pair goes
+    gone = data.tokenize_preference([row], demo_tok, "tulu", prompt_len, truncation="right", num_workers=1,
+                                    progress=False)
+    assert len(gone) == 0 and gone.num_skipped == 1
+
+
 def test_the_preference_cache_key_covers_both_responses_and_the_truncation(demo, demo_tok, tmp_path):
     """A cached tokenization is reused only for the same pairs under the same truncation: another rejected answer,
     or 'drop' after 'left', tokenizes afresh."""

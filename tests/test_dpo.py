@@ -410,6 +410,11 @@ def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys):
     cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="drop", cache_dir="", template="tulu")
     assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
     assert "train preference pairs: 3 of 4 kept; 1 dropped as longer than max_seq_len=128" in capsys.readouterr().out
+    # Tulu 3's cut at each side's end keeps the whole prompt, which here leaves no response token: dropped too
+    cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="right", cache_dir="", template="tulu")
+    assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
+    assert ("train preference pairs: 3 of 4 kept; 1 dropped as longer than max_seq_len=128 (truncation=right: no "
+            "response token left when cut)") in capsys.readouterr().out
 
 
 def test_only_final_assistant_turn_is_trained(tiny):
@@ -437,7 +442,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--loss_type=dpo", "--label_smoothing=1.0"))
     with pytest.raises(common.ConfigError, match="truncation"):
-        train_dpo.main(args_for(tiny, tmp_path / "run", "--truncation=right"))
+        train_dpo.main(args_for(tiny, tmp_path / "run", "--truncation=middle"))
     with pytest.raises(common.ConfigError, match=r"--eval_split=0.2: not used with --eval_data"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--eval_split=0.2"))
     with pytest.raises(data.DataError, match=r"none of its \d+ training pairs fits max_seq_len=16 \(truncation=drop\)"):
