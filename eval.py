@@ -38,8 +38,8 @@ runs the instruct models: `lighteval ... --use_chat_template`):
       ARC, PIQA  "Question: {q}\nAnswer:" | " {choice}"  (ARC: the mean of Easy and Challenge)
       MMLU-Pro   "The following are multiple choice questions (with answers) about {category}.\n\n{q}\n"
                  "A. {option}\nB. ...\nAnswer:" | "A", "B", ...
-      HellaSwag  lm-eval's preprocessing, "{label}: {ctx_a} {Ctx_b}" | " {ending}"  (smollm's leaves a trailing
-                 space, which would become a second space before each ending)
+      HellaSwag  smollm's, "{label}: {ctx_a} {Ctx_b} " | " {ending}", WikiHow brackets removed, nothing
+                 stripped: without the chat template the trailing space moves into each continuation ("  {ending}")
 - GSM8K, 5-shot, greedy, at most 256 new tokens: examples "Question: {q}\nAnswer:" | " {worked answer}", a fresh
   draw of 5 for each question as lighteval's random_sampling_from_train makes it (one Random(--seed), default
   lighteval's 42, shuffles the test rows' order and then draws for each row in that order; a --limit run keeps
@@ -329,8 +329,9 @@ def task_arc(ctx):
 
 
 def hellaswag_preprocess(text):
-    # the brackets are WikiHow artifacts ("[header]", "[step]") in the published text
-    text = text.strip().replace(" [title]", ". ")
+    # smollm's (lm-eval's, with its strip() commented out); the brackets are WikiHow artifacts ("[header]",
+    # "[step]") in the published text
+    text = text.replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
 
@@ -338,8 +339,9 @@ def hellaswag_preprocess(text):
 def task_hellaswag(ctx):
     docs = []
     for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["hellaswag"][0]), ctx.limit):
-        # str.capitalize also lowercases the rest ("John" -> "john"), as lm-eval and lighteval do
-        context = f"{field(row, 'ctx_a', where)} {field(row, 'ctx_b', where).capitalize()}"
+        # str.capitalize also lowercases the rest ("John" -> "john"), as lm-eval and lighteval do; smollm's trailing
+        # space is kept: raw-text scoring moves it into each continuation, a chat prompt keeps it in the user turn
+        context = f"{field(row, 'ctx_a', where)} {field(row, 'ctx_b', where).capitalize()} "
         label = field(row, "label", where)
         if str(label).strip() == "":
             raise DataError(where, "empty label (the hub's hellaswag test split is unlabelled; use validation)")

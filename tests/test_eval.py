@@ -650,27 +650,27 @@ def test_a_gold_label_outside_the_choices_or_an_empty_split_is_an_error_not_a_ze
         ev.evaluate_tasks(model, tok, ["arc"], str(tmp_path))
 
 
-def test_hellaswag_query_is_lm_evals(loaded, tmp_path):
-    """ctx_a + ' ' + ctx_b.capitalize() (which lowercases the rest), then the WikiHow bracket clean-up."""
+def test_hellaswag_query_is_smollms(loaded, tmp_path):
+    """ctx_a + ' ' + ctx_b.capitalize() (which lowercases the rest) + ' ', then the WikiHow bracket clean-up."""
     model, tok = loaded
     (tmp_path / "hellaswag").mkdir()
     row = {"activity_label": "Playing guitar", "ctx_a": "A man holds a guitar.", "ctx_b": "then, John plays a G",
            "endings": ["chord [step] on the Fender.", "song."], "label": "0"}
     (tmp_path / "hellaswag" / "validation.jsonl").write_text(json.dumps(row) + "\n")
     (doc,) = ev.evaluate_tasks(model, tok, ["hellaswag"], str(tmp_path))["hellaswag"]["examples"]
-    assert doc["query"] == "Playing guitar: A man holds a guitar. Then, john plays a g"
+    assert doc["query"] == "Playing guitar: A man holds a guitar. Then, john plays a g "
     assert doc["choices"] == [" chord on the Fender.", " song."]
 
 
 @pytest.mark.parametrize("text,clean", [
-    ("  sings loudly. ", "sings loudly."),  # stripped
+    ("  sings loudly. ", " sings loudly. "),  # not stripped: smollm comments lm-eval's strip() out
     ("Make tea [title] Boil water.", "Make tea. Boil water."),  # " [title]" ends a sentence, before brackets go
     ("Boil water [title]", "Boil water. "),  # ". " whole, even with nothing after it
     ("a [header] b [step] c", "a b c"),  # each bracket pair on its own, not from the first '[' to the last ']'
-    ("[step] Pour it.", " Pour it."),  # stripped before the brackets go
+    ("[step] Pour it.", " Pour it."),  # the space after a bracket stays
     ("one  two   three", "one two  three"),  # one pass of double spaces to one, as lm-eval's str.replace
 ])
-def test_hellaswag_preprocessing_is_lm_evals_rule_by_rule(text, clean):
+def test_hellaswag_preprocessing_is_smollms_rule_by_rule(text, clean):
     assert ev.hellaswag_preprocess(text) == clean
 
 
