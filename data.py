@@ -536,8 +536,8 @@ def _load(spec, normalize, kind, skip_bad):
                 raise raw
             rows.append(normalize(raw, where))
         except DataError as e:
-            if not skip_bad:
-                raise
+            if not skip_bad:  # the trainers' --skip_bad_rows=true sets skip_bad
+                raise DataError(e.where, f"{e.problem} (skip_bad_rows=true skips such rows, counting them)") from None
             skipped += 1
             first_error = first_error or e
     if skipped:
@@ -606,8 +606,8 @@ def _normalize_preference(row, where):
         validate_messages(msgs, f"{where} ({key})")
         if msgs[-1]["role"] != "assistant":
             raise DataError(where, f"{key} response does not end with an assistant message")
-        if not msgs[-1]["content"].strip():
-            raise DataError(where, f"empty {key} response")
+        # an empty response is kept, as open-instruct keeps it: a model that answered nothing is a real rejected
+        # answer, and its end-of-turn token is still trained
     out = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
     out.update(prompt=prompt, chosen=responses["chosen"], rejected=responses["rejected"])
     return out

@@ -376,9 +376,6 @@ def test_preference_rows_both_forms_and_errors():
         ({"chosen": [user, {"role": "assistant", "content": "a"}],
           "rejected": [user, user, {"role": "assistant", "content": "b"}]},
          "chosen and rejected prompts differ (first difference at message 1)"),
-        ({"chosen": [user, {"role": "assistant", "content": "a"}],
-          "rejected": [user, {"role": "assistant", "content": "  "}]}, "empty rejected response"),
-        ({"prompt": "q", "chosen": "", "rejected": "b"}, "empty chosen response"),
         # whole conversations on one side, a bare response on the other
         ({"prompt": "q", "chosen": [user, {"role": "assistant", "content": "a"}], "rejected": "b"},
          "chosen and rejected prompts differ (first difference at message 0)"),
@@ -390,7 +387,22 @@ def test_preference_rows_both_forms_and_errors():
         with pytest.raises(DataError, match=re.escape(why)) as e:
             data.load_preference_rows([{"chosen": [user, {"role": "assistant", "content": "ok"}],
                                         "rejected": [user, {"role": "assistant", "content": "no"}]}, row])
-        assert str(e.value).startswith("rows[1]")
+        assert str(e.value).startswith("rows[1]") and "skip_bad_rows=true skips such rows" in str(e.value)
+
+
+def test_an_empty_response_is_a_preference_pair_whose_end_of_turn_is_trained(demo_tok):
+    """open-instruct keeps such pairs (a model's empty answer is a real rejected response): so do we, and the eos
+    that ends the empty turn is its one trained token."""
+    user = {"role": "user", "content": "q"}
+    rows = data.load_preference_rows([
+        {"chosen": [user, {"role": "assistant", "content": "a"}],
+         "rejected": [user, {"role": "assistant", "content": ""}]},
+        {"prompt": "q", "chosen": "", "rejected": "b"}])
+    assert rows[0]["rejected"] == rows[1]["chosen"] == [{"role": "assistant", "content": ""}]
+    pairs = data.tokenize_preference(rows, demo_tok, "tulu", 64, num_workers=1, progress=False)
+    for pair, side in ((pairs[0], "rejected"), (pairs[1], "chosen")):
+        ids, mask = pair[side]
+        assert [int(i) for i, m in zip(ids, mask) if m] == [demo_tok.eos_id]
 
 
 def test_tulu_rows_with_a_prompt_column_keep_the_whole_conversation_once():
