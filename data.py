@@ -775,7 +775,7 @@ def _process_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 

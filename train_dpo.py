@@ -111,7 +111,7 @@ def normalize_demo(row):
     return {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
 
 
-CUT = {"left": " (prompt cut from the left where longer)", "right": " (responses cut at their ends where longer)"}
+AT_LIMIT = {"left": " (prompt cut from the left where longer)", "right": " (responses cut at their ends where longer)"}
 
 
 def tokenize(cfg, tok, rows, name, d):
@@ -129,7 +129,7 @@ def tokenize(cfg, tok, rows, name, d):
     common.print0(f"{name} preference pairs: {len(pairs)} of {len(rows)} kept; {pairs.num_skipped} dropped as "
                   f"longer than max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}"
                   f"{'' if cfg.truncation == 'drop' else ': no response token left when cut'}); {at_limit} at the "
-                  f"limit{CUT.get(cfg.truncation, '')}")
+                  f"limit{AT_LIMIT.get(cfg.truncation, '')}")
     return pairs
 
 

@@ -23,11 +23,11 @@ non_stop_penalty instead (open-instruct replaces the score rather than adding to
 A minibatch's loss is the mean over its response tokens (--loss_reduction=token), or over its responses, each
 the mean over its own tokens (=sequence: the GRPO paper's form; open-instruct's Tulu 3 scripts take a token mean
 per micro-batch of 2 responses per GPU, which weighs responses equally up to that pairing, so the paper presets
-use sequence). The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the learning-rate schedule
-counts those optimizer steps, as open-instruct's does). All log-probs (old, reference, current) come from a
-training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab] logits never exist; the
-generator's own log-probs are not reused because they come from a different code path (KV cache, other kernels)
-and would put a small bias into the first ratio. The update trims each micro-batch's right padding, so its forward
+use sequence). The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the
+learning-rate schedule counts those optimizer steps, as open-instruct's does). All log-probs (old, reference,
+current) come from a training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab]
+logits never exist; the generator's own log-probs are not reused because they come from a different code path (KV
+cache, other kernels) and would put a small bias into the first ratio. The update trims each micro-batch's right padding, so its forward
 runs other shapes than the rollout's: in fp32 the first ratio is 1 to ~1e-6, in bf16 it carries bf16 rounding
 noise (on CPU, 7e-5 measured for a tiny random model), the price of not computing padding.
 
