@@ -27,9 +27,9 @@ use sequence). The rollout is then reused for ppo_epochs passes of num_minibatch
 learning-rate schedule counts those optimizer steps, as open-instruct's does). All log-probs (old, reference,
 current) come from a training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab]
 logits never exist; the generator's own log-probs are not reused because they come from a different code path (KV
-cache, other kernels) and would put a small bias into the first ratio. The update trims each micro-batch's right padding, so its forward
-runs other shapes than the rollout's: in fp32 the first ratio is 1 to ~1e-6, in bf16 it carries bf16 rounding
-noise (on CPU, 7e-5 measured for a tiny random model), the price of not computing padding.
+cache, other kernels) and would put a small bias into the first ratio. The update trims each micro-batch's right
+padding, so its forward runs other shapes than the rollout's: in fp32 the first ratio is 1 to ~1e-6, in bf16 it
+carries bf16 rounding noise (on CPU, 7e-5 measured for a tiny random model), the price of not computing padding.
 
 Per-token tensors are stored in "label layout", like the SFT collator: column t holds the quantity of token t+1
 (labels[t] = ids[t+1] on response tokens, -100 elsewhere), so hidden[:, t] is the state that produced it.
