@@ -62,8 +62,9 @@ runs the instruct models: `lighteval ... --use_chat_template`):
   stop at the end of the assistant turn, or the cap.
 
 Output: the table (task, metric, value, n) on stdout, and a JSON file (--out, default <model>/eval_results.json)
-with every metric and, per example, its question or prompt as the data gives it (not the rendered few-shot or
-chat prompt), the model's output or choice, the reference and the score.
+with every metric and, per example, its question (GSM8K, BBH) or prompt (IFEval) as the data gives it, or the
+task's formatted query (the multiple-choice tasks; not the few-shot or chat rendering), the model's output or
+choice, the reference and the score.
 """
 
 import argparse

@@ -26,9 +26,9 @@ Saved format, for train_rlvr.py's PPO value model:
     last real token.
 
 Only the final assistant turn is trained. Pairs longer than --max_seq_len are cut from the left of the prompt
-(--truncation=left, the default), or each side at its end (--truncation=right, as Tulu 3's DPO and the paper
-presets), a pair left without a response token on a side being dropped; or they are dropped (--truncation=drop).
-The counts are printed at start-up.
+(--truncation=left, the default) or each side at its end (--truncation=right, as Tulu 3's DPO and the DPO paper
+presets), a pair left without a response token on a side being dropped; or they are dropped (--truncation=drop,
+the reward-model preset's choice). The counts are printed at start-up.
 """
 import copy
 import hashlib
