@@ -298,6 +298,12 @@ def few_shot_context(ctx, shots, query):
     return render_chat_text(ctx.tok, messages, ctx.template, add_generation_prompt=True)
 
 
+def score_zero_shot(ctx, docs, desc):
+    """score_multiple_choice after each doc's query as the task's 0-shot prompt (in the chat template or not)."""
+    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc,
+                          contexts=[few_shot_context(ctx, [], doc["query"]) for doc in docs])
+
+
 def generation_stops(ctx, stop_strings):
     """(stop strings, stop token ids) for a generative task. lighteval passes a task's stop sequences only without
     the chat template; with it, generation ends at the end of the assistant turn (its models' greedy_until:
@@ -321,8 +327,7 @@ def task_arc(ctx):
                 raise DataError(where, f"answerKey {key!r} is not one of the choice labels {labels}")
             docs.append({"id": row.get("id", where), "query": qa_query(field(row, "question", where)),
                          "choices": [" " + t for t in texts], "gold": labels.index(key)})
-        score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc=subset,
-                              contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
+        score_zero_shot(ctx, docs, subset)
         metrics[subset] = mc_summary(docs)
         examples += [dict(d, subset=subset) for d in docs]
     value = sum(metrics[s]["acc_norm"] for s in metrics) / len(metrics)  # lighteval averages the two subsets
@@ -351,8 +356,7 @@ def task_hellaswag(ctx):
                      "query": hellaswag_preprocess(f"{field(row, 'activity_label', where)}: {context}"),
                      "choices": [" " + hellaswag_preprocess(e) for e in endings],
                      "gold": gold_index(label, len(endings), where, "label")})
-    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="hellaswag",
-                          contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
+    score_zero_shot(ctx, docs, "hellaswag")
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
 
@@ -363,8 +367,7 @@ def task_piqa(ctx):
         docs.append({"id": where, "query": qa_query(field(row, "goal", where)),
                      "choices": [" " + field(row, k, where) for k in ("sol1", "sol2")],
                      "gold": gold_index(field(row, "label", where), 2, where, "label")})
-    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="piqa",
-                          contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
+    score_zero_shot(ctx, docs, "piqa")
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
 
@@ -385,8 +388,7 @@ def task_mmlu_pro(ctx):
                      "query": f"The following are multiple choice questions (with answers) about {topic}.\n\n"
                               f"{field(row, 'question', where)}\n{listing}Answer:",
                      "choices": list(LETTERS[:len(options)]), "gold": gold})
-    score_multiple_choice(ctx.model, ctx.tok, docs, ctx.batch_size, desc="mmlu_pro",
-                          contexts=[few_shot_context(ctx, [], d["query"]) for d in docs])
+    score_zero_shot(ctx, docs, "mmlu_pro")
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
 
@@ -412,15 +414,13 @@ def gsm8k_normalize(text):
     """lighteval's gsm8k_normalizer (from openai/grade-school-math): the number after the first '#### ', commas
     removed, as text; '[invalid]' when there is none."""
     match = GSM8K_ANSWER.search(text)
-    return match.group(1).strip().replace(",", "") if match else GSM8K_INVALID
+    return match.group(1).replace(",", "") if match else GSM8K_INVALID
 
 
 def gsm8k_qem(output, answer):
     """lighteval's quasi_exact_match_gsm8k: ExactMatches(strip_strings=True) with gsm8k_normalizer on both sides,
     so '#### 72.00' or a bare '72' does not match a reference of 72, and only the first '####' counts."""
-    if not output:
-        return 0.0
-    return float(gsm8k_normalize(output.strip()) == gsm8k_normalize(answer.strip()))
+    return float(gsm8k_normalize(output) == gsm8k_normalize(answer))  # a reference always has its '#### N'
 
 
 def gsm8k_few_shots(test, pool, seed, k=5):

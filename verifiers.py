@@ -433,10 +433,9 @@ def math(response, ground_truth):
     truth = _last_boxed(gt) if "\\boxed" in gt else gt
     if truth is None or not truth.strip():
         raise ValueError(f"MATH ground truth has no answer: {gt[:80]!r}")
-    stripped_truth = _strip_or_none(truth)
-    value = None
-    if _parse_latex is None and stripped_truth is not None:
-        value = _number_value(stripped_truth)
+    # without sympy, its stand-in: the truth's exact value, when it is a plain number or fraction
+    stripped_truth = _strip_or_none(truth) if _parse_latex is None else None
+    value = _number_value(stripped_truth) if stripped_truth is not None else None
     for answer in math_answer_candidates(response):
         if hendrycks_equiv(answer, truth):
             return 1.0
