@@ -445,3 +445,26 @@ def test_to_hf_state_splits_fused_projections(tiny):
     assert state["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
     assert state["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)
     assert state["model.layers.0.mlp.up_proj.weight"].shape == (128, 64)
+
+
+def test_kv_cache_takes_the_autocast_dtype_with_the_same_generation(tiny, monkeypatch):
+    """Under bf16 autocast with fp32 weights the cache is bf16 (half the memory of RLVR's rollouts), and the tokens
+    and log-probs equal those of an fp32 cache, since attention casts what it reads to bf16 anyway."""
+    import model as model_module
+    made, forced = [], {}
+
+    class RecordingCache(model_module.KVCache):
+        def __init__(self, config, batch_size, max_len, dtype, device):
+            made.append(dtype)
+            super().__init__(config, batch_size, max_len, forced.get("dtype", dtype), device)
+
+    monkeypatch.setattr(model_module, "KVCache", RecordingCache)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_cache = generate(tiny, PROMPTS, max_new_tokens=10)
+        forced["dtype"] = torch.float32
+        fp32_cache = generate(tiny, PROMPTS, max_new_tokens=10)
+    assert made == [torch.bfloat16, torch.bfloat16]
+    assert bf16_cache.tokens == fp32_cache.tokens and bf16_cache.logprobs == fp32_cache.logprobs
+    made.clear()
+    generate(tiny, PROMPTS, max_new_tokens=2)
+    assert made == [torch.float32]  # without autocast: the weights' dtype
