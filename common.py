@@ -283,7 +283,14 @@ def setup_distributed(device="auto"):
         if world_size > 1 and dev.index is not None:
             raise ValueError(f"device={device!r} under torchrun: every rank takes the GPU of its LOCAL_RANK, so pass "
                              f"'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)")
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        if dev.index is None:
+            # torchrun shows every rank all of the node's GPUs; a launcher that binds one GPU to each process
+            # (srun --gpus-per-task=1) shows each rank only its own, as GPU 0
+            gpus = torch.cuda.device_count()
+            if gpus != 1 and local_rank >= gpus:
+                raise ConfigError(f"LOCAL_RANK={local_rank}, but this process sees {gpus} GPUs: start at most "
+                                  f"{gpus} ranks per node, or one per visible GPU")
+            dev = torch.device("cuda", 0 if gpus == 1 else local_rank)
         # Triton launches, the CUDA RNG state saved in checkpoints and NCCL all use the current device
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -661,6 +668,15 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
     started from, where it matters after step 0 (DPO's and RLVR's reference is that model, rebuilt from --model
     on resume), checked against the one the checkpoint recorded under extra['start_weights']."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    if cfg.resume and dist.is_initialized():
+        # Only rank 0 writes checkpoints. A node that cannot see its run_dir would start over with other weights
+        # and other steps, and the ranks' collectives would stop matching (a hang): every rank must take the same.
+        chosen = [None] * dist.get_world_size()
+        dist.all_gather_object(chosen, os.path.basename(path) if path else None)
+        if len(set(chosen)) > 1:
+            seen = ", ".join(f"rank {r}: {c or 'none'}" for r, c in enumerate(chosen))
+            raise ConfigError(f"--resume: the ranks see different checkpoints in {checkpoint_dir(cfg.run_dir)} "
+                              f"({seen}); with several nodes, run_dir must be on a filesystem they all share")
     if not path:
         if cfg.resume:
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"

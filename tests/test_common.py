@@ -483,6 +483,7 @@ def test_setup_distributed_makes_the_chosen_gpu_the_current_one(monkeypatch):
     made_current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert common.setup_distributed("cuda:1").device == torch.device("cuda", 1)
@@ -490,6 +491,12 @@ def test_setup_distributed_makes_the_chosen_gpu_the_current_one(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert common.setup_distributed("cuda").device == torch.device("cuda", 3)
     assert made_current[-1] == torch.device("cuda", 3)
+    # a launcher that binds one GPU to each process: rank 3's GPU is the only one it sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.setup_distributed("cuda").device == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # more ranks than GPUs on the node
+    with pytest.raises(common.ConfigError, match="LOCAL_RANK=3, but this process sees 2 GPUs"):
+        common.setup_distributed("cuda")
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: a fixed GPU index would put every rank on one GPU
     with pytest.raises(ValueError, match="LOCAL_RANK"):
         common.setup_distributed("cuda:1")
@@ -674,3 +681,34 @@ def test_the_ranks_end_cleanly_when_gloo_is_slow_to_let_go_of_the_last_collectiv
     script.write_text(SLOW_GLOO_WORKERS)
     out = torchrun(str(script), [ROOT], timeout=120)
     assert sorted(re.findall(r"rank \d: clean exit", out)) == ["rank 0: clean exit", "rank 1: clean exit"]
+
+
+RANKS_SEE_DIFFERENT_CHECKPOINTS = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    import common
+
+    d = common.setup_distributed("cpu")
+    # rank 1 on a node of its own, without node 0's run_dir: only rank 0 sees the checkpoint rank 0 wrote
+    run_dir = os.path.join(sys.argv[2], f"node{d.rank}")
+    if d.rank == 0:
+        os.makedirs(os.path.join(run_dir, "checkpoints", "step_0000004"))
+    cfg = common.parse_config(common.TrainConfig, [f"--run_dir={run_dir}", "--resume=true"])
+    try:
+        common.maybe_resume(cfg, None, None, None)
+    except common.ConfigError as e:
+        print(f"rank {d.rank} refused: {e}", flush=True)
+    common.teardown_distributed()
+""")
+
+
+def test_resume_refuses_when_the_ranks_see_different_checkpoints(tmp_path):
+    """Several nodes without a shared run_dir: rank 0 would resume at step 4 and rank 1 start at 0, and their
+    collectives would stop matching; every rank refuses instead, naming what each saw."""
+    script = tmp_path / "different_checkpoints.py"
+    script.write_text(RANKS_SEE_DIFFERENT_CHECKPOINTS)
+    out = torchrun(str(script), [ROOT, tmp_path], timeout=120)
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} refused: --resume: the ranks see different checkpoints .*"
+                         r"rank 0: step_0000004, rank 1: none\); with several nodes, run_dir must be on a "
+                         r"filesystem they all share", out), out
