@@ -120,20 +120,22 @@ _FP32_OUT_GEMM = {}
 
 def _fp32_out_gemm(device):
     """Whether this device's bf16/fp16 GEMM can accumulate straight into an fp32 tensor (out_dtype, CUDA in
-    recent torch). Probed once per device on a tiny product, checked against the fp32 result."""
+    recent torch). Probed once per device on a tiny product shaped as the real call (a transposed first operand:
+    logits.t() @ h) with values that tell a transposed read from a right one, checked against the fp32 result."""
     if device not in _FP32_OUT_GEMM:
-        a, b = torch.ones(2, 3, dtype=torch.bfloat16, device=device), torch.ones(3, 2, dtype=torch.bfloat16,
-                                                                                   device=device)
+        a = torch.arange(6, dtype=torch.bfloat16, device=device).view(3, 2).t()
+        b = torch.arange(6, dtype=torch.bfloat16, device=device).view(3, 2)
         acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        expected = acc + a.float() @ b.float()
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _FP32_OUT_GEMM[device] = bool((acc == 4).all())
+            _FP32_OUT_GEMM[device] = torch.equal(acc, expected)
         except (RuntimeError, NotImplementedError, TypeError):
             _FP32_OUT_GEMM[device] = False
         if device.type == "cuda" and not _FP32_OUT_GEMM[device]:  # expected on CPU; on a GPU it costs speed
-            warnings.warn(f"torch {torch.__version__} on {device}: no bf16 GEMM with fp32 output, so the LM-head "
-                          "weight gradient upcasts each logits chunk to fp32 (same result, slower; a newer torch "
-                          "has addmm(out_dtype=))")
+            warnings.warn(f"torch {torch.__version__} on {device}: no bf16 GEMM with a right fp32 output, so the "
+                          "LM-head weight gradient upcasts each logits chunk to fp32 (same result, slower; a newer "
+                          "torch has addmm(out_dtype=))")
     return _FP32_OUT_GEMM[device]
 
 

@@ -548,3 +548,22 @@ def test_dpo_bad_arguments(backend):
             kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="dpo", label_smoothing=eps)
     with pytest.raises(ValueError, match="ref_rejected_logps"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r[:2])
+
+
+def test_fp32_output_gemm_is_used_only_where_it_reads_a_transposed_operand_right(monkeypatch):
+    """The LM-head weight gradient sums logits.t() @ h straight into fp32 where the device's GEMM can; the probe that
+    decides runs that call's shape, so a GEMM that misreads a transposed operand is never trusted with it."""
+    from nanotulu_kernels import cross_entropy
+    cpu = torch.device("cpu")
+
+    def fake_addmm(misread):
+        def addmm(acc, a, b, out_dtype, out):
+            if misread:  # the storage read row-major, the transpose's strides ignored
+                a = torch.as_strided(a, a.shape, (a.shape[1], 1))
+            return out.add_(a.float() @ b.float())
+        return addmm
+
+    for misread, trusted in ((False, True), (True, False)):
+        monkeypatch.setattr(cross_entropy, "_FP32_OUT_GEMM", {})
+        monkeypatch.setattr(torch, "addmm", fake_addmm(misread))
+        assert cross_entropy._fp32_out_gemm(cpu) is trusted
