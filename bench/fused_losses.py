@@ -86,19 +86,20 @@ def make_fn(task, variant):
 
 
 def make_inputs(task, tokens, hidden_size, dtype, device, seq_len):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    weight = (torch.randn(VOCAB, hidden_size, generator=g) * hidden_size ** -0.5).to(device, dtype)
+    # drawn on the device: a GPU grid draws billions of numbers, a minute of one CPU core
+    g = torch.Generator(device=device).manual_seed(0)
+    weight = (torch.randn(VOCAB, hidden_size, generator=g, device=device) * hidden_size ** -0.5).to(dtype)
     if task == "ce":
-        hidden = torch.randn(tokens, hidden_size, generator=g).to(device, dtype)
-        labels = torch.randint(0, VOCAB, (tokens,), generator=g)
+        hidden = torch.randn(tokens, hidden_size, generator=g, device=device).to(dtype)
+        labels = torch.randint(0, VOCAB, (tokens,), generator=g, device=device)
         labels[::10] = -100
-        return [hidden.requires_grad_(), weight.requires_grad_(), labels.to(device)]
+        return [hidden.requires_grad_(), weight.requires_grad_(), labels]
     rows = tokens // seq_len  # 2B sequences: chosen then rejected
-    hidden = torch.randn(rows, seq_len, hidden_size, generator=g).to(device, dtype)
-    labels = torch.randint(0, VOCAB, (rows, seq_len), generator=g)
+    hidden = torch.randn(rows, seq_len, hidden_size, generator=g, device=device).to(dtype)
+    labels = torch.randint(0, VOCAB, (rows, seq_len), generator=g, device=device)
     labels[:, : seq_len // 4] = -100  # the prompt
-    refs = [(-torch.rand(rows // 2, generator=g) * 100 - seq_len).to(device) for _ in range(2)]
-    return [hidden.requires_grad_(), weight.requires_grad_(), labels.to(device), *refs]
+    refs = [-torch.rand(rows // 2, generator=g, device=device) * 100 - seq_len for _ in range(2)]
+    return [hidden.requires_grad_(), weight.requires_grad_(), labels, *refs]
 
 
 # --- measurement ----------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """bench/fused_losses.py races contenders that must all compute the same loss: check that they do (loss and both
 gradients against the naive eager one), so that a GPU run times what it claims to time. Liger is not a test
-dependency; its contenders were checked by hand (bench/RESULTS.md). bench/gpu_checks.sh refuses a misspelt step and exits non-zero when a step fails."""
+dependency; its contenders were checked by hand (bench/RESULTS.md). bench/gpu_checks.sh refuses a misspelt step,
+exits non-zero when a step fails, and starts only the steps that fit its --budget."""
 import importlib.util
 import os
+import re
 import subprocess
 
 import pytest
@@ -40,18 +42,36 @@ def test_gpu_checks_refuses_an_unknown_step_and_names_the_steps(tmp_path):
     out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path), "kernels", "modle360"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert "unknown step 'modle360'; the steps: kernels fused_losses model360 model1.7b sft dpo rlvr" in out.stderr
+    assert "unknown step 'modle360'; the steps: kernels model360 model1.7b fused_losses dpo sft rlvr" in out.stderr
     assert os.listdir(tmp_path) == []  # refused before running anything
 
 
-def test_gpu_checks_exits_non_zero_when_a_step_fails(tmp_path):
-    # a step that fails (here: its python3 is not one that runs anything): the caller sees it, not only the summary
+def gpu_checks_with_failing_python(tmp_path, *args):
+    """gpu_checks.sh where python3 is one that runs nothing and exits 3 (so each step it starts fails at once)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python3").write_text("#!/bin/sh\nexit 3\n")
     (fake / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
-    out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path / "logs"), "dpo"],
-                         capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 1
+    return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path / "logs"), *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_gpu_checks_exits_non_zero_when_a_step_fails(tmp_path):
+    out = gpu_checks_with_failing_python(tmp_path, "dpo")
+    assert out.returncode == 1  # the caller sees it, not only the summary
     assert "dpo: exit 3" in (tmp_path / "logs" / "summary.txt").read_text()
+
+
+def test_gpu_checks_starts_only_the_steps_whose_limit_fits_the_budget(tmp_path):
+    """A device call has a hard time limit: a step that could outlast the budget is skipped and said so, never
+    started and cut off with the logs unwritten."""
+    out = gpu_checks_with_failing_python(tmp_path, "--budget", "170", "kernels", "model1.7b")
+    summary = (tmp_path / "logs" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("kernels: exit 3")  # 150 s + 10 s fits in 170
+    assert re.fullmatch(r"model1\.7b: skipped, its 180 s limit \(\+ 10 s\) does not fit the 1[67]\d s left of "
+                        r"--budget 170", summary[1]), summary
+    assert out.returncode == 1 and not (tmp_path / "logs" / "model1.7b.log").exists()
+    bad = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path / "x"), "--budget",
+                          "soon"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--budget needs a number of seconds, got 'soon'" in bad.stderr
