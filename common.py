@@ -284,14 +284,13 @@ def setup_distributed(device="auto"):
             raise ValueError(f"device={device!r} under torchrun: every rank takes the GPU of its LOCAL_RANK, so pass "
                              f"'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if dev.index is None:
-            # torchrun (which sets LOCAL_WORLD_SIZE) shows every rank all of the node's GPUs; a launcher that binds
-            # one GPU to each process (srun --gpus-per-task=1) shows each rank only its own, as GPU 0
             gpus = torch.cuda.device_count()
-            bound = gpus == 1 and "LOCAL_WORLD_SIZE" not in os.environ
-            if not bound and local_rank >= gpus:
-                raise ConfigError(f"LOCAL_RANK={local_rank}, but this process sees {gpus} GPU(s): start at most "
-                                  f"{gpus} ranks per node")
-            dev = torch.device("cuda", 0 if bound else local_rank)
+            if local_rank >= gpus:  # else an "invalid device ordinal" from deep inside CUDA
+                raise ConfigError(f"LOCAL_RANK={local_rank}, but this process sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
+                                  f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): each rank takes GPU LOCAL_RANK "
+                                  f"of the GPUs it sees, as torchrun starts them, so start at most as many ranks per "
+                                  f"node as it sees GPUs")
+            dev = torch.device("cuda", local_rank)
         # Triton launches, the CUDA RNG state saved in checkpoints and NCCL all use the current device
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
