@@ -590,8 +590,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
 
     ids = torch.tensor([[pad_token_id] * (P - n) + p for p, n in zip(prompts, lengths)], device=device)
     lens = torch.tensor(lengths, device=device)
-    # Under autocast (RLVR's rollouts: fp32 weights, bf16 compute) SDPA casts the cached keys and values to the
-    # autocast dtype before every use, so storing them in it gives the same tokens in half the memory.
+    # Under autocast SDPA casts the cached keys and values to the autocast dtype before every use, so with fp32
+    # weights (RLVR's rollouts: bf16 compute) storing them in it gives the same tokens in half the memory. (With
+    # 16-bit weights of the other kind, they are rounded once, to the autocast dtype, instead of twice.)
     cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
     cache = KVCache(model.config, B, P + max_new_tokens, cache_dtype, device)
     cache.left_pad(P - lens)

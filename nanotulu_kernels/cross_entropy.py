@@ -118,25 +118,27 @@ def chunked_cross_entropy(hidden, weight, labels, ignore_index, z_loss, scale, n
 _FP32_OUT_GEMM = {}
 
 
-def _fp32_out_gemm(device):
-    """Whether this device's bf16/fp16 GEMM can accumulate straight into an fp32 tensor (out_dtype, CUDA in
-    recent torch). Probed once per device on a tiny product shaped as the real call (a transposed first operand:
-    logits.t() @ h) with values that tell a transposed read from a right one, checked against the fp32 result."""
-    if device not in _FP32_OUT_GEMM:
-        a = torch.arange(6, dtype=torch.bfloat16, device=device).view(3, 2).t()
-        b = torch.arange(6, dtype=torch.bfloat16, device=device).view(3, 2)
+def _fp32_out_gemm(device, dtype):
+    """Whether this device's GEMM of `dtype` (bf16 / fp16) operands can accumulate straight into an fp32 tensor
+    (out_dtype, CUDA in recent torch). Probed once per device and dtype on a tiny product laid out as the real call
+    (a transposed first operand: logits.t() @ h) with values that tell a transposed read from a right one, checked
+    against the fp32 result."""
+    if (device, dtype) not in _FP32_OUT_GEMM:
+        a = torch.arange(6, dtype=dtype, device=device).view(3, 2).t()
+        b = torch.arange(6, dtype=dtype, device=device).view(3, 2)
         acc = torch.ones(2, 2, dtype=torch.float32, device=device)
         expected = acc + a.float() @ b.float()
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _FP32_OUT_GEMM[device] = torch.equal(acc, expected)
+            works = torch.equal(acc, expected)
         except (RuntimeError, NotImplementedError, TypeError):
-            _FP32_OUT_GEMM[device] = False
-        if device.type == "cuda" and not _FP32_OUT_GEMM[device]:  # expected on CPU; on a GPU it costs speed
-            warnings.warn(f"torch {torch.__version__} on {device}: no bf16 GEMM with a right fp32 output, so the "
+            works = False
+        _FP32_OUT_GEMM[device, dtype] = works
+        if device.type == "cuda" and not works:  # expected on CPU; on a GPU it costs speed
+            warnings.warn(f"torch {torch.__version__} on {device}: no {dtype} GEMM with a right fp32 output, so the "
                           "LM-head weight gradient upcasts each logits chunk to fp32 (same result, slower; a newer "
                           "torch has addmm(out_dtype=))")
-    return _FP32_OUT_GEMM[device]
+    return _FP32_OUT_GEMM[device, dtype]
 
 
 def _accumulate_fp32(acc, a, b):
@@ -144,7 +146,7 @@ def _accumulate_fp32(acc, a, b):
     the GEMM cannot write fp32 directly, the operands are upcast (CPU, older torch)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _fp32_out_gemm(acc.device):
+    elif _fp32_out_gemm(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())

@@ -295,9 +295,9 @@ def test_weight_gradient_summed_in_fp32_across_chunks(monkeypatch):
 
 def test_int64_row_offsets_past_2_pow_31():
     """Rows 2^30 + 64 elements apart, so row 2 starts past 2^31: with int32 offsets the kernel would read and
-    write the wrong address. The buffer is 4.3 GB (on CPU virtual memory, of which only the 3 rows are touched).
-    Run in a subprocess, on the test device (compiled on a GPU), so that a wild write fails this test instead of
-    killing the session."""
+    write the wrong address. The buffer is 4.3 GB (on CPU virtual memory, of which only the 3 rows are touched; on
+    a GPU real memory). Run in a subprocess, on the test device (compiled on a GPU), so that a wild write fails this
+    test instead of killing the session."""
     script = textwrap.dedent("""
         import sys
         import torch, torch.nn.functional as F
@@ -575,4 +575,4 @@ def test_fp32_output_gemm_is_used_only_where_it_reads_a_transposed_operand_right
     for misread, trusted in ((False, True), (True, False)):
         monkeypatch.setattr(cross_entropy, "_FP32_OUT_GEMM", {})
         monkeypatch.setattr(torch, "addmm", fake_addmm(misread))
-        assert cross_entropy._fp32_out_gemm(cpu) is trusted
+        assert cross_entropy._fp32_out_gemm(cpu, torch.bfloat16) is trusted
