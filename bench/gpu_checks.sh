@@ -8,11 +8,12 @@
 # budget, and is reported as skipped otherwise: the command then ends inside a device call's limit with every log
 # written. Each step's whole output goes to LOG_DIR/STEP.log (with device.log and summary.txt, at most 2 + the number
 # of steps files); this prints each log's tail and, last, every step's exit status and seconds (124: it hit its
-# limit), and exits 1 when any step failed or was skipped.
+# limit; 137: it was killed 10 s later), and exits 1 when any step failed, else 3 when any was skipped.
 # Liger Kernel is raced where it imports. A device machine cannot download it: carry its wheel in .whl/ (pip download
 # --no-deps liger-kernel; .whl/ is git-ignored, so name it in the device call's carry), and where liger does not
 # import yet this installs it into /tmp/site, put on PYTHONPATH.
 set -u
+SECONDS=0  # the budget's clock (bash would start it from an exported SECONDS)
 LOG=${1:?usage: bash bench/gpu_checks.sh LOG_DIR [--budget SECONDS] [STEP ...]}
 shift
 BUDGET=0
@@ -46,7 +47,8 @@ export PYTHONUNBUFFERED=1
 if ! python3 -c "import liger_kernel.transformers" 2>/dev/null; then
   for wheel in .whl/liger_kernel-*.whl; do
     [ -e "$wheel" ] || continue
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --root-user-action=ignore \
+      --target /tmp/site "$wheel" \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   done
 fi
@@ -58,13 +60,14 @@ fi
 
 : > "$LOG/summary.txt"
 failed=0
+skipped=0
 for entry in "${STEPS[@]}"; do
   IFS='|' read -r name limit cmd <<< "$entry"
   [ ${#SELECTED[@]} -eq 0 ] || printf '%s\n' "${SELECTED[@]}" | grep -qxF -- "$name" || continue
   if [ "$BUDGET" -gt 0 ] && [ $((SECONDS + limit + 10)) -gt "$BUDGET" ]; then  # + the 10 s that -k may add
     echo "$name: skipped, its $limit s limit (+ 10 s) does not fit the $((BUDGET - SECONDS)) s left of --budget" \
       "$BUDGET" | tee -a "$LOG/summary.txt"
-    failed=1
+    skipped=1
     continue
   fi
   echo "== $name (limit $limit s): $cmd"
@@ -77,4 +80,5 @@ for entry in "${STEPS[@]}"; do
 done
 echo "== summary"
 cat "$LOG/summary.txt"
-exit $failed
+[ $failed -eq 0 ] || exit 1
+[ $skipped -eq 0 ] || exit 3

@@ -11,6 +11,7 @@ MFU on a GPU (model.flops_per_token over the device's bf16 peak) and the ratio o
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -32,6 +33,9 @@ def demo_batches(n, batch_size, seq_len):
     examples = data.tokenize_sft(demo["sft_train"], tok, "tulu", seq_len, progress=False)
     cfg = train_sft.SFTConfig(max_seq_len=seq_len, packing=True)
     items, collate = train_sft.make_batches(cfg, examples)
+    if n * batch_size > len(items):
+        sys.exit(f"the demo data packs into {len(items)} rows of {seq_len} tokens: at most "
+                 f"{len(items) // batch_size} steps (warm-up included) at batch {batch_size}, not {n}")
     batches = [collate(items[i * batch_size:(i + 1) * batch_size], tok.pad_id) for i in range(n)]
     return tok.vocab_size, [(b["input_ids"], b["labels"]) for b in batches]
 
@@ -106,19 +110,20 @@ def main():
 
     ours_tps = run(our_step, batches, device, args.warmup)
     report("nanotulu", ours_tps)
-    # the same initial weights for transformers, through the HF layout our save_pretrained writes
-    hf_dir = tempfile.mkdtemp(prefix="bench_sft_")
-    ours.cpu().save_pretrained(hf_dir)
-    del ours, opt
-    if on_gpu:
-        torch.cuda.empty_cache()
-
     failed = []
-    try:
-        if not args.skip_hf:
-            # transformers as its users train it (labels in, HF's own shift and loss), and with Liger's kernels patched
-            # in (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where liger-kernel is installed: GPU only, its
-            # kernels are Triton
+    if not args.skip_hf:
+        # the same initial weights for transformers, through the HF layout our save_pretrained writes; deleted
+        # however the run ends (gpu_checks.sh stops a step past its limit with SIGTERM, made an exit here)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        hf_dir = tempfile.mkdtemp(prefix="bench_sft_")
+        try:
+            ours.cpu().save_pretrained(hf_dir)
+            del ours, opt
+            if on_gpu:
+                torch.cuda.empty_cache()
+            # transformers as its users train it (labels in, HF's own shift and loss), and with Liger's kernels
+            # patched in (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where liger-kernel is installed: GPU
+            # only, its kernels are Triton
             peers = ["transformers"] + (["transformers+liger"] if on_gpu else [])
             for name in peers:
                 try:
@@ -132,8 +137,8 @@ def main():
                 hf_step = None
                 if on_gpu:
                     torch.cuda.empty_cache()
-    finally:
-        shutil.rmtree(hf_dir)  # 6.8 GB at the GPU's 1.7B shape
+        finally:
+            shutil.rmtree(hf_dir)  # 6.8 GB at the GPU's 1.7B shape
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 

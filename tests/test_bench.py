@@ -46,11 +46,12 @@ def test_gpu_checks_refuses_an_unknown_step_and_names_the_steps(tmp_path):
     assert os.listdir(tmp_path) == []  # refused before running anything
 
 
-def gpu_checks_with_failing_python(tmp_path, *args):
-    """gpu_checks.sh where python3 is one that runs nothing and exits 3 (so each step it starts fails at once)."""
+def gpu_checks_with_failing_python(tmp_path, *args, step_seconds=0):
+    """gpu_checks.sh where python3 runs nothing: it exits 3, after step_seconds when it runs a bench script (so each
+    step it starts fails; the version probes answer at once)."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python3").write_text("#!/bin/sh\nexit 3\n")
+    (fake / "python3").write_text(f'#!/bin/sh\ncase "$1" in bench/*) sleep {step_seconds};; esac\nexit 3\n')
     (fake / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
     return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path / "logs"), *args],
@@ -63,15 +64,21 @@ def test_gpu_checks_exits_non_zero_when_a_step_fails(tmp_path):
     assert "dpo: exit 3" in (tmp_path / "logs" / "summary.txt").read_text()
 
 
-def test_gpu_checks_starts_only_the_steps_whose_limit_fits_the_budget(tmp_path):
+def test_gpu_checks_starts_only_the_steps_whose_limit_fits_what_is_left_of_the_budget(tmp_path):
     """A device call has a hard time limit: a step that could outlast the budget is skipped and said so, never
-    started and cut off with the logs unwritten."""
-    out = gpu_checks_with_failing_python(tmp_path, "--budget", "170", "kernels", "model1.7b")
+    started and cut off with the logs unwritten. model1.7b's limit (180 s + 10) fits 192 s alone, but not after
+    model360 took 4 of them."""
+    out = gpu_checks_with_failing_python(tmp_path, "--budget", "192", "model360", "model1.7b", step_seconds=4)
     summary = (tmp_path / "logs" / "summary.txt").read_text().splitlines()
-    assert summary[0].startswith("kernels: exit 3")  # 150 s + 10 s fits in 170
-    assert re.fullmatch(r"model1\.7b: skipped, its 180 s limit \(\+ 10 s\) does not fit the 1[67]\d s left of "
-                        r"--budget 170", summary[1]), summary
+    assert summary[0].startswith("model360: exit 3")
+    assert re.fullmatch(r"model1\.7b: skipped, its 180 s limit \(\+ 10 s\) does not fit the 18\d s left of "
+                        r"--budget 192", summary[1]), summary
     assert out.returncode == 1 and not (tmp_path / "logs" / "model1.7b.log").exists()
+
+
+def test_gpu_checks_exits_3_when_steps_were_only_skipped_and_refuses_a_budget_that_is_no_number(tmp_path):
+    out = gpu_checks_with_failing_python(tmp_path, "--budget", "100", "model360")
+    assert out.returncode == 3 and "model360: skipped" in (tmp_path / "logs" / "summary.txt").read_text()
     bad = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_checks.sh"), str(tmp_path / "x"), "--budget",
                           "soon"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--budget needs a number of seconds, got 'soon'" in bad.stderr
