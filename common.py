@@ -114,6 +114,13 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def parse_bool(text):
+    """True / False for the words a config or command line may spell them with (true, 1, yes, on / false, 0, no,
+    off; any case), None for anything else."""
+    word = text.lower()
+    return True if word in _TRUE else False if word in _FALSE else None
+
+
 def _coerce(key, value, typ, where):
     """Convert a JSON value or a command-line string to the field's declared type, or say what is wrong."""
     if typing.get_origin(typ) is typing.Union:  # Optional[X]
@@ -124,8 +131,8 @@ def _coerce(key, value, typ, where):
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
+        if isinstance(value, str) and parse_bool(value) is not None:
+            return parse_bool(value)
         raise bad
     if typ is int:
         if isinstance(value, bool):

@@ -5,6 +5,7 @@ Read top to bottom: Tokenizer -> chat templates (render_chat) -> row readers and
 -> tokenization with an on-disk cache -> packing and collation into training batches -> the epoch sampler -> the
 synthetic demo data and its tokenizer.
 """
+import contextlib
 import functools
 import glob
 import hashlib
@@ -755,10 +756,8 @@ def write_atomic(path, write):
     for name in os.listdir(folder):
         left = re.fullmatch(r".+\.tmp\.(.+)\.(\d+)", name)
         if left and left[1] == host and not _process_alive(int(left[2])):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another rank cleaned it first
                 os.remove(os.path.join(folder, name))
-            except FileNotFoundError:  # another rank cleaned it first
-                pass
     tmp = f"{path}.tmp.{host}.{os.getpid()}"
     try:
         write(tmp)
@@ -772,11 +771,11 @@ def write_atomic(path, write):
 def _process_alive(pid):
     try:
         os.kill(pid, 0)
+        return True
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        pass
-    return True
+        return True
 
 
 def _save_npz(path, **arrays):

@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import verifiers
 from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, render_chat_text,
                   resolve_template, stop_token_ids)
@@ -677,11 +678,10 @@ def print_table(rows):
 
 
 def true_or_false(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    value = common.parse_bool(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def main(argv=None):

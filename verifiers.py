@@ -360,7 +360,7 @@ _SYMPY_MAX_CHARS = 1_000  # ours: parsing and simplifying a few thousand charact
 
 
 class _SympyTimeout(BaseException):
-    pass  # not an Exception, so that sympy's own `except Exception` cannot swallow it
+    """Not an Exception, so that sympy's own `except Exception` cannot swallow it."""
 
 
 def _raise_timeout(signum, frame):

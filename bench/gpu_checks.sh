@@ -72,7 +72,8 @@ for entry in "${STEPS[@]}"; do
   fi
   echo "== $name (limit $limit s): $cmd"
   start=$SECONDS
-  timeout -k 10 "$limit" $cmd > "$LOG/$name.log" 2>&1  # -k: a step that ignores the TERM is killed 10 s later
+  # SIGINT: Python unwinds (finally blocks run, pytest prints its summary); -k: killed 10 s later if it has not ended
+  timeout -s INT -k 10 "$limit" $cmd > "$LOG/$name.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || failed=1
   tail -n 20 "$LOG/$name.log"
