@@ -613,11 +613,17 @@ def latest_checkpoint(run_dir):
 
 def _read_checkpoint_file(path, weights_only=False):
     """torch.load, with an error that names the file and what to do when it is missing or cannot be read (a save
-    is atomic, so that takes a damaged disk or a copy cut short)."""
+    is atomic, so that takes a damaged disk or a copy cut short).
+
+    The file is memory-mapped: every rank of a node loads the same full checkpoint, and read into each process it
+    would take the whole of it per rank (at 1.7B, 20 GB of weights and AdamW moments, times 8 ranks); mapped, the
+    ranks share one copy in the page cache and each copies out only what it puts on its device. The mapping is
+    private (writes to a loaded tensor never reach the file) and checkpoints are never rewritten in place, only
+    replaced by renames, so a tensor still mapped from a pruned checkpoint keeps its values."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing, so this checkpoint cannot resume training exactly")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except Exception as e:
         folder = os.path.dirname(path)
         ckpts = list_checkpoints(os.path.dirname(os.path.dirname(folder)))

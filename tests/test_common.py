@@ -239,6 +239,60 @@ def test_checkpoint_roundtrip_restores_model_optimizer_rng_and_extra(tmp_path):
         assert torch.equal(v, expected_weights[k]), k
 
 
+def _anonymous_resident_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_a_checkpoint_is_mapped_not_read_into_each_process(tmp_path):
+    """Every rank of a node loads the whole checkpoint: read into each process that is the checkpoint's size per
+    rank in private memory, mapped it is one copy in the page cache that the ranks share."""
+    big = torch.nn.Linear(4096, 4096, bias=False)  # 64 MiB of weights, as many of each AdamW moment
+    opt = torch.optim.AdamW(big.parameters())
+    big(torch.randn(2, 4096)).sum().backward()
+    opt.step()
+    common.save_checkpoint(str(tmp_path), 1, big, opt)
+    path = common.latest_checkpoint(str(tmp_path))
+    before = _anonymous_resident_bytes()
+    model_sd = common._read_checkpoint_file(os.path.join(path, "model.pt"), weights_only=True)
+    optim_sd = common._read_checkpoint_file(os.path.join(path, "optimizer.pt"))
+    assert _anonymous_resident_bytes() - before < 16 * 2**20
+    assert torch.equal(model_sd["weight"], big.weight.detach())
+    assert torch.equal(optim_sd["state"][0]["exp_avg_sq"], opt.state[big.weight]["exp_avg_sq"])
+
+
+def test_training_on_from_a_mapped_checkpoint_neither_writes_to_it_nor_depends_on_it(tmp_path):
+    """On CPU the loaded AdamW moments can stay the mapped tensors themselves (load_state_dict keeps a tensor of the
+    right device and dtype): the steps after the resume must not write into the checkpoint, and pruning it must not
+    take their values away."""
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_one(model, opt)
+    common.save_checkpoint(str(tmp_path), 1, model, opt)
+    first = common.latest_checkpoint(str(tmp_path))
+    saved = torch.load(os.path.join(first, "optimizer.pt"), weights_only=False)
+    torch.manual_seed(1)
+    for _ in range(3):
+        train_one(model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh = Tiny()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    common.load_checkpoint(first, fresh, fresh_opt)
+    torch.manual_seed(1)
+    train_one(fresh, fresh_opt)
+    reread = torch.load(os.path.join(first, "optimizer.pt"), weights_only=False)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(reread["state"][0][key], saved["state"][0][key]), key
+    common.save_checkpoint(str(tmp_path), 2, fresh, fresh_opt, keep=1)  # deletes the checkpoint it was loaded from
+    assert not os.path.exists(first)
+    for _ in range(2):
+        train_one(fresh, fresh_opt)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
 def test_each_rank_resumes_with_the_rng_state_it_saved(tmp_path, monkeypatch):
     """Ranks draw different dropout masks and samples; resuming rank 1 with rank 0's generators would repeat rank
     0's draws on both. A 2-rank world is simulated: all_gather_object hands back each rank's state in rank order."""
