@@ -103,6 +103,16 @@ class ConfigError(ValueError):
     pass
 
 
+def run_script(main, *user_errors):
+    """A script's entry point. A refused setting (ConfigError) or one of `user_errors` (bad input: an unreadable
+    row, a missing folder) ends the process with its message and exit status 1, as argparse does; any other
+    exception is a bug and keeps its traceback."""
+    try:
+        main()
+    except (ConfigError, *user_errors) as e:
+        sys.exit(f"error: {e}")
+
+
 def refuse_unused(cfg, names, why):
     """A setting the run would ignore is an error, not a silent no-op."""
     given = [f"--{name}={getattr(cfg, name)}" for name in names if getattr(cfg, name)]

@@ -11,11 +11,12 @@ Without --config the demo preset (configs/dpo_demo.json) is the base; any --key=
 
 DPO: every micro-batch is one forward over [chosen; rejected] (2B rows, right-padded), and the fused kernel
 (kernels.fused_linear_dpo_loss) applies the LM head, takes the response log-probs and the loss without ever
-materialising [tokens, vocab] logits. --loss_type=dpo|dpo_norm|simpo|ipo (formulas: nanotulu_kernels/reference.py); the
-default is Tulu 3's dpo_norm with beta 5. The reference log-probs are computed once, before training, with the
+materialising [tokens, vocab] logits. --loss_type=dpo|dpo_norm|simpo|ipo (formulas: nanotulu_kernels/reference.py);
+the default is Tulu 3's dpo_norm with beta 5. The reference log-probs are computed once, before training, with the
 frozen initial model and cached on disk (see reference_logps), so no reference model sits in memory during
 training; --reference_in_memory keeps a live frozen copy instead and gives the same losses up to float rounding
 (the cached log-probs come from batches of ref_batch_size pairs, padded otherwise than the training batches).
+simpo has no reference, and runs no reference pass.
 
 Reward model (--objective=reward_model): the same backbone plus a scalar head (Linear H -> 1, no bias) read at
 the last real token of each sequence, trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
@@ -266,7 +267,7 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
 def pair_loss(model, batch, ref, cfg):
     """-> (loss: mean over the B pairs, stats [6]: sums over pairs of loss, chosen reward, rejected reward,
     reward accuracy, policy accuracy (mean response log-prob of chosen > rejected, as eval.py's pref_acc), B).
-    ref: [B, 2] summed reference log-probs (DPO) or None (reward model)."""
+    ref: [B, 2] summed reference log-probs (DPO) or None (reward model, simpo)."""
     B = batch["input_ids"].shape[0] // 2
     if cfg.objective == "reward_model":
         with common.autocast(batch["input_ids"].device, cfg.precision):
@@ -275,6 +276,8 @@ def pair_loss(model, batch, ref, cfg):
         chosen, rejected = r[:B].detach(), r[B:].detach()
         policy_acc = torch.zeros(())
     else:
+        if ref is None:  # simpo: the loss reads no reference
+            ref = torch.zeros(B, 2, device=batch["input_ids"].device)
         # the LM head inside autocast as well, as the reference pass (batch_logps) runs it: the hidden states
         # come out fp32 (the residual stream is), and outside autocast the head would be an fp32 GEMM
         with common.autocast(batch["input_ids"].device, cfg.precision):
@@ -343,6 +346,8 @@ def main(argv=None):
         raise common.ConfigError(f"objective={cfg.objective!r}: expected dpo or reward_model")
     if cfg.objective == "reward_model":
         common.refuse_unused(cfg, ["reference_in_memory"], "a reward model has no reference")
+    elif cfg.loss_type == "simpo":
+        common.refuse_unused(cfg, ["reference_in_memory"], "simpo's loss has no reference model")
     if cfg.truncation not in data.TRUNCATIONS:
         raise common.ConfigError(f"truncation={cfg.truncation!r}: expected one of {', '.join(data.TRUNCATIONS)}")
     kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
@@ -377,7 +382,8 @@ def main(argv=None):
         if cfg.fsdp:  # sharded alike (never DDP: it has nothing to train)
             frozen = common.wrap_model(frozen, d, fsdp=True, precision=cfg.precision)
         reference = eval_reference = Reference(model=frozen, precision=cfg.precision)
-    elif cfg.objective == "dpo":  # the wrapped model before any update (not DDP's wrapper: a forward syncs buffers)
+    elif cfg.objective == "dpo" and cfg.loss_type != "simpo":
+        # the wrapped model before any update (not DDP's wrapper: a forward syncs buffers)
         policy = common.unwrap(model)
         reference = Reference(reference_logps(policy, weights, train_pairs, cfg, d, tok.pad_id, "train"))
         if eval_pairs:
@@ -391,7 +397,8 @@ def main(argv=None):
     step = common.maybe_resume(cfg, model, optimizer, sampler, start_weights=weights)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     what = "reward model (Bradley-Terry)" if cfg.objective == "reward_model" else \
-        f"{cfg.loss_type} beta={cfg.beta} reference={'in memory' if cfg.reference_in_memory else 'cached'}"
+        f"{cfg.loss_type} beta={cfg.beta} reference=" + \
+        ("none" if cfg.loss_type == "simpo" else "in memory" if cfg.reference_in_memory else "cached")
     common.print0(f"{what}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out; "
                   f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params; effective batch "
                   f"{effective_batch} pairs ({cfg.batch_size} x {cfg.grad_accum} accum x {d.world_size} ranks), "
@@ -445,4 +452,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main, data.DataError, FileNotFoundError)

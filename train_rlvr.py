@@ -64,6 +64,10 @@ class RLVRConfig(common.TrainConfig):
     template: str = ""              # tulu | chatml ('' = the one the tokenizer was saved with, else tulu)
     skip_bad_rows: bool = False
     demo_seed: int = 0              # data.make_demo_data seed (demo only)
+    # TrainConfig's settings that RLVR refuses
+    fsdp: bool = False              # not supported: generation needs the full weights on every rank
+    grad_accum: int = 1             # not used: the rollout is split by num_minibatches and batch_size
+    total_batch_size: int = 0       # not used: the batch is prompts_per_step x num_samples
     # rollouts
     prompts_per_step: int = 8       # global, split over ranks
     num_samples: int = 4            # responses per prompt (GRPO's group size G)
@@ -589,4 +593,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main, data.DataError, FileNotFoundError)

@@ -225,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main, data.DataError, FileNotFoundError)

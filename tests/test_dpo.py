@@ -217,6 +217,19 @@ def test_cached_reference_equals_live_reference(tiny, tmp_path, capsys):
     assert sorted(os.listdir(tiny_cache)) == files
 
 
+def test_simpo_runs_no_reference_pass(tiny, tmp_path, capsys):
+    """SimPO's loss reads no reference, so a run computes and caches none, and a live one is refused."""
+    cache = tmp_path / "cache"
+    train_dpo.main(args_for(tiny, tmp_path / "run", f"--cache_dir={cache}", "--loss_type=simpo", "--beta=2"))
+    out = capsys.readouterr().out
+    assert "simpo beta=2.0 reference=none" in out and "reference log-probs" not in out
+    assert not cache.exists() or not any(f.startswith("ref_logps-") for f in os.listdir(cache))
+    losses = [loss for _, loss in train_losses(tmp_path / "run")]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)  # -log sigmoid(...), a step per row
+    with pytest.raises(common.ConfigError, match="--reference_in_memory=True: simpo's loss has no reference model"):
+        train_dpo.main(args_for(tiny, tmp_path / "live", "--loss_type=simpo", "--reference_in_memory=true"))
+
+
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_rank(tiny, tmp_path, wrap):
     """Under FSDP2 the cached reference pass runs through the sharded model before the optimizer is built, and a

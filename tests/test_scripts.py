@@ -329,3 +329,24 @@ def test_demo_curves_skip_rows_without_a_step_and_a_stage_depends_on_its_parents
     assert before["args"] == ["--max_steps=2"] and before == demo.stage_settings(str(tmp_path), "sft", 0, "--max_steps=2")
     weights.write_bytes(b"second")  # SFT trained again: DPO on top of it is another stage
     assert demo.stage_settings(str(tmp_path), "sft", 0, "--max_steps=2") != before
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train_sft.py", ["--no_such_key=1"], "error: command line: unknown config key(s) no_such_key for SFTConfig"),
+    ("train_dpo.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such model folder"),
+    ("train_rlvr.py", ["--grad_accum=2"], "error: total_batch_size / grad_accum: RLVR batches are prompts_per_step"),
+    ("eval.py", ["--model=/no/such/folder"], "error: no model at /no/such/folder"),
+])
+def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 1
+    assert out.stderr.startswith(message) and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_rlvr_help_says_which_shared_settings_it_refuses():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlvr.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    lines = {line.split("=")[0].strip(): line for line in out.stdout.splitlines() if line.startswith("  --")}
+    for name in ("--fsdp", "--grad_accum", "--total_batch_size"):
+        assert "not supported" in lines[name] or "not used" in lines[name], lines[name]
