@@ -556,6 +556,13 @@ def _write_checkpoint_file(obj, path):
         os.fsync(f.fileno())  # on disk before the folder is renamed into place, so a crash cannot half-write it
 
 
+def _gather(value):
+    """Every rank's `value`, in rank order."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
     """Write run_dir/checkpoints/step_XXXXXXX atomically and delete all but the newest `keep`.
 
@@ -563,10 +570,7 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
     picklable dict (the sampler's state, the config, the starting weights' digest) and comes back from
     load_checkpoint."""
     model_sd, optim_sd = _full_state(model, optimizer)
-    rngs = [_rng_state()]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, _rng_state())
+    rngs = _gather(_rng_state()) if dist.is_initialized() else [_rng_state()]
     if int(os.environ.get("RANK", 0)) == 0:
         root = checkpoint_dir(run_dir)
         final = os.path.join(root, f"step_{step:07d}")
@@ -576,7 +580,9 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
         _write_checkpoint_file(model_sd, os.path.join(tmp, "model.pt"))
         if optim_sd is not None:
             _write_checkpoint_file(optim_sd, os.path.join(tmp, "optimizer.pt"))
-        _write_checkpoint_file({"step": step, "rng": rngs, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+        # the id tells this save from a same-named one another run left in a folder of the same path (maybe_resume)
+        _write_checkpoint_file({"step": step, "rng": rngs, "extra": extra or {}, "id": os.urandom(8).hex()},
+                               os.path.join(tmp, "state.pt"))
         replace_dir(tmp, final)  # re-saving the same step (e.g. the end of a resumed run) replaces it whole
         prune_checkpoints(run_dir, keep)
     barrier()
@@ -691,21 +697,26 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
     started from, where it matters after step 0 (DPO's and RLVR's reference is that model, rebuilt from --model
     on resume), checked against the one the checkpoint recorded under extra['start_weights']."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    # Only rank 0 writes checkpoints. A node that cannot see its run_dir would start over with other weights and
+    # other steps, or resume from what another run left there, and the ranks' collectives would stop matching (a
+    # hang): every rank must take the same checkpoint, by name and then by the id its save drew.
+    shared = "with several nodes, run_dir must be on a filesystem they all share"
     if cfg.resume and dist.is_initialized():
-        # Only rank 0 writes checkpoints. A node that cannot see its run_dir would start over with other weights
-        # and other steps, and the ranks' collectives would stop matching (a hang): every rank must take the same.
-        chosen = [None] * dist.get_world_size()
-        dist.all_gather_object(chosen, os.path.basename(path) if path else None)
+        chosen = _gather(os.path.basename(path) if path else None)
         if len(set(chosen)) > 1:
             seen = ", ".join(f"rank {r}: {c or 'none'}" for r, c in enumerate(chosen))
             raise ConfigError(f"--resume: the ranks see different checkpoints in {checkpoint_dir(cfg.run_dir)} "
-                              f"({seen}); with several nodes, run_dir must be on a filesystem they all share")
+                              f"({seen}); {shared}")
     if not path:
         if cfg.resume:
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"
                    + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
         return 0
-    extra = _read_checkpoint_file(os.path.join(path, "state.pt"))["extra"]
+    header = _read_checkpoint_file(os.path.join(path, "state.pt"))
+    if dist.is_initialized() and len(set(_gather(header.get("id")))) > 1:
+        raise ConfigError(f"--resume: the ranks' {path} were written by different runs (the ranks see other "
+                          f"folders under that path); {shared}")
+    extra = header["extra"]
     saved = extra.get("config")
     now = config_dict(cfg)
     changed = {k: (saved.get(k), v) for k, v in now.items()

@@ -736,16 +736,23 @@ def test_the_ranks_end_cleanly_when_gloo_is_slow_to_let_go_of_the_last_collectiv
     assert sorted(re.findall(r"rank \d: clean exit", out)) == ["rank 0: clean exit", "rank 1: clean exit"]
 
 
-RANKS_SEE_DIFFERENT_CHECKPOINTS = textwrap.dedent("""
+NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, sys.argv[1])
+    import torch
     import common
 
     d = common.setup_distributed("cpu")
-    # rank 1 on a node of its own, without node 0's run_dir: only rank 0 sees the checkpoint rank 0 wrote
+    # each rank on a node of its own, with a run_dir of its own at the same path
     run_dir = os.path.join(sys.argv[2], f"node{d.rank}")
-    if d.rank == 0:
-        os.makedirs(os.path.join(run_dir, "checkpoints", "step_0000004"))
+    if sys.argv[3] == "rank0_saved":  # only rank 0 sees the checkpoint rank 0 wrote
+        if d.rank == 0:
+            os.makedirs(os.path.join(run_dir, "checkpoints", "step_0000004"))
+    else:  # each node holds a step_0000004 that a run of its own wrote, each rank as rank 0 of that run
+        os.environ["RANK"] = "0"
+        model = torch.nn.Linear(2, 2)
+        common.save_checkpoint(run_dir, 4, model, torch.optim.AdamW(model.parameters()), extra={"sampler": {}})
+        os.environ["RANK"] = str(d.rank)
     cfg = common.parse_config(common.TrainConfig, [f"--run_dir={run_dir}", "--resume=true"])
     try:
         common.maybe_resume(cfg, None, None, None)
@@ -755,13 +762,16 @@ RANKS_SEE_DIFFERENT_CHECKPOINTS = textwrap.dedent("""
 """)
 
 
-def test_resume_refuses_when_the_ranks_see_different_checkpoints(tmp_path):
-    """Several nodes without a shared run_dir: rank 0 would resume at step 4 and rank 1 start at 0, and their
-    collectives would stop matching; every rank refuses instead, naming what each saw."""
-    script = tmp_path / "different_checkpoints.py"
-    script.write_text(RANKS_SEE_DIFFERENT_CHECKPOINTS)
-    out = torchrun(str(script), [ROOT, tmp_path], timeout=120)
+@pytest.mark.parametrize("case,refusal", [
+    ("rank0_saved", r"the ranks see different checkpoints .*rank 0: step_0000004, rank 1: none\)"),
+    ("two_runs", r"the ranks' .*node{rank}/checkpoints/step_0000004 were written by different runs .*"),
+])
+def test_resume_refuses_when_the_ranks_see_different_checkpoints(tmp_path, case, refusal):
+    """Several nodes without a shared run_dir: rank 0 would resume at step 4 and rank 1 start at 0 (or from what
+    another run left at the same path), and their collectives would stop matching; every rank refuses instead."""
+    script = tmp_path / "node_local.py"
+    script.write_text(NODE_LOCAL_RUN_DIRS)
+    out = torchrun(str(script), [ROOT, tmp_path, case], timeout=120)
     for rank in (0, 1):
-        assert re.search(rf"rank {rank} refused: --resume: the ranks see different checkpoints .*"
-                         r"rank 0: step_0000004, rank 1: none\); with several nodes, run_dir must be on a "
-                         r"filesystem they all share", out), out
+        assert re.search(rf"rank {rank} refused: --resume: " + refusal.replace("{rank}", str(rank)) +
+                         "; with several nodes, run_dir must be on a filesystem they all share", out), out
