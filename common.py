@@ -635,11 +635,15 @@ def _read_checkpoint_file(path, weights_only=False):
     would take the whole of it per rank (at 1.7B, 20 GB of weights and AdamW moments, times 8 ranks); mapped, the
     ranks share one copy in the page cache and each copies out only what it puts on its device. The mapping is
     private (writes to a loaded tensor never reach the file) and checkpoints are never rewritten in place, only
-    replaced by renames, so a tensor still mapped from a pruned checkpoint keeps its values."""
+    replaced by renames, so a tensor still mapped from a pruned checkpoint keeps its values. Where the file cannot
+    be mapped (a network filesystem without mmap) it is read whole, as before, rather than called damaged."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing, so this checkpoint cannot resume training exactly")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except Exception:
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         folder = os.path.dirname(path)
         ckpts = list_checkpoints(os.path.dirname(os.path.dirname(folder)))

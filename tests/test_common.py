@@ -261,6 +261,27 @@ def test_a_checkpoint_is_mapped_not_read_into_each_process(tmp_path):
     assert torch.equal(optim_sd["state"][0]["exp_avg_sq"], opt.state[big.weight]["exp_avg_sq"])
 
 
+def test_a_checkpoint_on_a_filesystem_that_cannot_map_files_is_read_whole(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_one(model, opt)
+    common.save_checkpoint(str(tmp_path), 1, model, opt)
+    real_load = torch.load
+
+    def no_mmap(*args, mmap=None, **kwargs):
+        if mmap:
+            raise RuntimeError("unable to mmap 1234 bytes from file </ckpt>: No such device (19)")
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", no_mmap)
+    fresh = Tiny()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert common.load_checkpoint(common.latest_checkpoint(str(tmp_path)), fresh, fresh_opt)["step"] == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert torch.equal(fresh_opt.state[fresh.gain]["exp_avg"], opt.state[model.gain]["exp_avg"])
+
+
 def test_training_on_from_a_mapped_checkpoint_neither_writes_to_it_nor_depends_on_it(tmp_path):
     """On CPU the loaded AdamW moments can stay the mapped tensors themselves (load_state_dict keeps a tensor of the
     right device and dtype): the steps after the resume must not write into the checkpoint, and pruning it must not
