@@ -925,12 +925,15 @@ def collate_packed(examples, bins, max_seq_len, pad_id):
 
 
 def collate_padded(examples, rows, max_seq_len, pad_id):
-    """One example per row (rows: example indices), right-padded to the longest in the batch; same keys as
-    collate_packed."""
+    """One example per row (rows: example indices), right-padded to the longest in the batch: input_ids and labels
+    only. With the padding last, plain causal attention from position 0 is exact for every real token and nothing
+    reads the padding's outputs, so the model needs no positions or document mask, and without a mask SDPA runs
+    its flash kernel (a mask would send it to a slower one that computes the whole [T, T] square)."""
     T = max(len(examples[i][0]) for i in rows)
     if T > max_seq_len:
         raise ValueError(f"collate_padded: an example has length {T} > max_seq_len {max_seq_len}")
-    return _collate(examples, [[i] for i in rows], T, pad_id)
+    batch = _collate(examples, [[i] for i in rows], T, pad_id)
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -100,8 +100,8 @@ def build_model(cfg, tok, d):
 def token_loss_sum(model, batch):
     """Summed cross-entropy over the trained tokens of one micro-batch (labels are pre-shifted by the collator),
     with the fused kernel so the [tokens, vocab] logits never exist in full."""
-    hidden = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"),
-                   return_hidden=True)
+    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                   return_hidden=True)  # padded rows (packing=false) carry neither: plain causal attention
     weight = common.unwrap(model).output_weight
     return kernels.fused_linear_cross_entropy(hidden.flatten(0, 1), weight, batch["labels"].flatten(),
                                               reduction="sum")

@@ -842,8 +842,10 @@ def test_packed_batch_equals_unpacked_per_document(demo, demo_tok):
         for d, i in enumerate(group):
             padded = data.collate_padded(examples, [i], 48, demo_tok.pad_id)
             n = len(examples[i][0])
-            for key in ("input_ids", "labels", "position_ids"):
+            for key in ("input_ids", "labels"):
                 assert torch.equal(packed[key][b, p:p + n], padded[key][0, :n]), key
+            assert sorted(padded) == ["input_ids", "labels"]  # positions 0..n-1 and one document: the defaults
+            assert torch.equal(packed["position_ids"][b, p:p + n], torch.arange(n))
             assert (packed["doc_ids"][b, p:p + n] == d).all()
             p += n
         assert (packed["labels"][b, p:] == -100).all() and (packed["input_ids"][b, p:] == demo_tok.pad_id).all()

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import common
 import data
+import nanotulu_kernels as kernels
 import train_sft
 from model import ModelConfig, Transformer
 from multirank import torchrun
@@ -123,6 +124,34 @@ def test_packed_rows_give_the_same_loss_as_padded_rows(setup):
         with torch.no_grad():
             totals.append(train_sft.token_loss_sum(model, batch).item())
     assert len(items) == 6 and totals[0] == pytest.approx(totals[1], rel=1e-5)
+
+
+def test_padded_rows_train_under_plain_causal_attention(setup, monkeypatch):
+    """packing=false (the paper presets): right-padded rows need no mask, and with none SDPA can take its flash
+    kernel; a document mask would send every layer to a kernel that computes the whole [T, T] square. The loss is
+    the one the masked model gives."""
+    tok = data.Tokenizer.from_pretrained(str(setup / "base"))
+    examples = data.tokenize_sft(data.load_sft_rows(str(setup / "train.jsonl"))[:6], tok, "tulu", 96, num_workers=1,
+                                progress=False)
+    model = Transformer.from_pretrained(str(setup / "base"))
+    items, collate = train_sft.make_batches(train_sft.SFTConfig(max_seq_len=96, packing=False), examples)
+    batch = collate(items, tok.pad_id)
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        loss = train_sft.token_loss_sum(model, batch)
+        assert len(masks) == model.config.num_layers and all(m is None for m in masks)
+        lengths = torch.tensor([len(examples[i][0]) for i in items])
+        one_document_each = (torch.arange(batch["input_ids"].shape[1]) >= lengths[:, None]).long()  # padding: 1
+        masked = model(batch["input_ids"], doc_ids=one_document_each, return_hidden=True)
+        expected = kernels.fused_linear_cross_entropy(masked.flatten(0, 1), model.output_weight,
+                                                      batch["labels"].flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
 
 
 def record_gradients(monkeypatch):
