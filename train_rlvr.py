@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import common
@@ -325,6 +326,17 @@ def collate_rollouts(samples, pad_id, device):
     return ids.to(device), labels.to(device)
 
 
+def over_micro_batches(fn, lengths, cfg):
+    """fn(rows, T) -> [rows, T] for each micro-batch of cfg.batch_size rows of a right-padded rollout, T the
+    micro-batch's longest row (`lengths`, prompt + response), so no padding past it is computed; the results
+    padded back with zeros to the rollout's width and concatenated."""
+    width, outs = max(lengths), []
+    for i in range(0, len(lengths), cfg.batch_size):
+        T = max(lengths[i:i + cfg.batch_size])
+        outs.append(F.pad(fn(slice(i, i + cfg.batch_size), T), (0, width - T)))
+    return torch.cat(outs)
+
+
 @torch.no_grad()
 def heldout_accuracy(policy, tok, rows, cfg, stop_ids, d):
     """Greedy verified accuracy per dataset on the held-out rows (sharded over ranks, then summed) -- the same
@@ -462,13 +474,17 @@ def main(argv=None):
         mask = (labels != data.IGNORE_INDEX).float()
         rewards = torch.tensor([s["reward"] for s in samples], device=d.device)
         # in micro-batches of batch_size rows, as the update runs: one forward over a whole rollout can run out of
-        # memory at the recipes' rollout sizes
-        chunks = [slice(i, i + cfg.batch_size) for i in range(0, len(ids), cfg.batch_size)]
+        # memory at the recipes' rollout sizes. Each is cut after its longest row (the padding after it would be
+        # computed for nothing) and padded back with zeros to the rollout's width.
+        lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
         with torch.no_grad(), common.autocast(d.device, cfg.precision):
-            old_logp = torch.cat([token_logprobs(policy, ids[c], labels[c], cfg.temperature) for c in chunks]) * mask
-            ref_logp = torch.cat([token_logprobs(ref, ids[c], labels[c], cfg.temperature) for c in chunks]) * mask \
+            old_logp = over_micro_batches(
+                lambda c, T: token_logprobs(policy, ids[c, :T], labels[c, :T], cfg.temperature), lengths, cfg) * mask
+            ref_logp = over_micro_batches(
+                lambda c, T: token_logprobs(ref, ids[c, :T], labels[c, :T], cfg.temperature), lengths, cfg) * mask \
                 if ref is not None else old_logp
-            old_values = torch.cat([value(ids[c]) for c in chunks]) * mask if value is not None else None
+            old_values = over_micro_batches(lambda c, T: value(ids[c, :T]), lengths, cfg) * mask \
+                if value is not None else None
         stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # zero-std groups, trained rows, trained tokens
         if cfg.algo == "grpo":
             adv_seq, keep = grpo_advantages(rewards.view(-1, cfg.num_samples), cfg.advantage_norm, cfg.adv_eps)
