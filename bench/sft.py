@@ -97,7 +97,7 @@ def main():
 
     def our_step(ids, labels):
         with common.autocast(device):
-            loss = train_sft.token_loss_sum(ours, {"input_ids": ids, "labels": labels, "position_ids": None})
+            loss = train_sft.token_loss_sum(ours, {"input_ids": ids, "labels": labels})
         (loss / (labels != -100).sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
