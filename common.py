@@ -141,8 +141,9 @@ def _coerce(key, value, typ, where):
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and parse_bool(value) is not None:
-            return parse_bool(value)
+        word = parse_bool(value) if isinstance(value, str) else None
+        if word is not None:
+            return word
         raise bad
     if typ is int:
         if isinstance(value, bool):

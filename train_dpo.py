@@ -371,7 +371,8 @@ def main(argv=None):
     common.check_positions(max(len(p[k][0]) for p in train_pairs + eval_pairs for k in ("chosen", "rejected")), raw,
                            cfg.data or "demo data")
     weights = common.weights_digest(raw)  # before wrapping, which shards in place
-    live = cfg.objective == "dpo" and cfg.reference_in_memory
+    has_reference = cfg.objective == "dpo" and cfg.loss_type != "simpo"
+    live = has_reference and cfg.reference_in_memory
     frozen = copy.deepcopy(raw).eval().requires_grad_(False) if live else None
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     # The reference is the initial policy computed the way the policy computes (FSDP2 under bf16 computes with
@@ -382,8 +383,7 @@ def main(argv=None):
         if cfg.fsdp:  # sharded alike (never DDP: it has nothing to train)
             frozen = common.wrap_model(frozen, d, fsdp=True, precision=cfg.precision)
         reference = eval_reference = Reference(model=frozen, precision=cfg.precision)
-    elif cfg.objective == "dpo" and cfg.loss_type != "simpo":
-        # the wrapped model before any update (not DDP's wrapper: a forward syncs buffers)
+    elif has_reference:  # the wrapped model before any update (not DDP's wrapper: a forward syncs buffers)
         policy = common.unwrap(model)
         reference = Reference(reference_logps(policy, weights, train_pairs, cfg, d, tok.pad_id, "train"))
         if eval_pairs:
@@ -398,7 +398,7 @@ def main(argv=None):
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     what = "reward model (Bradley-Terry)" if cfg.objective == "reward_model" else \
         f"{cfg.loss_type} beta={cfg.beta} reference=" + \
-        ("none" if cfg.loss_type == "simpo" else "in memory" if cfg.reference_in_memory else "cached")
+        ("none" if not has_reference else "in memory" if live else "cached")
     common.print0(f"{what}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out; "
                   f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params; effective batch "
                   f"{effective_batch} pairs ({cfg.batch_size} x {cfg.grad_accum} accum x {d.world_size} ranks), "

@@ -326,14 +326,15 @@ def collate_rollouts(samples, pad_id, device):
     return ids.to(device), labels.to(device)
 
 
-def over_micro_batches(fn, lengths, cfg):
-    """fn(rows, T) -> [rows, T] for each micro-batch of cfg.batch_size rows of a right-padded rollout, T the
-    micro-batch's longest row (`lengths`, prompt + response), so no padding past it is computed; the results
-    padded back with zeros to the rollout's width and concatenated."""
-    width, outs = max(lengths), []
-    for i in range(0, len(lengths), cfg.batch_size):
-        T = max(lengths[i:i + cfg.batch_size])
-        outs.append(F.pad(fn(slice(i, i + cfg.batch_size), T), (0, width - T)))
+def over_micro_batches(fn, ids, labels, lengths, batch_size):
+    """fn(ids, labels) -> [rows, T] over micro-batches of batch_size rows of a right-padded rollout, each cut to
+    its longest row (`lengths`: prompt + response), so no padding past it is computed; the results padded back with
+    zeros to the rollout's width and concatenated."""
+    outs = []
+    for i in range(0, len(ids), batch_size):
+        T = max(lengths[i:i + batch_size])
+        rows = slice(i, i + batch_size)
+        outs.append(F.pad(fn(ids[rows, :T], labels[rows, :T]), (0, ids.shape[1] - T)))
     return torch.cat(outs)
 
 
@@ -477,14 +478,13 @@ def main(argv=None):
         # memory at the recipes' rollout sizes. Each is cut after its longest row (the padding after it would be
         # computed for nothing) and padded back with zeros to the rollout's width.
         lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
+
+        def passes(fn):
+            return over_micro_batches(fn, ids, labels, lengths, cfg.batch_size) * mask
         with torch.no_grad(), common.autocast(d.device, cfg.precision):
-            old_logp = over_micro_batches(
-                lambda c, T: token_logprobs(policy, ids[c, :T], labels[c, :T], cfg.temperature), lengths, cfg) * mask
-            ref_logp = over_micro_batches(
-                lambda c, T: token_logprobs(ref, ids[c, :T], labels[c, :T], cfg.temperature), lengths, cfg) * mask \
-                if ref is not None else old_logp
-            old_values = over_micro_batches(lambda c, T: value(ids[c, :T]), lengths, cfg) * mask \
-                if value is not None else None
+            old_logp = passes(lambda x, y: token_logprobs(policy, x, y, cfg.temperature))
+            ref_logp = passes(lambda x, y: token_logprobs(ref, x, y, cfg.temperature)) if ref is not None else old_logp
+            old_values = passes(lambda x, y: value(x)) if value is not None else None
         stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # zero-std groups, trained rows, trained tokens
         if cfg.algo == "grpo":
             adv_seq, keep = grpo_advantages(rewards.view(-1, cfg.num_samples), cfg.advantage_norm, cfg.adv_eps)

@@ -5,10 +5,10 @@
         --prompt_len 128 --new_tokens 512 --batch_size 8       # GPU: SmolLM2-1.7B, batch 64, 512 new tokens
 
 A step is what train_rlvr.py does, set up as it sets up: fp32 weights (the KV cache in the compute dtype), --dtype
-bf16 running both generation and learning under bf16 autocast (the trainer's --precision), fused AdamW on CUDA. It generates
-(KV cache, temperature 1, no stop token so every row makes exactly new_tokens tokens), then takes the no-grad old and
-reference log-probs, then one clipped-ratio + k3 update over the batch in micro-batches of batch_size. Random
-weights: the speed does not depend on what the model knows.
+bf16 running both generation and learning under bf16 autocast (the trainer's --precision), fused AdamW on CUDA. It
+generates (KV cache, temperature 1, no stop token so every row makes exactly new_tokens tokens), then takes the
+no-grad old and reference log-probs, then one clipped-ratio + k3 update over the batch in micro-batches of
+batch_size. Random weights: the speed does not depend on what the model knows.
 
 Decoding is memory-bound: each decode step must read every weight once (and the KV cache so far). The bound
 printed is tokens/s = batch / (bytes read per step / peak bandwidth), for the weights alone at --dtype's width

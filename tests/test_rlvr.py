@@ -243,11 +243,11 @@ def test_rollout_passes_compute_each_micro_batch_only_up_to_its_longest_row(tiny
     lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
     widths = []
 
-    def logprobs(rows, T):
-        widths.append(T)
-        return train_rlvr.token_logprobs(tiny.model, ids[rows, :T], labels[rows, :T])
+    def logprobs(chunk_ids, chunk_labels):
+        widths.append(chunk_ids.shape[1])
+        return train_rlvr.token_logprobs(tiny.model, chunk_ids, chunk_labels)
     with torch.no_grad():
-        chunked = train_rlvr.over_micro_batches(logprobs, lengths, SimpleNamespace(batch_size=2))
+        chunked = train_rlvr.over_micro_batches(logprobs, ids, labels, lengths, batch_size=2)
         whole = train_rlvr.token_logprobs(tiny.model, ids, labels)
     assert widths == [15, 6, 11] and chunked.shape == ids.shape
     mask = labels != -100
