@@ -220,8 +220,10 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
     its wrapper; `weights`: its weights_digest). Fixed chunks of ref_batch_size pairs are dealt round-robin to the
     ranks (so the numbers do not depend on the world size), an all-reduce gives every rank the whole table, and
     rank 0 writes it atomically to cache_dir, where later runs and resumed runs find it."""
-    settings = {"ref_batch_size": cfg.ref_batch_size, "device": d.device.type, "precision": cfg.precision,
-                "fsdp": cfg.fsdp and d.is_distributed, "kernels": kernels.backend_for(torch.empty(0, device=d.device))}
+    # "chunks": how pairs are grouped into padded forwards moves the numbers by rounding, so it is part of the key
+    settings = {"ref_batch_size": cfg.ref_batch_size, "chunks": "by length", "device": d.device.type,
+                "precision": cfg.precision, "fsdp": cfg.fsdp and d.is_distributed,
+                "kernels": kernels.backend_for(torch.empty(0, device=d.device))}
     path = os.path.join(cfg.cache_dir or os.path.join(cfg.run_dir, "cache"),
                         f"ref_logps-{fingerprint(weights, pairs, settings)}.safetensors")
     # all ranks or none take the cached table: another run finishing it between two ranks' checks would otherwise
@@ -239,15 +241,18 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
                                "to compute them again")
         return table
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=d.device)
-    chunks = list(range(0, len(pairs), cfg.ref_batch_size))
+    # Chunks of pairs of similar length, longest first: a chunk pads its 2 x ref_batch_size rows to the longest,
+    # and in dataset order (preference data runs from a few dozen tokens to max_seq_len) that is half the pass's
+    # tokens. Longest first shows an out-of-memory in the first forward, not the last.
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i]["chosen"][0]), len(pairs[i]["rejected"][0])))
+    chunks = [order[lo:lo + cfg.ref_batch_size] for lo in range(0, len(order), cfg.ref_batch_size)]
     model.eval()
     # every rank runs the same number of forwards (FSDP gathers weights in each); a rank out of chunks re-runs the
     # first one and does not keep it
     rounds = math.ceil(len(chunks) / d.world_size)
     for r in tqdm(range(rounds), desc=f"reference log-probs ({name})", disable=not (d.is_main and cfg.progress)):
         j = r * d.world_size + d.rank
-        lo = chunks[j] if j < len(chunks) else 0
-        idx = list(range(lo, min(lo + cfg.ref_batch_size, len(pairs))))
+        idx = chunks[j] if j < len(chunks) else chunks[0]
         logps = batch_logps(model, collate_pairs(pairs, idx, pad_id), d.device, cfg.precision).view(2, -1).T
         if j < len(chunks):
             table[idx] = logps

@@ -367,6 +367,34 @@ def test_reference_cache_is_keyed_on_every_setting_that_moves_the_log_probs(tiny
     assert written() == len(changes) + 2, "kernel backend changed, yet the cached table was reused"
 
 
+def test_reference_pass_batches_pairs_of_similar_length_and_keeps_each_pairs_row(tiny, tmp_path, monkeypatch):
+    """The reference pass pads each chunk to its longest sequence, so it groups pairs by length (longest first) rather
+    than in dataset order; each pair's log-probs still land in its own row of the table."""
+    d = common.setup_distributed("cpu")
+    pairs = data.tokenize_preference(data.load_preference_rows(tiny.small), tiny.tok, "tulu", 256, progress=False)
+    longest = [max(len(p["chosen"][0]), len(p["rejected"][0])) for p in pairs]
+    model = Transformer.from_pretrained(tiny.model_dir)
+    widths = []
+    batch_logps = train_dpo.batch_logps
+    monkeypatch.setattr(train_dpo, "batch_logps",
+                        lambda m, batch, *a: widths.append(batch["input_ids"].shape[1]) or batch_logps(m, batch, *a))
+
+    def table(ref_batch_size):
+        cfg = train_dpo.DPOConfig(cache_dir=str(tmp_path / str(ref_batch_size)), ref_batch_size=ref_batch_size,
+                                  progress=False)
+        return train_dpo.reference_logps(model, common.weights_digest(model), pairs, cfg, d, tiny.tok.pad_id, "t")
+
+    chunked = table(4)
+    by_length = sorted(longest, reverse=True)
+    assert widths == by_length[::4]
+    in_dataset_order = [max(longest[i:i + 4]) for i in range(0, len(longest), 4)]
+    assert sum(in_dataset_order) > sum(widths) * 1.1  # the data leaves padding to save, so the test can tell
+    widths.clear()
+    one_by_one = table(1)
+    assert widths == by_length
+    torch.testing.assert_close(chunked, one_by_one, rtol=1e-5, atol=1e-5)
+
+
 def test_dpo_raises_heldout_preference_accuracy(tiny, tmp_path):
     # Held out: the constraint pairs. A 2-layer random-init model cannot learn arithmetic in seconds, and arithmetic
     # pairs differ only in the final number, so on them accuracy stays at chance (measured 0.50 -> 0.53) and would
