@@ -198,12 +198,18 @@ def continuation_logprobs(model, requests, batch_size, pad_id=0, desc="loglikeli
         inputs = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         for r, s in enumerate(seqs):
             inputs[r, :len(s) - 1] = torch.tensor(s[:-1])
-        logits = model(inputs.to(device))
-        for r, (i, s, n) in enumerate(zip(idx, seqs, n_conts)):
-            end = len(s) - 1  # the last n inputs predict the n continuation tokens
-            lp = F.log_softmax(logits[r, end - n:end].float(), dim=-1)
-            target = torch.tensor(s[-n:], device=lp.device)
-            out[i] = lp.gather(1, target[:, None]).sum().item()
+        hidden = model(inputs.to(device), return_hidden=True)
+        # The head runs on the continuation positions only: [B, T, V] logits of a long few-shot batch take
+        # gigabytes. Row r's last n inputs predict its n continuation tokens.
+        rows = torch.tensor([r for r, n in enumerate(n_conts) for _ in range(n)], device=device)
+        positions = torch.tensor([p for s, n in zip(seqs, n_conts) for p in range(len(s) - 1 - n, len(s) - 1)],
+                                 device=device)
+        targets = torch.tensor([t for s, n in zip(seqs, n_conts) for t in s[len(s) - n:]], device=device)
+        logprobs = F.log_softmax(model.logits(hidden[rows, positions]).float(), dim=-1)
+        token_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1)
+        sums = torch.zeros(len(seqs), device=device).index_add_(0, rows, token_logprobs)
+        for i, total in zip(idx, sums.tolist()):
+            out[i] = total
     return out
 
 

@@ -295,6 +295,11 @@ class Transformer(nn.Module):
     def output_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def logits(self, hidden):
+        # Apart from forward, so callers can run the head on the few positions they need (eval's continuations,
+        # generate's last token) rather than build [B, T, V] logits.
+        return F.linear(hidden, self.output_weight)
+
     def forward(self, input_ids, position_ids=None, doc_ids=None, return_hidden=False, cache=None):
         """input_ids [B, T] -> logits [B, T, V] (or final normed hidden [B, T, H] with return_hidden).
 
@@ -331,7 +336,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos = start + T
         x = self.norm(x)
-        return x if return_hidden else F.linear(x, self.output_weight)
+        return x if return_hidden else self.logits(x)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -606,7 +611,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     model.eval()
     hidden = model(ids, position_ids=positions, cache=cache, return_hidden=True)[:, -1]
     for t in range(max_new_tokens):
-        logits = F.linear(hidden, weight).float()  # prefill kept only the last hidden state: no [B, T, V] logits
+        logits = model.logits(hidden).float()  # prefill kept only the last hidden state: no [B, T, V] logits
         token, logp = sample(logits, temperature, top_k, top_p, generator)
         if stops is not None:  # stopped rows keep decoding padding (cut off below) so the batch stays rectangular
             token = token.masked_fill(done, pad_token_id)

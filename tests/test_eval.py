@@ -157,19 +157,32 @@ def test_limit_caps_examples_per_task(model_dir, tmp_path):
     assert summary["arc"]["n"] == 2 and summary["bbh"]["n"] == 2  # per ARC subset, per BBH subtask
 
 
+class HeadPatch:
+    """Replaces model.logits (the LM head every caller goes through) with head(original_head, hidden) until
+    remove()."""
+
+    def __init__(self, model, head):
+        original = model.logits
+        model.logits = lambda hidden: head(original, hidden)
+        self.model = model
+
+    def remove(self):
+        del self.model.logits  # the instance attribute: the class's method shows through again
+
+
 def bias_logits(model, bias):
     """Adds `bias` [V] to every position's logits, as a biased LM head would."""
-    return model.register_forward_hook(lambda module, args, out: out + bias.to(out.dtype))
+    return HeadPatch(model, lambda head, hidden: head(hidden) + bias.to(hidden.dtype))
 
 
 @contextlib.contextmanager
 def constant_logits(model, logits):
     """Within the block every position's logits are `logits` [V]: a model whose every token log-prob is known."""
-    handle = model.register_forward_hook(lambda module, args, out: torch.zeros_like(out) + logits)
+    patch = HeadPatch(model, lambda head, hidden: torch.zeros_like(head(hidden)) + logits)
     try:
         yield
     finally:
-        handle.remove()
+        patch.remove()
 
 
 def test_choice_with_higher_likelihood_wins(loaded):
@@ -235,6 +248,29 @@ def test_batched_loglikelihood_matches_one_at_a_time(loaded):
     batched = ev.continuation_logprobs(model, requests, batch_size=3)
     single = [ev.continuation_logprobs(model, [r], batch_size=1)[0] for r in requests]
     assert batched == pytest.approx(single, abs=1e-4)
+
+
+def test_loglikelihood_runs_the_lm_head_on_continuation_tokens_only(loaded):
+    """[B, T, V] logits of a few-shot batch take gigabytes at a 49k vocabulary: the head sees each row's
+    continuation positions, and the sums are still those of the full logits."""
+    model, tok = loaded
+    max_len = model.config.max_position_embeddings
+    requests = [(tok.encode("".join(fixture_text()))[:max_len + 40], tok.encode(" hello world")),  # cut to fit
+                ev.encode_pair(tok, "Question: What is 2 + 3?\nAnswer:", " 5"),
+                ev.encode_pair(tok, "Hi", " there, the world is wide")]
+    head_inputs = []
+    patch = HeadPatch(model, lambda head, hidden: head_inputs.append(tuple(hidden.shape)) or head(hidden))
+    try:
+        got = ev.continuation_logprobs(model, requests, batch_size=3)
+    finally:
+        patch.remove()
+    assert head_inputs == [(sum(len(cont) for _, cont in requests), model.config.hidden_size)]
+    expected = []
+    for ctx, cont in requests:
+        seq = (ctx + cont)[-(max_len + 1):]
+        logprobs = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0, -len(cont):].float(), dim=-1)
+        expected.append(logprobs.gather(1, torch.tensor(cont)[:, None]).sum().item())
+    assert got == pytest.approx(expected, rel=1e-6)  # fp32 sums of up to ~80, where one ulp is 8e-6
 
 
 def test_encode_pair_moves_trailing_space_to_continuation(loaded):
