@@ -9,6 +9,7 @@ Run folder layout (every trainer):
     run_dir/checkpoints/step_XXXXXXX/     model.pt, optimizer.pt, state.pt (step, RNG of every rank, extra)
     run_dir/final/                        HF layout (config.json, model.safetensors, tokenizer files)
 """
+import copy
 import dataclasses
 import datetime
 import inspect
@@ -381,6 +382,19 @@ def autocast(device, precision="auto"):
     if resolved_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def frozen_copy(model, precision, device):
+    """A frozen eval-mode copy of `model`, for a reference. Under bf16 its nn.Linear weights are stored in bf16:
+    autocast casts them to bf16 before every matmul anyway, and a frozen weight is cast again at every call (the
+    cast cache keeps only weights that require grad), so the copy computes the same bits without those casts in
+    about half the memory. The embedding and norms stay fp32, as the residual stream does under autocast."""
+    frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    if resolved_precision(precision, device) == "bf16":
+        for module in frozen.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(torch.bfloat16)
+    return frozen
 
 
 def compile_blocks(model):

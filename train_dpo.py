@@ -31,7 +31,6 @@ Only the final assistant turn is trained. Pairs longer than --max_seq_len are cu
 presets), a pair left without a response token on a side being dropped; or they are dropped (--truncation=drop,
 the reward-model preset's choice). The counts are printed at start-up.
 """
-import copy
 import hashlib
 import json
 import math
@@ -378,7 +377,9 @@ def main(argv=None):
     weights = common.weights_digest(raw)  # before wrapping, which shards in place
     has_reference = cfg.objective == "dpo" and cfg.loss_type != "simpo"
     live = has_reference and cfg.reference_in_memory
-    frozen = copy.deepcopy(raw).eval().requires_grad_(False) if live else None
+    # a sharded reference keeps fp32 weights and is wrapped as the policy is (below): FSDP2 casts each shard to bf16
+    # once per all-gather, so there is no per-matmul cast to save
+    frozen = common.frozen_copy(raw, "fp32" if cfg.fsdp else cfg.precision, d.device) if live else None
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     # The reference is the initial policy computed the way the policy computes (FSDP2 under bf16 computes with
     # bf16 parameters, unlike autocast over fp32 ones), so that at step 0 every reward is 0: exactly with a live

@@ -424,7 +424,7 @@ def main(argv=None):
 
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     # the reference is the initial policy: a frozen copy (rebuilt from cfg.model on resume)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.beta > 0 else None
+    ref = common.frozen_copy(policy, cfg.precision, d.device) if cfg.beta > 0 else None
     start_weights = common.weights_digest(policy) if ref is not None else None
     value = build_value_model(cfg, policy).to(d.device) if cfg.algo == "ppo" else None
     if value is not None:

@@ -217,6 +217,19 @@ def test_cached_reference_equals_live_reference(tiny, tmp_path, capsys):
     assert sorted(os.listdir(tiny_cache)) == files
 
 
+def test_a_live_bf16_reference_holds_bf16_matmul_weights_and_gives_rewards_of_exactly_0_at_the_start(tiny, tmp_path,
+                                                                                                   monkeypatch):
+    frozen = []
+    frozen_copy = common.frozen_copy
+    monkeypatch.setattr(common, "frozen_copy", lambda *args: frozen.append(frozen_copy(*args)) or frozen[-1])
+    run = tmp_path / "run"
+    train_dpo.main(args_for(tiny, run, "--precision=bf16", "--reference_in_memory", "--max_steps=1"))
+    assert frozen[0].layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    eval0, train1 = metrics(run)[:2]
+    assert eval0["eval_rewards_chosen"] == eval0["eval_rewards_rejected"] == train1["rewards_chosen"] == \
+        train1["rewards_rejected"] == 0.0
+
+
 def test_simpo_runs_no_reference_pass(tiny, tmp_path, capsys):
     """SimPO's loss reads no reference, so a run computes and caches none, and a live one is refused."""
     cache = tmp_path / "cache"

@@ -72,6 +72,8 @@ def record_calls(monkeypatch, name):
 def use_reference(monkeypatch, reference):
     """The run's KL reference (and PPO's value backbone) become copies of `reference` instead of the starting
     policy, so that the KL terms act from the first update on (where policy and reference are otherwise equal)."""
+    frozen_copy = common.frozen_copy
+    monkeypatch.setattr(common, "frozen_copy", lambda policy, *args: frozen_copy(reference, *args))
     monkeypatch.setattr(train_rlvr, "copy", SimpleNamespace(deepcopy=lambda policy: copy.deepcopy(reference)))
 
 
@@ -341,6 +343,26 @@ def test_old_and_reference_logprobs_are_taken_at_the_sampling_temperature(tiny, 
     torch.testing.assert_close(logp, old_logp, rtol=0, atol=1e-5)
     record, = read_jsonl(run / "metrics.jsonl")
     assert record["kl"] == pytest.approx(0.0, abs=1e-6) and record["clip_frac"] == 0.0
+
+
+def test_a_bf16_reference_holds_its_matmul_weights_in_bf16_and_starts_equal_to_the_policy(tiny, tmp_path, monkeypatch):
+    """Under bf16 the frozen reference stores what autocast would cast its matmul weights to (half the memory, no
+    cast per call): at the first rollout, where policy and reference are the same weights, its log-probs are
+    still the policy's to the bit, so the first KL is exactly 0."""
+    weight_dtypes = []
+    token_logprobs = train_rlvr.token_logprobs
+
+    def recording(model, *args):
+        weight_dtypes.append((model.layers[0].self_attn.qkv_proj.weight.dtype, model.embed_tokens.weight.dtype))
+        return token_logprobs(model, *args)
+    monkeypatch.setattr(train_rlvr, "token_logprobs", recording)
+    run = tmp_path / "run"
+    train_rlvr.main(args_for(tiny, run, "--precision=bf16", "--max_steps=1", "--eval_data=", "--samples_per_step=0"))
+    # 16 rollouts in micro-batches of 8: the policy's old log-probs, the reference's, then the policy's updates
+    policy, reference = (torch.float32, torch.float32), (torch.bfloat16, torch.float32)
+    assert weight_dtypes == [policy] * 2 + [reference] * 2 + [policy] * (len(weight_dtypes) - 4)
+    record, = read_jsonl(run / "metrics.jsonl")
+    assert record["kl"] == 0.0 and record["kl_k3"] == 0.0
 
 
 def test_ppo_clips_the_ratio_with_clip_eps_and_the_value_with_value_clip(tiny, tmp_path, monkeypatch):
