@@ -241,8 +241,8 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
         return table
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=d.device)
     # Chunks of pairs of similar length, longest first: a chunk pads its 2 x ref_batch_size rows to the longest,
-    # and in dataset order (preference data runs from a few dozen tokens to max_seq_len) that is half the pass's
-    # tokens. Longest first shows an out-of-memory in the first forward, not the last.
+    # which in dataset order is long however short the others are (sorted, the demo's pass computes 15% fewer
+    # positions in 24% less time). Longest first shows an out-of-memory in the first forward, not the last.
     order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i]["chosen"][0]), len(pairs[i]["rejected"][0])))
     chunks = [order[lo:lo + cfg.ref_batch_size] for lo in range(0, len(order), cfg.ref_batch_size)]
     model.eval()
