@@ -14,8 +14,9 @@ non_stop_penalty instead (open-instruct replaces the score rather than adding to
 
   --algo=grpo  advantage (r - mean_group) / (std_group + eps) per prompt (--advantage_norm=center: r - mean),
                the same for every token of a response; loss = clipped ratio + beta * k3 KL to the reference, per
-               token. Groups whose rewards are all equal have no advantage and are counted and skipped
-               (--skip_equal_groups=false keeps them, as Tulu 3.1's script did: their KL term still acts).
+               token. Groups whose rewards are all equal have no advantage and are counted and skipped, with no
+               forward run on them (--skip_equal_groups=false keeps them, as Tulu 3.1's script did: their KL term
+               still acts); the logged KL is over the responses trained on.
   --algo=ppo   a value model (from the reward model at --value_model, else a copy of the policy with a zero head);
                per-token reward -beta * (logp_old - logp_ref) with the score added at the last response token;
                GAE (gamma, lam); advantages whitened over the global batch; clipped policy and value losses.
@@ -474,24 +475,34 @@ def main(argv=None):
         ids, labels = collate_rollouts(samples, tok.pad_id, d.device)
         mask = (labels != data.IGNORE_INDEX).float()
         rewards = torch.tensor([s["reward"] for s in samples], device=d.device)
-        # in micro-batches of batch_size rows, as the update runs: one forward over a whole rollout can run out of
-        # memory at the recipes' rollout sizes. Each is cut after its longest row (the padding after it would be
-        # computed for nothing) and padded back with zeros to the rollout's width.
-        lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
-
-        def passes(fn):
-            return over_micro_batches(fn, ids, labels, lengths, cfg.batch_size) * mask
-        with torch.no_grad(), common.autocast(d.device, cfg.precision):
-            old_logp = passes(lambda x, y: token_logprobs(policy, x, y, cfg.temperature))
-            ref_logp = passes(lambda x, y: token_logprobs(ref, x, y, cfg.temperature)) if ref is not None else old_logp
-            old_values = passes(lambda x, y: value(x)) if value is not None else None
         stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # zero-std groups, trained rows, trained tokens
-        if cfg.algo == "grpo":
+        if cfg.algo == "grpo":  # from the rewards alone: the passes below leave out the groups dropped here
             adv_seq, keep = grpo_advantages(rewards.view(-1, cfg.num_samples), cfg.advantage_norm, cfg.adv_eps)
             adv = adv_seq.view(-1, 1) * mask
             trained_groups = keep if cfg.skip_equal_groups else torch.ones_like(keep)
             rows_kept = trained_groups.repeat_interleave(cfg.num_samples).nonzero().squeeze(1)
             stats[0] = (~keep).sum()
+        else:
+            rows_kept = torch.arange(len(samples), device=d.device)
+
+        # The no-grad quantities the update compares against, for the rows it trains on only (0 elsewhere). In
+        # micro-batches of batch_size rows, as the update runs: one forward over a whole rollout can run out of memory
+        # at the recipes' rollout sizes. Each is cut after its longest row (the padding after it would be computed for
+        # nothing) and padded back with zeros to the rollout's width.
+        kept = rows_kept.tolist()
+        kept_lengths = [len(samples[i]["prompt_ids"]) + len(samples[i]["response_ids"]) for i in kept]
+
+        def passes(fn):
+            out = torch.zeros_like(mask)
+            if kept:
+                out[rows_kept] = over_micro_batches(fn, ids[rows_kept], labels[rows_kept], kept_lengths,
+                                                    cfg.batch_size).float()
+            return out * mask
+        with torch.no_grad(), common.autocast(d.device, cfg.precision):
+            old_logp = passes(lambda x, y: token_logprobs(policy, x, y, cfg.temperature))
+            ref_logp = passes(lambda x, y: token_logprobs(ref, x, y, cfg.temperature)) if ref is not None else old_logp
+            old_values = passes(lambda x, y: value(x)) if value is not None else None
+        if cfg.algo == "grpo":
             returns = None
         else:
             # score at the last response token, KL penalty on every token (Tulu 3 / open-instruct PPO)
@@ -499,7 +510,6 @@ def main(argv=None):
             token_rewards = -cfg.beta * (old_logp - ref_logp) + rewards[:, None] * last
             adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = masked_whiten(adv, mask)
-            rows_kept = torch.arange(len(samples), device=d.device)
         stats[1], stats[2] = len(rows_kept), mask[rows_kept].sum()
 
         # ---- update: ppo_epochs passes, each split into num_minibatches optimizer steps
@@ -569,11 +579,13 @@ def main(argv=None):
         for t in (per_ds, roll, stats, sums):
             common.all_reduce_sum(t)
         n, toks, upd = roll[1].item(), roll[2].item(), max(sums[5].item(), 1.0)
+        trained_toks = stats[2].item()  # the KL is measured on the rows trained on, as open-instruct's grpo_fast does
         record = {"step": step, "lr": lr, "rollouts": int(n), "reward": roll[0].item() / n,
                   "acc": per_ds[:, 0].sum().item() / n,
                   **{f"acc_{name}": (c / t if t else None) for name, (c, t) in zip(datasets, per_ds.tolist())},
                   "response_len": toks / n, "non_stop": roll[3].item() / n,
-                  "kl": roll[4].item() / toks, "kl_k3": roll[5].item() / toks,
+                  "kl": roll[4].item() / trained_toks if trained_toks else None,
+                  "kl_k3": roll[5].item() / trained_toks if trained_toks else None,
                   "pg_loss": sums[0].item() / upd, "clip_frac": sums[1].item() / upd, "grad_norm": grad_norm,
                   "gen_s": t_gen, "learn_s": t_learn, "gen_tok_per_s": toks / max(t_gen, 1e-9)}
         if cfg.algo == "grpo":
@@ -589,7 +601,7 @@ def main(argv=None):
                     f.write(json.dumps({"step": step, "prompt": tok.decode(s["prompt_ids"], skip_special_tokens=False),
                                         **{k: s[k] for k in ("response", "ground_truth", "dataset", "reward",
                                                              "verified", "stopped")}}) + "\n")
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc']:.2f}", kl=f"{record['kl']:.3f}",
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc']:.2f}", kl="-" if record["kl"] is None else f"{record['kl']:.3f}",
                         len=f"{record['response_len']:.0f}")
         bar.update(1)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:

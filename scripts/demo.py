@@ -112,8 +112,10 @@ def curves(out, stages):
     for name in stages:
         rows = read_metrics(os.path.join(out, name))
         for key in CURVES[name]:
-            if any(key in r for r in rows):
-                pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            # null: nothing to measure that step (the KL of a GRPO step that trained on no group, an accuracy of a
+            # dataset the rollout did not sample)
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+            if pts:
                 found.append((name, key, [p[0] for p in pts], [p[1] for p in pts]))
     return found
 

@@ -311,6 +311,32 @@ def test_grpo_kl_penalty_pulls_the_policy_toward_the_reference(tiny, tmp_path, m
         assert after == before
 
 
+@pytest.mark.parametrize("kept_groups", [[True, False, True, False], [False] * 4])
+def test_grpo_runs_no_forward_on_the_groups_it_skips(tiny, tmp_path, monkeypatch, kept_groups):
+    """The old and reference log-probs are computed for the rows of kept groups only, and the logged KL is over
+    those rows; with every group skipped nothing runs and there is no KL to log."""
+    monkeypatch.setattr(train_rlvr, "grpo_advantages", lambda rewards, norm="std", eps=1e-8: (
+        torch.ones_like(rewards), torch.tensor(kept_groups)))
+    rows_without_grad = []
+    token_logprobs = train_rlvr.token_logprobs
+
+    def recording(model, ids, *args):
+        if not torch.is_grad_enabled():
+            rows_without_grad.append(len(ids))
+        return token_logprobs(model, ids, *args)
+    monkeypatch.setattr(train_rlvr, "token_logprobs", recording)
+    run = tmp_path / "run"
+    train_rlvr.main(args_for(tiny, run, "--max_steps=1", "--eval_data=", "--samples_per_step=0"))
+    kept_rows = 4 * sum(kept_groups)  # 4 samples per group
+    assert sum(rows_without_grad) == 2 * kept_rows  # the policy's pass and the reference's
+    record, = read_jsonl(run / "metrics.jsonl")
+    assert record["trained_seqs"] == kept_rows and record["zero_std_groups"] == 4 - sum(kept_groups)
+    if kept_rows:
+        assert record["kl"] == 0.0  # the rollout's policy is the reference
+    else:
+        assert record["kl"] is None and record["kl_k3"] is None
+
+
 def test_ppo_token_rewards_are_the_kl_penalty_plus_the_score_on_the_last_response_token(tiny, tmp_path, monkeypatch):
     reference = perturbed(tiny.model_dir)
     use_reference(monkeypatch, reference)
@@ -357,7 +383,9 @@ def test_a_bf16_reference_holds_its_matmul_weights_in_bf16_and_starts_equal_to_t
         return token_logprobs(model, *args)
     monkeypatch.setattr(train_rlvr, "token_logprobs", recording)
     run = tmp_path / "run"
-    train_rlvr.main(args_for(tiny, run, "--precision=bf16", "--max_steps=1", "--eval_data=", "--samples_per_step=0"))
+    # the random model's rewards are all equal: groups kept, or no pass would run
+    train_rlvr.main(args_for(tiny, run, "--precision=bf16", "--max_steps=1", "--eval_data=", "--samples_per_step=0",
+                             "--skip_equal_groups=false"))
     # 16 rollouts in micro-batches of 8: the policy's old log-probs, the reference's, then the policy's updates
     policy, reference = (torch.float32, torch.float32), (torch.bfloat16, torch.float32)
     assert weight_dtypes == [policy] * 2 + [reference] * 2 + [policy] * (len(weight_dtypes) - 4)
