@@ -388,7 +388,8 @@ def frozen_copy(model, precision, device):
     """A frozen eval-mode copy of `model`, for a reference. Under bf16 its nn.Linear weights are stored in bf16:
     autocast casts them to bf16 before every matmul anyway, and a frozen weight is cast again at every call (the
     cast cache keeps only weights that require grad), so the copy computes the same bits without those casts in
-    about half the memory. The embedding and norms stay fp32, as the residual stream does under autocast."""
+    about half the memory. The embedding and norms stay fp32, as the residual stream does under autocast; a head
+    tied to the embedding (every SmolLM2) is still cast at each call."""
     frozen = copy.deepcopy(model).requires_grad_(False).eval()
     if resolved_precision(precision, device) == "bf16":
         for module in frozen.modules():

@@ -201,13 +201,16 @@ def continuation_logprobs(model, requests, batch_size, pad_id=0, desc="loglikeli
         hidden = model(inputs.to(device), return_hidden=True)
         # The head runs on the continuation positions only: [B, T, V] logits of a long few-shot batch take
         # gigabytes. Row r's last n inputs predict its n continuation tokens.
-        rows = torch.tensor([r for r, n in enumerate(n_conts) for _ in range(n)], device=device)
+        rows = torch.tensor([r for r, n in enumerate(n_conts) for _ in range(n)], dtype=torch.long)
         positions = torch.tensor([p for s, n in zip(seqs, n_conts) for p in range(len(s) - 1 - n, len(s) - 1)],
-                                 device=device)
-        targets = torch.tensor([t for s, n in zip(seqs, n_conts) for t in s[len(s) - n:]], device=device)
-        logprobs = F.log_softmax(model.logits(hidden[rows, positions]).float(), dim=-1)
-        token_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1)
-        sums = torch.zeros(len(seqs), device=device).index_add_(0, rows, token_logprobs)
+                                 dtype=torch.long, device=device)
+        targets = torch.tensor([t for s, n in zip(seqs, n_conts) for t in s[len(s) - n:]], dtype=torch.long,
+                               device=device)
+        logprobs = F.log_softmax(model.logits(hidden[rows.to(device), positions]).float(), dim=-1)
+        token_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1).cpu()
+        # summed on the CPU: a CUDA index_add_ adds in whatever order its atomics land, and a near tie between two
+        # choices must not flip from run to run
+        sums = torch.zeros(len(seqs)).index_add_(0, rows, token_logprobs)
         for i, total in zip(idx, sums.tolist()):
             out[i] = total
     return out

@@ -247,11 +247,11 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
     chunks = [order[lo:lo + cfg.ref_batch_size] for lo in range(0, len(order), cfg.ref_batch_size)]
     model.eval()
     # every rank runs the same number of forwards (FSDP gathers weights in each); a rank out of chunks re-runs the
-    # first one and does not keep it
+    # last (shortest) one and does not keep it
     rounds = math.ceil(len(chunks) / d.world_size)
     for r in tqdm(range(rounds), desc=f"reference log-probs ({name})", disable=not (d.is_main and cfg.progress)):
         j = r * d.world_size + d.rank
-        idx = chunks[j] if j < len(chunks) else chunks[0]
+        idx = chunks[j] if j < len(chunks) else chunks[-1]
         logps = batch_logps(model, collate_pairs(pairs, idx, pad_id), d.device, cfg.precision).view(2, -1).T
         if j < len(chunks):
             table[idx] = logps
@@ -379,14 +379,15 @@ def main(argv=None):
     live = has_reference and cfg.reference_in_memory
     # a sharded reference keeps fp32 weights and is wrapped as the policy is (below): FSDP2 casts each shard to bf16
     # once per all-gather, so there is no per-matmul cast to save
-    frozen = common.frozen_copy(raw, "fp32" if cfg.fsdp else cfg.precision, d.device) if live else None
+    sharded = cfg.fsdp and d.is_distributed
+    frozen = common.frozen_copy(raw, "fp32" if sharded else cfg.precision, d.device) if live else None
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     # The reference is the initial policy computed the way the policy computes (FSDP2 under bf16 computes with
     # bf16 parameters, unlike autocast over fp32 ones), so that at step 0 every reward is 0: exactly with a live
     # reference, up to float rounding with the cached one (computed in other batches, so with other padding).
     reference = eval_reference = Reference()
     if live:
-        if cfg.fsdp:  # sharded alike (never DDP: it has nothing to train)
+        if sharded:  # sharded alike (never DDP: it has nothing to train)
             frozen = common.wrap_model(frozen, d, fsdp=True, precision=cfg.precision)
         reference = eval_reference = Reference(model=frozen, precision=cfg.precision)
     elif has_reference:  # the wrapped model before any update (not DDP's wrapper: a forward syncs buffers)

@@ -271,6 +271,7 @@ def test_loglikelihood_runs_the_lm_head_on_continuation_tokens_only(loaded):
         logprobs = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0, -len(cont):].float(), dim=-1)
         expected.append(logprobs.gather(1, torch.tensor(cont)[:, None]).sum().item())
     assert got == pytest.approx(expected, rel=1e-6)  # fp32 sums of up to ~80, where one ulp is 8e-6
+    assert ev.continuation_logprobs(model, [(requests[1][0], [])], batch_size=1) == [0.0]  # nothing to score
 
 
 def test_encode_pair_moves_trailing_space_to_continuation(loaded):
