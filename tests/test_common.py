@@ -207,26 +207,27 @@ def test_weights_digest_covers_the_model_config_and_the_parameter_names():
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_bf16_frozen_copy_stores_the_matmul_weights_autocast_would_cast_and_computes_the_same_bits(tied):
     """A reference under bf16 autocast keeps its nn.Linear weights in bf16 (the embedding and norms stay fp32), and
-    its logits and fused-loss log-probs equal the fp32 model's under autocast bit for bit. fp32 copies everything."""
+    its logits and fused-loss log-probs equal the fp32 model's under autocast bit for bit. fp32 copies everything.
+    NANOTULU_TEST_DEVICE=cuda runs it on the GPU, with the Triton loss (bench/gpu_checks.sh does)."""
     import nanotulu_kernels as kernels
     from model import ModelConfig, Transformer
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", tie_word_embeddings=tied))
-    cpu = torch.device("cpu")
-    frozen = common.frozen_copy(model, "bf16", cpu)
+    device = torch.device(os.environ.get("NANOTULU_TEST_DEVICE", "cpu"))
+    model = Transformer(ModelConfig.from_preset("tiny", tie_word_embeddings=tied)).to(device)
+    frozen = common.frozen_copy(model, "bf16", device)
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert ("lm_head.weight" in linear) == (not tied)
     assert {name: p.dtype for name, p in frozen.named_parameters()} == \
         {name: torch.bfloat16 if name in linear else torch.float32 for name, _ in model.named_parameters()}
     assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())  # the original untouched
-    ids = torch.randint(0, model.config.vocab_size, (3, 24))
-    with torch.no_grad(), common.autocast(cpu, "bf16"):
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), device=device)
+    with torch.no_grad(), common.autocast(device, "bf16"):
         assert torch.equal(frozen(ids), model(ids))
         logps = [kernels.fused_linear_cross_entropy(m(ids, return_hidden=True).flatten(0, 1), m.output_weight,
                                                     ids.flatten(), reduction="none") for m in (frozen, model)]
     assert torch.equal(*logps)
-    assert all(p.dtype == torch.float32 for p in common.frozen_copy(model, "fp32", cpu).parameters())
+    assert all(p.dtype == torch.float32 for p in common.frozen_copy(model, "fp32", device).parameters())
 
 
 def test_weight_decay_only_on_matrices():
