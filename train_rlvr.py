@@ -494,7 +494,7 @@ def main(argv=None):
 
         def passes(fn):
             out = torch.zeros_like(mask)
-            if kept:
+            if kept:  # .float(): the value head gives bf16 under autocast, and an indexed write takes one dtype
                 out[rows_kept] = over_micro_batches(fn, ids[rows_kept], labels[rows_kept], kept_lengths,
                                                     cfg.batch_size).float()
             return out * mask
@@ -601,8 +601,8 @@ def main(argv=None):
                     f.write(json.dumps({"step": step, "prompt": tok.decode(s["prompt_ids"], skip_special_tokens=False),
                                         **{k: s[k] for k in ("response", "ground_truth", "dataset", "reward",
                                                              "verified", "stopped")}}) + "\n")
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc']:.2f}", kl="-" if record["kl"] is None else f"{record['kl']:.3f}",
-                        len=f"{record['response_len']:.0f}")
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc']:.2f}",
+                        kl="-" if record["kl"] is None else f"{record['kl']:.3f}", len=f"{record['response_len']:.0f}")
         bar.update(1)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             end_acc = evaluate()

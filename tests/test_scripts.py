@@ -320,7 +320,8 @@ def test_sweep_launches_torchrun_and_passes_the_eval_limit_to_eval_py(tmp_path, 
 def test_demo_curves_skip_rows_without_a_step_or_a_value_and_a_stage_depends_on_its_parents_weights(tmp_path):
     os.makedirs(tmp_path / "sft" / "final")
     (tmp_path / "sft" / "metrics.jsonl").write_text(
-        '{"step": 1, "loss": 2.0}\n{"loss": 1.5}\n{"step": 2, "loss": null}\n{"step": 3, "loss": 1.0, "eval_loss": 1.25}\n')
+        '{"step": 1, "loss": 2.0}\n{"loss": 1.5}\n{"step": 2, "loss": null}\n'
+        '{"step": 3, "loss": 1.0, "eval_loss": 1.25}\n')
     assert demo.curves(str(tmp_path), ["sft"]) == [("sft", "loss", [1, 3], [2.0, 1.0]),
                                                    ("sft", "eval_loss", [3], [1.25])]
     weights = tmp_path / "sft" / "final" / "model.safetensors"
