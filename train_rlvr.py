@@ -491,12 +491,12 @@ def main(argv=None):
         # nothing) and padded back with zeros to the rollout's width.
         kept = rows_kept.tolist()
         kept_lengths = [len(samples[i]["prompt_ids"]) + len(samples[i]["response_ids"]) for i in kept]
+        kept_ids, kept_labels = ids[rows_kept], labels[rows_kept]
 
         def passes(fn):
             out = torch.zeros_like(mask)
             if kept:  # .float(): the value head gives bf16 under autocast, and an indexed write takes one dtype
-                out[rows_kept] = over_micro_batches(fn, ids[rows_kept], labels[rows_kept], kept_lengths,
-                                                    cfg.batch_size).float()
+                out[rows_kept] = over_micro_batches(fn, kept_ids, kept_labels, kept_lengths, cfg.batch_size).float()
             return out * mask
         with torch.no_grad(), common.autocast(d.device, cfg.precision):
             old_logp = passes(lambda x, y: token_logprobs(policy, x, y, cfg.temperature))
