@@ -1153,17 +1153,6 @@ def make_demo_data(seed=0, n_train=2000, n_heldout=200, n_rlvr=600, sft_noise=0.
     return data
 
 
-def demo_task_of(row):
-    """'arith' or 'constraint' for any demo row (SFT, preference or RLVR)."""
-    source = row.get("source")
-    if source in ("demo_arith", "demo_constraint"):
-        return source[len("demo_"):]
-    if "dataset" in row:
-        return "arith" if row["dataset"] == "gsm8k" else "constraint"
-    messages = row.get("messages") or row.get("chosen") or []
-    return "arith" if any("####" in m["content"] for m in messages if m["role"] == "assistant") else "constraint"
-
-
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 

@@ -120,9 +120,6 @@ def gsm8k(response, ground_truth, strict=False):
     return float(value is not None and value == truth)
 
 
-def gsm8k_strict(response, ground_truth):
-    return gsm8k(response, ground_truth, strict=True)
-
 # -----------------------------------------------------------------------------
 # MATH: open-instruct's Tulu 3-era verify_math_sample (the one SmolTulu's RLVR ran). It reads the model's
 # answer candidates (the last \boxed, Minerva's "Final Answer" line, the last $...$, the whole response) and

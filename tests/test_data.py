@@ -982,8 +982,8 @@ def test_demo_data_is_deterministic_and_heldout_is_disjoint(demo):
     # three disjoint prompt sets: SFT/DPO training, RLVR training (fresh, so RL gains must generalise), held-out
     train, rlvr, held = splits["sft_train"], splits["rlvr_train"], splits["sft_heldout"]
     assert len(rlvr) == 200 and len(held) == 60 and not (train & rlvr or train & held or rlvr & held)
-    tasks = [data.demo_task_of(r) for r in demo["sft_train"]]
-    assert tasks.count("arith") == 300 and tasks.count("constraint") == 300
+    tasks = [r["source"] for r in demo["sft_train"]]
+    assert tasks.count("demo_arith") == 300 and tasks.count("demo_constraint") == 300
     # every reader accepts the demo rows as they are
     assert len(data.load_sft_rows(demo["sft_train"])) == 600
     assert len(data.load_preference_rows(demo["pref_train"])) == 600
@@ -993,11 +993,11 @@ def test_demo_data_is_deterministic_and_heldout_is_disjoint(demo):
 def test_demo_ground_truths_are_consistent(demo):
     heldout = zip(demo["sft_heldout"], demo["pref_heldout"], demo["rlvr_heldout"])
     for sft, pref, rlvr in heldout:
-        task = data.demo_task_of(rlvr)
-        assert task == data.demo_task_of(sft) == data.demo_task_of(pref)
+        task = rlvr["source"]
+        assert task == sft["source"] == pref["source"]
         assert rlvr["messages"] == sft["messages"][:1] == pref["chosen"][:1] == pref["rejected"][:1]
         assert sft["messages"][1] == pref["chosen"][1]  # held-out demonstrations are clean
-        if task == "arith":
+        if task == "demo_arith":
             assert rlvr["dataset"] == "gsm8k" and rlvr["ground_truth"].isdigit()
             assert _arith_steps(pref["chosen"][-1]["content"]) == (True, rlvr["ground_truth"])
             right, answer = _arith_steps(pref["rejected"][-1]["content"])
@@ -1010,11 +1010,11 @@ def test_demo_ground_truths_are_consistent(demo):
         assert rlvr["dataset"] in ("gsm8k", "ifeval") and data.load_rlvr_rows([rlvr])
     for sft, pref in zip(demo["sft_train"], demo["pref_train"]):
         assert sft["messages"][:1] == pref["chosen"][:1] == pref["rejected"][:1]
-        if data.demo_task_of(sft) == "arith":
+        if sft["source"] == "demo_arith":
             assert sft["messages"][1] == pref["chosen"][1]
         else:  # the noisy teacher: a demonstration either keeps its constraint (chosen) or ignores it (rejected)
             assert sft["messages"][1] in (pref["chosen"][1], pref["rejected"][1])
-    constraint = [(s, p) for s, p in zip(demo["sft_train"], demo["pref_train"]) if data.demo_task_of(s) != "arith"]
+    constraint = [(s, p) for s, p in zip(demo["sft_train"], demo["pref_train"]) if s["source"] == "demo_constraint"]
     noisy = sum(s["messages"][1] == p["rejected"][1] for s, p in constraint) / len(constraint)
     assert abs(noisy - 0.6) < 0.08  # sft_noise's default, within sampling error for 300 draws
     clean = data.make_demo_data(seed=0, n_train=600, n_heldout=60, n_rlvr=200, sft_noise=0.0)

@@ -414,7 +414,7 @@ def test_dpo_raises_heldout_preference_accuracy(tiny, tmp_path):
     # only dilute the signal. Constraint pairs are learnable from the training pairs' surface form: the random init
     # sits anywhere from 0.19 to 0.78 (model seeds 0-3; 0.78 for seed 0) and one epoch of Tulu's dpo_norm, beta 5,
     # reached 0.97-1.00 for every model and sampler seed tried.
-    heldout = [r for r in tiny.demo["pref_heldout"] if data.demo_task_of(r) == "constraint"]
+    heldout = [r for r in tiny.demo["pref_heldout"] if r["source"] == "demo_constraint"]
     run = tmp_path / "dpo"
     train_dpo.main(args_for(tiny, run, "--max_steps=32", "--eval_every=32", "--lr=3e-3", "--beta=5",
                             data_file=tiny.train, eval_file=write_jsonl(tmp_path / "constraint.jsonl", heldout)))

@@ -30,8 +30,8 @@ def test_gsm8k_negative_and_decimal():
 
 
 def test_gsm8k_strict_needs_hash_form():
-    assert V.gsm8k_strict("so #### 42", "42") == 1.0
-    assert V.gsm8k_strict("the answer is 42", "42") == 0.0
+    assert V.gsm8k("so #### 42", "42", strict=True) == 1.0
+    assert V.gsm8k("the answer is 42", "42", strict=True) == 0.0
     assert V.gsm8k("the answer is 42", "42") == 1.0
 
 
@@ -48,8 +48,8 @@ def test_gsm8k_a_hyphen_after_a_word_is_not_a_minus():
 
 def test_gsm8k_strict_reads_the_first_hash_answer():
     # lm-eval's strict-match takes the first "#### N"; a later correction does not count
-    assert V.gsm8k_strict("#### 5\nwait, #### 7", "5") == 1.0
-    assert V.gsm8k_strict("#### 5\nwait, #### 7", "7") == 0.0
+    assert V.gsm8k("#### 5\nwait, #### 7", "5", strict=True) == 1.0
+    assert V.gsm8k("#### 5\nwait, #### 7", "7", strict=True) == 0.0
 
 
 def test_gsm8k_a_hyphen_after_a_closing_parenthesis_is_a_minus_sign():
