@@ -848,18 +848,19 @@ def peak_flops(device):
 
 
 class Throughput:
-    """Tokens/s (and MFU when the device's peak is known) between two calls to `update`."""
+    """Tokens/s (and MFU when the device's peak is known) of a training step, timed from `start` to `stop`, so
+    that the held-out evaluations and checkpoints between steps do not count as training time."""
 
     def __init__(self, flops_per_token, device, world_size):
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(device)
         self.world_size = world_size
+
+    def start(self):
         self.t = time.perf_counter()
 
-    def update(self, tokens_global):
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        tps = tokens_global / max(dt, 1e-9)
+    def stop(self, tokens_global):
+        tps = tokens_global / max(time.perf_counter() - self.t, 1e-9)
         out = {"tok_per_s": tps}
         if self.peak:
             out["mfu"] = self.flops_per_token * tps / (self.peak * self.world_size)

@@ -175,6 +175,7 @@ def main(argv=None):
     bar = common.progress_bar(total_steps, step, d.is_main and cfg.progress, "sft")
     model.train()
     while step < total_steps:
+        meter.start()
         micro = []
         for _ in range(cfg.grad_accum):
             chosen = [train_items[i] for i in sampler.next_batch(cfg.batch_size)]
@@ -204,7 +205,7 @@ def main(argv=None):
         step += 1
 
         train_loss = common.all_reduce_sum(loss_sum).item() / max(n_trained, 1.0)
-        speed = meter.update(n_processed)
+        speed = meter.stop(n_processed)  # after the loss's .item(): the step's GPU work is done
         if step % cfg.log_every == 0 or step == total_steps:
             logger.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                         "trained_tokens": int(n_trained), "epoch": step * step_items / len(train_items), **speed})

@@ -3,6 +3,7 @@ and the demo preset. Runs the real entry point (main) in-process, and under torc
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -278,6 +279,32 @@ def test_final_save_loads_in_transformers_with_equal_logits(setup):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
     assert json.load(open(os.path.join(final, "tokenizer_config.json")))["chat_template"]
+
+
+def test_throughput_counts_the_training_steps_not_the_evaluations_and_checkpoints_between_them(setup, monkeypatch):
+    # A clock that moves 1 s per reading, and 1000 s per held-out evaluation or checkpoint: a step timed from its
+    # own start to its end reads 1 s, whatever ran before it.
+    clock = {"now": 0.0}
+
+    def tick():
+        clock["now"] += 1.0
+        return clock["now"]
+
+    def slow(fn):
+        def wrapped(*a, **kw):
+            clock["now"] += 1000.0
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=tick))
+    monkeypatch.setattr(train_sft, "heldout_loss", slow(train_sft.heldout_loss))
+    monkeypatch.setattr(common, "save_checkpoint", slow(common.save_checkpoint))
+    # packed rows: every step processes batch_size x max_seq_len tokens
+    train_sft.main(args(setup, "throughput", packing=True, batch_size=2, eval_every=2, checkpoint_every=3))
+    rows = [json.loads(line) for line in open(setup / "throughput" / "metrics.jsonl")]
+    speeds = {r["step"]: r["tok_per_s"] for r in rows if "tok_per_s" in r}
+    assert sorted(speeds) == [1, 2, 3, 4] and any("eval_loss" in r for r in rows)
+    assert all(s == 2 * 96 for s in speeds.values()), speeds
 
 
 def test_demo_preset_drives_held_out_loss_down(tmp_path):
