@@ -207,6 +207,17 @@ def apply_rope(x, cos, signed_sin):
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
 
 
+def grouped_decode_attention(q, k, v, mask):
+    """Grouped-query attention of one new token per row (q [B, H, 1, D], k and v [B, kv_heads, L, D], one mask row
+    for every head) with no grouped-query support needed from the kernel: the heads that share a kv head become
+    the query rows of one attention over it. On the GPU, where the kernels that take a mask do not share kv heads,
+    this replaces a copy of the whole cache per group at every decoding step. (On the CPU, SDPA's own grouped
+    kernel was measured faster.)"""
+    B, H, _, D = q.shape
+    y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), H // k.size(1), D), k, v, attn_mask=mask)
+    return y.view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -233,6 +244,8 @@ class Attention(nn.Module):
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1 and H > Hkv and q.is_cuda:
+            y = grouped_decode_attention(q, k, v, mask)
         else:
             # The GPU kernels that take an arbitrary mask do not do grouped-query attention, so share kv heads
             # explicitly rather than fall back to the math kernel that materialises every score.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import Generation, ModelConfig, Transformer, filter_logits, generate, to_hf_state
+from model import Generation, ModelConfig, Transformer, filter_logits, generate, grouped_decode_attention, to_hf_state
 
 VOCAB = 128
 
@@ -377,6 +377,21 @@ def test_sampling_filters_match_transformers_warpers_including_ties():
             if top_p < 1.0:
                 theirs = TopPLogitsWarper(top_p)(None, theirs)
             torch.testing.assert_close(ours, torch.softmax(theirs, dim=-1), atol=0, rtol=0)
+
+
+def test_grouped_decode_attention_equals_grouped_query_attention():
+    """The GPU's decoding path (CPU decoding keeps SDPA's own grouped kernel): 9 query heads on 3 kv heads, query
+    head h reading kv head h // 3, with padding slots masked out per row. NANOTULU_TEST_DEVICE=cuda runs it on the
+    GPU's kernels (bench/gpu_checks.sh does)."""
+    device = torch.device(os.environ.get("NANOTULU_TEST_DEVICE", "cpu"))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape).to(device) for shape in ((2, 9, 1, 16), (2, 3, 7, 16), (2, 3, 7, 16)))
+    mask = torch.zeros(2, 1, 1, 7, device=device)
+    mask[0, ..., :2] = float("-inf")
+    mask[1, ..., 5:] = float("-inf")
+    repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1),
+                                              attn_mask=mask)
+    torch.testing.assert_close(grouped_decode_attention(q, k, v, mask), repeated, rtol=0, atol=1e-5)
 
 
 def test_stop_tokens_per_row(tiny):
