@@ -768,15 +768,21 @@ def prepare_run_dir(cfg, d):
     run starts its folder over, since old checkpoints and metrics would otherwise be mistaken for this run's; but
     only with --overwrite=true when the folder holds an earlier run's checkpoints or final model, which a relaunch
     that forgot --resume=true would otherwise destroy."""
-    earlier = [p for p in (checkpoint_dir(cfg.run_dir), os.path.join(cfg.run_dir, "final"))
-               if os.path.isdir(p) and os.listdir(p)]
+    final = os.path.join(cfg.run_dir, "final")
+    earlier = [p for p in (checkpoint_dir(cfg.run_dir), final) if os.path.isdir(p) and os.listdir(p)]
+    resumable = latest_checkpoint(cfg.run_dir) is not None
     if earlier and not (cfg.resume or cfg.overwrite):
-        raise ConfigError(f"run_dir={cfg.run_dir} holds an earlier run ({', '.join(earlier)}): pass --resume=true to "
-                          f"continue it, --overwrite=true to replace it, or another --run_dir")
+        raise ConfigError(f"run_dir={cfg.run_dir} holds an earlier run ({', '.join(earlier)}): pass "
+                          + ("--resume=true to continue it, " if resumable else "")
+                          + "--overwrite=true to replace it, or another --run_dir")
+    if cfg.resume and not resumable and final in earlier and not cfg.overwrite:
+        raise ConfigError(f"--resume=true: run_dir={cfg.run_dir} holds a finished model ({final}) but "
+                          f"no checkpoint to continue from, so the run would start over from step 0 and replace "
+                          f"it: pass --overwrite=true for that, or another --run_dir")
     if d.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
         if not cfg.resume:
-            for stale in (checkpoint_dir(cfg.run_dir), os.path.join(cfg.run_dir, "final")):
+            for stale in (checkpoint_dir(cfg.run_dir), final):
                 shutil.rmtree(stale, ignore_errors=True)
             metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
             if os.path.exists(metrics):

@@ -648,11 +648,19 @@ def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp
         (run / earlier / "model.safetensors").write_text("weights")
         (run / "metrics.jsonl").write_text('{"step": 4}\n')
         fresh = common.parse_config(Cfg, [f"--run_dir={run}"])
-        with pytest.raises(common.ConfigError, match=r"holds an earlier run .*--resume=true.*--overwrite=true"):
-            common.prepare_run_dir(fresh, d)
+        resume = common.parse_config(Cfg, [f"--run_dir={run}", "--resume=true"])
+        if earlier == "final":  # a finished run without checkpoints: a resume would start over and replace it
+            with pytest.raises(common.ConfigError, match=r"holds an earlier run .*: pass --overwrite=true") as e:
+                common.prepare_run_dir(fresh, d)
+            assert "--resume" not in str(e.value)
+            with pytest.raises(common.ConfigError, match=r"--resume=true: .* holds a finished model .* no "
+                                                         r"checkpoint .*--overwrite=true"):
+                common.prepare_run_dir(resume, d)
+        else:
+            with pytest.raises(common.ConfigError, match=r"holds an earlier run .*--resume=true.*--overwrite=true"):
+                common.prepare_run_dir(fresh, d)
+            common.prepare_run_dir(resume, d)
         assert (run / earlier / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
-        common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={run}", "--resume=true"]), d)
-        assert (run / earlier / "model.safetensors").exists()
         common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={run}", "--overwrite=true"]), d)
         assert not (run / earlier.split("/")[0]).exists() and not (run / "metrics.jsonl").exists()
 
