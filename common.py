@@ -121,6 +121,12 @@ def refuse_unused(cfg, names, why):
         raise ConfigError(f"{' '.join(given)}: {why}")
 
 
+def refuse_if_given(cfg, name, why):
+    """refuse_unused for a setting whose default is not empty: an error when the command line gave it."""
+    if name in getattr(cfg, "command_line", ()):
+        raise ConfigError(f"--{name}={getattr(cfg, name)}: {why}")
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -178,11 +184,19 @@ def _coerce(key, value, typ, where):
     raise ConfigError(f"{where}: field {key} has unsupported type {typ}")
 
 
+# A setting on the command line, and the one that would replace its value (lr = lr_bs_ratio x effective batch;
+# grad_accum = total_batch_size / (batch_size x world size)): given after that one, or with it coming from a
+# preset, the command line's value is used and the replacing setting turned off, as later wins for any one key.
+REPLACED_BY = {"lr": "lr_bs_ratio", "grad_accum": "total_batch_size"}
+
+
 def parse_config(cls, argv=None):
     """Build `cls` from `--config=file.json` (a preset) and then `--key=value` overrides (later wins).
 
     Keys starting with '_' in a preset are notes and are ignored. A bare `--flag` sets a bool field to True.
-    Unknown keys are an error naming them and where they came from."""
+    Unknown keys are an error naming them and where they came from. Later wins across the pairs of REPLACED_BY
+    too. The keys the command line gave are kept in the config's `command_line` attribute (not a field), for
+    refuse_if_given."""
     argv = sys.argv[1:] if argv is None else list(argv)
     want_help = "--help" in argv or "-h" in argv
     argv = [a for a in argv if a not in ("--help", "-h")]
@@ -226,10 +240,16 @@ def parse_config(cls, argv=None):
             raise ConfigError(f"{path}: a config preset must be a JSON object")
         apply([(k, v) for k, v in preset.items() if not k.startswith("_")], path)
     apply(overrides, "command line")
+    last = {k: i for i, (k, _) in enumerate(overrides)}  # where each key last appears on the command line
+    for key, setter in REPLACED_BY.items():
+        if key in last and setter in names and last.get(setter, -1) < last[key]:
+            values[setter] = 0
     if want_help:  # after the presets and overrides, so that it shows the values this command would run with
         print(config_help(cls, values))
         sys.exit(0)
-    return cls(**values)
+    cfg = cls(**values)
+    cfg.command_line = frozenset(k for k, _ in overrides)
+    return cfg
 
 
 def config_help(cls, values=None):
@@ -416,6 +436,8 @@ def wrap_model(model, d, fsdp=False, compile=False, precision="auto"):
     The trainers call the wrapper for the forward and `unwrap(model)` for attributes such as output_weight."""
     if compile:
         compile_blocks(model)
+    if fsdp and not d.is_distributed:
+        print0("--fsdp=true in a single process: there is nothing to shard, so the model runs unwrapped")
     if fsdp and d.is_distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

@@ -352,9 +352,14 @@ def main(argv=None):
         common.refuse_unused(cfg, ["reference_in_memory"], "a reward model has no reference")
     elif cfg.loss_type == "simpo":
         common.refuse_unused(cfg, ["reference_in_memory"], "simpo's loss has no reference model")
+    if cfg.objective == "reward_model" or cfg.loss_type != "simpo":
+        common.refuse_if_given(cfg, "simpo_gamma", "only --objective=dpo with --loss_type=simpo uses it")
     if cfg.truncation not in data.TRUNCATIONS:
         raise common.ConfigError(f"truncation={cfg.truncation!r}: expected one of {', '.join(data.TRUNCATIONS)}")
-    kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+    try:
+        kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from None
     if not cfg.model:
         raise common.ConfigError("--model=PATH is required (an HF-layout folder, e.g. the SFT run's final/)")
     if not os.path.isdir(cfg.model):

@@ -379,9 +379,9 @@ def check_config(cfg, d):
         raise common.ConfigError(f"num_samples={cfg.num_samples}: GRPO needs at least 2 samples per prompt")
     if cfg.fsdp:
         raise common.ConfigError("fsdp: not supported by train_rlvr.py (generation needs the full weights)")
-    if cfg.total_batch_size or cfg.grad_accum != 1:
-        raise common.ConfigError("total_batch_size / grad_accum: RLVR batches are prompts_per_step x num_samples, "
-                                 "split into num_minibatches optimizer steps of batch_size micro-batches")
+    common.refuse_unused(cfg, ["total_batch_size"] + (["grad_accum"] if cfg.grad_accum != 1 else []),
+                         "RLVR batches are prompts_per_step x num_samples, split into num_minibatches optimizer "
+                         "steps of batch_size micro-batches")
     if cfg.temperature <= 0:
         raise common.ConfigError(f"temperature={cfg.temperature}: RLVR samples, it must be > 0")
     if cfg.value_model and cfg.algo != "ppo":

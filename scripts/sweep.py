@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 TRAINERS = {"sft": "train_sft.py", "dpo": "train_dpo.py"}
 DEMO_CONFIGS = {"sft": "configs/sweep_demo_sft.json", "dpo": "configs/dpo_demo.json"}
 DEFAULT_BATCHES = {"sft": "4,8,16", "dpo": "8,16,32"}  # multiples of the demo presets' per-device batch (2, 8)
-GRID_KEYS = ("lr", "lr_bs_ratio", "total_batch_size", "run_dir", "seed", "config", "model", "data")
+GRID_KEYS = ("lr", "lr_bs_ratio", "total_batch_size", "grad_accum", "run_dir", "seed", "config", "model", "data")
 DEMO_METRICS = ["arith_acc", "constraint_acc", "pref_acc"]
 
 

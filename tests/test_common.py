@@ -105,9 +105,29 @@ def test_total_batch_size_derives_grad_accum_for_the_world_size():
     assert cfg.lr == pytest.approx(36e-5)
     with pytest.raises(common.ConfigError, match="not a multiple"):
         common.resolve_batch(common.parse_config(Cfg, ["--batch_size=3", "--total_batch_size=8"]), 1)
-    # a total of one sequence is a total too: it overrides --grad_accum
-    cfg = common.parse_config(Cfg, ["--total_batch_size=1", "--grad_accum=4"])
+    # a total of one sequence is a total too: it overrides a --grad_accum given before it
+    cfg = common.parse_config(Cfg, ["--grad_accum=4", "--total_batch_size=1"])
     assert common.resolve_batch(cfg, world_size=1) == 1 and cfg.grad_accum == 1
+
+
+def test_a_command_line_lr_or_grad_accum_given_last_is_the_one_used(tmp_path):
+    """Later wins between lr and lr_bs_ratio, and between grad_accum and total_batch_size, as for any one key: the
+    value given last is the one the run uses, not one silently replaced by the other setting."""
+    def resolved(argv):
+        cfg = common.parse_config(Cfg, ["--batch_size=2"] + argv)
+        return common.resolve_batch(cfg, world_size=1), cfg.grad_accum, cfg.lr, cfg.lr_bs_ratio
+
+    assert resolved(["--lr_bs_ratio=1e-4", "--lr=0.5"]) == (2, 1, 0.5, 0.0)
+    assert resolved(["--lr=0.5", "--lr_bs_ratio=1e-4"]) == (2, 1, pytest.approx(2e-4), 1e-4)
+    assert resolved(["--total_batch_size=32", "--grad_accum=4"])[:2] == (8, 4)
+    assert resolved(["--grad_accum=4", "--total_batch_size=32"])[:2] == (32, 16)
+    # a preset's setting came first: the command line's lr or grad_accum replaces it
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"lr": 0.1, "lr_bs_ratio": 1e-4, "total_batch_size": 32}))
+    assert resolved([f"--config={preset}", "--lr=0.5", "--grad_accum=3"]) == (6, 3, 0.5, 0.0)
+    # and the preset's lr gives way to a command-line lr_bs_ratio, SmolTulu's lever
+    preset.write_text(json.dumps({"lr": 0.1}))
+    assert resolved([f"--config={preset}", "--lr_bs_ratio=1e-3"]) == (2, 1, pytest.approx(2e-3), 1e-3)
 
 
 def test_total_steps_are_the_whole_steps_of_one_epoch_times_epochs():
@@ -606,6 +626,12 @@ def test_setup_distributed_on_a_machine_without_cuda_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(common.ConfigError, match="device='cuda': .* sees no CUDA GPU"):
         common.setup_distributed("cuda")
+
+
+def test_fsdp_in_a_single_process_says_it_runs_unwrapped(capsys):
+    model = torch.nn.Linear(2, 2)
+    assert common.wrap_model(model, common.setup_distributed("cpu"), fsdp=True) is model
+    assert "--fsdp=true in a single process: there is nothing to shard" in capsys.readouterr().out
 
 
 def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):

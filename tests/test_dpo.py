@@ -489,11 +489,13 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, bad])
     with pytest.raises(data.DataError, match="bad.jsonl.*(line|row) 2.*prompts differ"):
         train_dpo.main(args_for(tiny, tmp_path / "run", data_file=path))
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(common.ConfigError, match="loss_type must be one of .* got 'kto'"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--loss_type=kto"))
+    with pytest.raises(common.ConfigError, match="--simpo_gamma=1.0: only --objective=dpo with --loss_type=simpo"):
+        train_dpo.main(args_for(tiny, tmp_path / "run", "--simpo_gamma=1.0"))
     with pytest.raises(common.ConfigError, match="--reference_in_memory=True: a reward model has no reference"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--objective=reward_model", "--reference_in_memory=true"))
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
+    with pytest.raises(common.ConfigError, match=r"label_smoothing must be in \[0, 0.5\)"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--loss_type=dpo", "--label_smoothing=1.0"))
     with pytest.raises(common.ConfigError, match="truncation"):
         train_dpo.main(args_for(tiny, tmp_path / "run", "--truncation=middle"))

@@ -216,8 +216,8 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     (["--prompts_per_step=3"], 2, "prompts_per_step=3 is not a multiple of the 2 ranks"),
     (["--algo=grpo", "--num_samples=1"], 1, "GRPO needs at least 2 samples per prompt"),
     (["--fsdp=true"], 1, "fsdp: not supported by train_rlvr.py"),
-    (["--grad_accum=2"], 1, "total_batch_size / grad_accum: RLVR batches are prompts_per_step x num_samples"),
-    (["--total_batch_size=8"], 1, "total_batch_size / grad_accum"),
+    (["--grad_accum=2"], 1, "--grad_accum=2: RLVR batches are prompts_per_step x num_samples"),
+    (["--total_batch_size=8"], 1, "--total_batch_size=8: RLVR batches are prompts_per_step x num_samples"),
     (["--temperature=0"], 1, "temperature=0.0: RLVR samples, it must be > 0"),
     (["--algo=grpo", "--value_model=x"], 1, "only --algo=ppo has a value model"),
     (["--loss_reduction=mean"], 1, "loss_reduction='mean': expected token or sequence")])

@@ -138,6 +138,7 @@ def never_trains(monkeypatch):
 def test_sweep_refuses_options_the_grid_sets_and_real_data_without_a_preset(tmp_path, monkeypatch):
     never_trains(monkeypatch)
     for extra in (["--lr=1e-3"], ["--total_batch_size=8"], ["--total-batch-size=8"], ["--lr_bs_ratio=1e-4"],
+                  ["--grad_accum=2"],  # it would turn off the grid's total_batch_size
                   ["--data=x.jsonl"],
                   ["--data=x.jsonl", "--config=configs/sft_smoltulu_1130.json"]):  # and no --eval_data_dir
         with pytest.raises(SystemExit):
