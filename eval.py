@@ -87,6 +87,7 @@ from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, 
                   resolve_template, stop_token_ids)
 from model import Transformer, generate
 
+DEMO_MODEL = "runs/sft_demo/final"
 ALL_TASKS = ("gsm8k", "ifeval", "arc", "hellaswag", "piqa", "mmlu_pro", "bbh")
 LIGHTEVAL_MAX_LENGTH = 2048  # max_model_length in smollm's lighteval command: bounds BBH's uncapped generations
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -695,7 +696,7 @@ def true_or_false(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/sft_demo/final", help="HF-layout folder written by save_pretrained")
+    p.add_argument("--model", default=DEMO_MODEL, help="HF-layout folder written by save_pretrained")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: all; "
                                                  "needs --data_dir)")
     p.add_argument("--data_dir", default=None, help="local benchmark copies (see the module docstring); "
@@ -722,6 +723,11 @@ def main(argv=None):
     for name in ("limit", "batch_size", "max_new_tokens"):  # 0 or less would score nothing and report it
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    tasks = [t.strip().lower() for t in (args.tasks or ",".join(ALL_TASKS)).split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        p.error(f"--tasks={args.tasks}: " + (f"unknown task(s) {', '.join(unknown)}" if unknown else "no task")
+                + f"; choose from {','.join(TASKS)}")
     if args.tasks is not None and args.data_dir is None:  # else a real model would be scored on the toy task
         p.error("--tasks needs --data_dir, the benchmark files (without it eval.py scores the synthetic demo task)")
     random.seed(args.seed)
@@ -732,7 +738,8 @@ def main(argv=None):
     try:
         model, tok = load_model_and_tokenizer(args.model, args.device, dtype)
     except FileNotFoundError as e:
-        sys.exit(f"error: {e}" + ("\n(the demo model: train it first with `python train_sft.py`)" if demo else ""))
+        hint = "\n(the demo model: train it first with `python train_sft.py`)" if args.model == DEMO_MODEL else ""
+        sys.exit(f"error: {e}{hint}")
     template = resolve_template(args.template, tok)
     t0 = time.time()
     if demo:
@@ -741,9 +748,6 @@ def main(argv=None):
         rows = [(k, "acc", summary[f"{k}_acc"], summary[f"{k}_n"]) for k in ("arith", "constraint", "pref")]
         results = {"mode": "demo", "summary": summary, "examples": examples}
     else:
-        tasks = [t.strip() for t in (args.tasks or ",".join(ALL_TASKS)).split(",") if t.strip()]
-        if not tasks:
-            p.error(f"--tasks names no task; choose from {','.join(TASKS)}")
         per_task = evaluate_tasks(model, tok, tasks, args.data_dir, template, args.limit, args.batch_size,
                                   args.seed, args.max_new_tokens, args.use_chat_template)
         rows = []

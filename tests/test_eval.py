@@ -606,6 +606,15 @@ def test_tasks_without_data_dir_is_refused_not_the_demo(capsys):
     assert "--tasks needs --data_dir" in capsys.readouterr().err
 
 
+def test_an_unknown_task_is_named_before_anything_else_and_names_are_not_case_sensitive(tmp_path, capsys):
+    for argv in (["--tasks=arc,gsm9k"], ["--tasks=arc,gsm9k", f"--data_dir={tmp_path}", "--model=nowhere"]):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
+        assert "--tasks=arc,gsm9k: unknown task(s) gsm9k; choose from gsm8k," in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no model at nowhere"):  # GSM8K is gsm8k: on to loading the model
+        ev.main(["--tasks=GSM8K", f"--data_dir={tmp_path}", "--model=nowhere"])
+
+
 def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatch):
     shutil.copytree(FIXTURES, tmp_path / "evals")
     shutil.rmtree(tmp_path / "evals" / "bbh")
@@ -722,3 +731,6 @@ def test_missing_model_tells_to_train_the_demo_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="train_sft.py"):
         ev.main([])
+    with pytest.raises(SystemExit) as e:  # a model the user named is not the demo's
+        ev.main(["--model=elsewhere"])
+    assert "no model at elsewhere" in str(e.value) and "train_sft.py" not in str(e.value)
