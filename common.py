@@ -121,6 +121,13 @@ def refuse_unused(cfg, names, why):
         raise ConfigError(f"{' '.join(given)}: {why}")
 
 
+def check_folder(cfg, name, hint=""):
+    """A model folder named by --name that is not there is an error saying so, before anything tries to read it."""
+    path = getattr(cfg, name)
+    if path and not os.path.isdir(path):
+        raise FileNotFoundError(f"--{name}={path}: no such folder{hint}")
+
+
 def refuse_if_given(cfg, name, why):
     """refuse_unused for a setting whose default is not empty: an error when the command line gave it."""
     if name in getattr(cfg, "command_line", ()):
@@ -229,6 +236,8 @@ def parse_config(cls, argv=None):
                 raise ConfigError(f"command line: --{key} needs a value (--{key}=...)")
         overrides.append((key, val))
     for path in presets:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config={path}: no such file")
         with open(path, encoding="utf-8") as f:
             try:
                 preset = json.load(f)

@@ -362,9 +362,8 @@ def main(argv=None):
         raise common.ConfigError(str(e)) from None
     if not cfg.model:
         raise common.ConfigError("--model=PATH is required (an HF-layout folder, e.g. the SFT run's final/)")
-    if not os.path.isdir(cfg.model):
-        hint = " (the SFT demo's output: run `python train_sft.py` first)" if cfg.model == DEMO_MODEL else ""
-        raise FileNotFoundError(f"--model={cfg.model}: no such model folder{hint}")
+    common.check_folder(cfg, "model", " (the SFT demo's output: run `python train_sft.py` first)"
+                        if cfg.model == DEMO_MODEL else "")
     d = common.setup_distributed(cfg.device)
     cfg.precision = common.resolved_precision(cfg.precision, d.device)
     effective_batch = common.resolve_batch(cfg, d.world_size)

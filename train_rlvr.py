@@ -401,6 +401,8 @@ def main(argv=None):
     check_config(cfg, d)
     if not cfg.model:
         cfg.model = default_demo_model()
+    common.check_folder(cfg, "model")
+    common.check_folder(cfg, "value_model")
     rollout_batch = cfg.prompts_per_step * cfg.num_samples
     if cfg.lr_bs_ratio > 0:
         cfg.lr = cfg.lr_bs_ratio * rollout_batch

@@ -42,6 +42,7 @@ class SFTConfig(common.TrainConfig):
 
 def load_data(cfg, d):
     """Rows -> tokenizer -> tokenized (ids, mask) examples for train and held-out."""
+    common.check_folder(cfg, "model")
     if cfg.data:
         if not (cfg.model or cfg.tokenizer):
             raise common.ConfigError("--data needs --model=PATH (an HF folder: the weights and their tokenizer)")

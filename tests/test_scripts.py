@@ -335,8 +335,14 @@ def test_demo_curves_skip_rows_without_a_step_or_a_value_and_a_stage_depends_on_
 
 @pytest.mark.parametrize("script,args,message", [
     ("train_sft.py", ["--no_such_key=1"], "error: command line: unknown config key(s) no_such_key for SFTConfig"),
-    ("train_dpo.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such model folder"),
-    ("train_rlvr.py", ["--grad_accum=2"], "error: total_batch_size / grad_accum: RLVR batches are prompts_per_step"),
+    ("train_sft.py", ["--config=/no/such/preset.json"], "error: --config=/no/such/preset.json: no such file"),
+    ("train_sft.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such folder"),
+    ("train_dpo.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such folder"),
+    ("train_dpo.py", ["--model=/no/such/folder", "--loss_type=kto"], "error: preference loss: loss_type must be"),
+    ("train_rlvr.py", ["--grad_accum=2"], "error: --grad_accum=2: RLVR batches are prompts_per_step"),
+    ("train_rlvr.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such folder"),
+    ("train_rlvr.py", ["--model=.", "--algo=ppo", "--value_model=/no/such/folder"],
+     "error: --value_model=/no/such/folder: no such folder"),
     ("eval.py", ["--model=/no/such/folder"], "error: no model at /no/such/folder"),
 ])
 def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message):
