@@ -365,6 +365,7 @@ def main(argv=None):
     common.check_folder(cfg, "model", " (the SFT demo's output: run `python train_sft.py` first)"
                         if cfg.model == DEMO_MODEL else "")
     d = common.setup_distributed(cfg.device)
+    kernels.backend_on(d.device)
     cfg.precision = common.resolved_precision(cfg.precision, d.device)
     effective_batch = common.resolve_batch(cfg, d.world_size)
     common.seed_all(cfg.seed)
@@ -463,4 +464,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError)
+    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError)

@@ -397,6 +397,7 @@ def main(argv=None):
         argv = [f"--config={os.path.join(HERE, 'configs', 'rlvr_demo.json')}"] + list(argv)
     cfg = common.parse_config(RLVRConfig, argv)
     d = common.setup_distributed(cfg.device)
+    kernels.backend_on(d.device)
     cfg.precision = common.resolved_precision(cfg.precision, d.device)
     check_config(cfg, d)
     if not cfg.model:
@@ -623,4 +624,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError)
+    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError)

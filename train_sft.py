@@ -140,6 +140,7 @@ def main(argv=None):
         raise common.ConfigError("loss_reduction=sum with packing=true: Tulu 3's sum loss is per conversation, and a "
                                  "packed row holds several; pass --packing=false")
     d = common.setup_distributed(cfg.device)
+    kernels.backend_on(d.device)
     cfg.precision = common.resolved_precision(cfg.precision, d.device)
     effective_batch = common.resolve_batch(cfg, d.world_size)
     common.seed_all(cfg.seed)
@@ -227,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError)
+    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError)

@@ -19,16 +19,28 @@ import torch
 from nanotulu_kernels import cross_entropy, dpo, reference
 from nanotulu_kernels.reference import DPOOutput
 
-__all__ = ["DPOOutput", "fused_linear_cross_entropy", "fused_linear_dpo_loss", "preference_loss",
-           "sequence_logprobs", "backend_for"]
+__all__ = ["BackendError", "DPOOutput", "fused_linear_cross_entropy", "fused_linear_dpo_loss", "preference_loss",
+           "sequence_logprobs", "backend_for", "backend_on"]
+
+
+class BackendError(ValueError):
+    """NANOTULU_KERNELS names no backend, or one that cannot run on the device."""
+
+
+def backend_on(device):
+    """'triton' or 'torch': the backend a call on a tensor on `device` takes. The trainers call it at start-up, so
+    that a NANOTULU_KERNELS they cannot honour stops them before any work, not at the first loss."""
+    choice = os.environ.get("NANOTULU_KERNELS", "").strip().lower()
+    if choice not in ("", "triton", "torch"):
+        raise BackendError(f"NANOTULU_KERNELS must be 'triton' or 'torch', got {choice!r}")
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise BackendError(f"NANOTULU_KERNELS=triton on a {device.type} device: Triton's kernels run on a CUDA GPU, "
+                           f"or under its interpreter with TRITON_INTERPRET=1 (slow; what the tests use)")
+    return choice or ("triton" if device.type == "cuda" else "torch")
 
 
 def backend_for(tensor):
-    """'triton' or 'torch': the backend a call on this tensor takes."""
-    choice = os.environ.get("NANOTULU_KERNELS", "").strip().lower()
-    if choice not in ("", "triton", "torch"):
-        raise ValueError(f"NANOTULU_KERNELS must be 'triton' or 'torch', got {choice!r}")
-    return choice or ("triton" if tensor.is_cuda else "torch")
+    return backend_on(tensor.device)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", z_loss=0.0):

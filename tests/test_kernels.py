@@ -395,7 +395,11 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("NANOTULU_KERNELS", "triton")
     assert kernels.backend_for(x) == "triton"
     monkeypatch.setenv("NANOTULU_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="NANOTULU_KERNELS"):
+    with pytest.raises(kernels.BackendError, match="NANOTULU_KERNELS must be 'triton' or 'torch', got 'cuda'"):
+        kernels.backend_for(x)
+    monkeypatch.setenv("NANOTULU_KERNELS", "triton")  # on the CPU without the interpreter Triton has no driver
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(kernels.BackendError, match="NANOTULU_KERNELS=triton on a cpu device: .* TRITON_INTERPRET=1"):
         kernels.backend_for(x)
 
 

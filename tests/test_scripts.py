@@ -352,6 +352,16 @@ def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(scrip
     assert out.stderr.startswith(message) and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "train_rlvr.py"])
+def test_a_kernel_backend_the_device_cannot_run_stops_the_trainer_at_start_up(script):
+    env = {**os.environ, "NANOTULU_KERNELS": "triton", "TRITON_INTERPRET": "0"}
+    model = ["--model=."] if script == "train_dpo.py" else []  # (DPO checks it has a model folder first)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--device=cpu", *model], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: NANOTULU_KERNELS=triton on a cpu device") and "Traceback" not in out.stderr
+
+
 def test_rlvr_help_says_which_shared_settings_it_refuses():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlvr.py"), "--help"], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
