@@ -380,7 +380,7 @@ def test_gsm8k_headline_is_qem_and_the_last_number_is_a_second_metric(loaded, mo
         ev.gsm8k_reference("no marker", "row 3")
 
 
-def test_gsm8k_without_train_file_uses_first_test_rows_as_shots(loaded, tmp_path, monkeypatch):
+def test_gsm8k_without_train_file_uses_first_test_rows_as_shots_and_says_so(loaded, tmp_path, monkeypatch, capsys):
     model, tok = loaded
     shutil.copytree(os.path.join(FIXTURES, "gsm8k"), tmp_path / "gsm8k")
     os.remove(tmp_path / "gsm8k" / "train.jsonl")
@@ -393,6 +393,7 @@ def test_gsm8k_without_train_file_uses_first_test_rows_as_shots(loaded, tmp_path
     result = ev.evaluate_tasks(model, tok, ["gsm8k"], str(tmp_path))["gsm8k"]
     assert result["n"] == 1 and result["value"] == 1.0 and result["examples"][0]["question"] == "3 + 3?"
     assert tok.decode(seen[0]).count("Question:") == 6
+    assert "no gsm8k/train file" in capsys.readouterr().out
 
 
 def test_gsm8k_draws_five_examples_per_question_as_lighteval_random_sampling_from_train(loaded, monkeypatch):
