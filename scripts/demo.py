@@ -232,8 +232,9 @@ def main(argv=None):
     for name in [r["stage"] for r in rows]:
         with open(os.path.join(args.out, name, "config.json")) as f:
             cfg = json.load(f)
+        # (RLVR takes no total_batch_size: its batch is prompts_per_step x num_samples)
         keys = [k for k in ("lr", "total_batch_size", "epochs", "max_steps", "loss_type", "beta", "algo",
-                            "num_samples") if k in cfg]
+                            "prompts_per_step", "num_samples") if k in cfg and (k != "total_batch_size" or cfg[k])]
         start = os.path.relpath(cfg["model"], args.out) if cfg.get("model") else "from scratch (demo preset)"
         report.append(f"- {name.upper()}: start {start}; " + ", ".join(f"{k}={cfg[k]}" for k in keys))
     with open(os.path.join(args.out, "report.md"), "w") as f:

@@ -38,6 +38,8 @@ def test_demo_runs_every_stage_then_reuses_them_and_redo_reruns_downstream(tmp_p
         assert r["train_seconds"] > 0
     report = open(os.path.join(out, "report.md")).read()
     assert "| SFT |" in report and "| DPO |" in report and "| RLVR |" in report and "from scratch" in report
+    rlvr_line = next(line for line in report.splitlines() if line.startswith("- RLVR: "))
+    assert "prompts_per_step=" in rlvr_line and "total_batch_size" not in rlvr_line  # RLVR takes none
     assert os.path.exists(os.path.join(out, "curves.png")) or os.path.exists(os.path.join(out, "curves.txt"))
     assert json.load(open(os.path.join(out, "table.json"))) == rows
     first = stage_mtimes(out)
