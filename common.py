@@ -795,8 +795,8 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
 
 def prepare_run_dir(cfg, d):
     """Create run_dir and write the resolved config (a resumed run's once maybe_resume has checked it against the
-    checkpoint: a refused resume leaves the record of the run its checkpoints belong to). A fresh (non --resume)
-    run starts its folder over, since old checkpoints and metrics would otherwise be mistaken for this run's; but
+    checkpoint: a refused resume leaves the record of the run its checkpoints belong to). A fresh run (or a --resume
+    that finds no checkpoint) starts its folder over, since old checkpoints and metrics would otherwise be mistaken for this run's; but
     only with --overwrite=true when the folder holds an earlier run's checkpoints or final model, which a relaunch
     that forgot --resume=true would otherwise destroy."""
     final = os.path.join(cfg.run_dir, "final")
@@ -812,14 +812,13 @@ def prepare_run_dir(cfg, d):
                           f"it: pass --overwrite=true for that, or another --run_dir")
     if d.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        if not cfg.resume:
+        if not (cfg.resume and resumable):  # a fresh run, or a resume with nothing to resume: from step 0
             for stale in (checkpoint_dir(cfg.run_dir), final):
                 shutil.rmtree(stale, ignore_errors=True)
             metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
             if os.path.exists(metrics):
                 os.remove(metrics)
-        if not (cfg.resume and latest_checkpoint(cfg.run_dir)):  # else maybe_resume, once the settings agree
-            write_run_config(cfg)
+            write_run_config(cfg)  # (a resumed run's: in maybe_resume, once the settings agree)
     barrier()
 
 

@@ -457,7 +457,7 @@ def task_gsm8k(ctx):
     else:  # documented fallback: the first five test rows are the pool and are not scored
         pool, test = test[:5], test[5:]
         print(f"gsm8k: no gsm8k/train file under {ctx.data_dir}, so the few-shot examples are the first 5 test rows, "
-              f"which are not scored ({len(test)} are)")
+              f"which are not scored")
     shots = gsm8k_few_shots(test, pool, ctx.seed)
     if ctx.limit is not None:
         test, shots = test[:ctx.limit], shots[:ctx.limit]

@@ -215,7 +215,7 @@ def grouped_decode_attention(q, k, v, mask):
     kernel was measured faster.)"""
     B, H, _, D = q.shape
     y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), H // k.size(1), D), k, v, attn_mask=mask)
-    return y.view(B, H, 1, D)
+    return y.reshape(B, H, 1, D)  # (not view: a GPU kernel's output is a transposed [B, group, kv_heads, D] buffer)
 
 
 class Attention(nn.Module):

@@ -42,7 +42,6 @@ class SFTConfig(common.TrainConfig):
 
 def load_data(cfg, d):
     """Rows -> tokenizer -> tokenized (ids, mask) examples for train and held-out."""
-    common.check_folder(cfg, "model")
     if cfg.data:
         if not (cfg.model or cfg.tokenizer):
             raise common.ConfigError("--data needs --model=PATH (an HF folder: the weights and their tokenizer)")
@@ -134,6 +133,7 @@ def main(argv=None):
     if not any(a.startswith("--config=") for a in argv):
         argv = [f"--config={os.path.join(HERE, 'configs', 'sft_demo.json')}"] + list(argv)
     cfg = common.parse_config(SFTConfig, argv)
+    common.check_folder(cfg, "model")
     if cfg.loss_reduction not in ("mean", "sum"):
         raise common.ConfigError(f"loss_reduction={cfg.loss_reduction!r}: expected mean or sum")
     if cfg.loss_reduction == "sum" and cfg.packing:

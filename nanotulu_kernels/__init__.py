@@ -33,7 +33,9 @@ def backend_on(device):
     choice = os.environ.get("NANOTULU_KERNELS", "").strip().lower()
     if choice not in ("", "triton", "torch"):
         raise BackendError(f"NANOTULU_KERNELS must be 'triton' or 'torch', got {choice!r}")
-    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    # the words Triton itself reads as on
+    interpreted = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+    if choice == "triton" and device.type != "cuda" and not interpreted:
         raise BackendError(f"NANOTULU_KERNELS=triton on a {device.type} device: Triton's kernels run on a CUDA GPU, "
                            f"or under its interpreter with TRITON_INTERPRET=1 (slow; what the tests use)")
     return choice or ("triton" if device.type == "cuda" else "torch")

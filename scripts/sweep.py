@@ -75,7 +75,8 @@ def train_command(args, run_dir, lr, batch, passthrough):
     if args.nproc_per_node > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
     # --overwrite: a point is only trained again when it has no result or failed (--retry_failed)
-    # --lr_bs_ratio=0: a preset's ratio would otherwise replace the grid's lr
+    # --lr_bs_ratio=0: the grid's lr is the one trained with, whatever ratio a preset sets (a command-line --lr
+    # turns a preset's ratio off already; this says so in the command)
     cmd = launcher + [os.path.join(ROOT, TRAINERS[args.stage]), f"--run_dir={run_dir}", f"--lr={lr!r}",
                       "--lr_bs_ratio=0", f"--total_batch_size={batch}", f"--seed={args.seed}", "--overwrite=true"]
     if args.config:

@@ -682,6 +682,14 @@ def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp
             with pytest.raises(common.ConfigError, match=r"--resume=true: .* holds a finished model .* no "
                                                          r"checkpoint .*--overwrite=true"):
                 common.prepare_run_dir(resume, d)
+            assert (run / "final" / "model.safetensors").exists()
+            # as it says: with --overwrite=true too, the run starts over, and the folder with it
+            common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={run}", "--resume=true",
+                                                             "--overwrite=true"]), d)
+            assert not (run / "final").exists() and not (run / "metrics.jsonl").exists()
+            (run / earlier).mkdir(parents=True)
+            (run / earlier / "model.safetensors").write_text("weights")
+            (run / "metrics.jsonl").write_text('{"step": 4}\n')
         else:
             with pytest.raises(common.ConfigError, match=r"holds an earlier run .*--resume=true.*--overwrite=true"):
                 common.prepare_run_dir(fresh, d)

@@ -393,14 +393,18 @@ def test_dispatch(monkeypatch):
     monkeypatch.delenv("NANOTULU_KERNELS", raising=False)
     assert kernels.backend_for(x) == "torch"  # CPU tensors default to the reference
     monkeypatch.setenv("NANOTULU_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (NANOTULU_TEST_DEVICE=cuda runs leave it unset)
     assert kernels.backend_for(x) == "triton"
     monkeypatch.setenv("NANOTULU_KERNELS", "cuda")
     with pytest.raises(kernels.BackendError, match="NANOTULU_KERNELS must be 'triton' or 'torch', got 'cuda'"):
         kernels.backend_for(x)
     monkeypatch.setenv("NANOTULU_KERNELS", "triton")  # on the CPU without the interpreter Triton has no driver
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(kernels.BackendError, match="NANOTULU_KERNELS=triton on a cpu device: .* TRITON_INTERPRET=1"):
-        kernels.backend_for(x)
+    for off in ("0", "off", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", off)
+        with pytest.raises(kernels.BackendError, match="NANOTULU_KERNELS=triton on a cpu device: .* TRITON_INTERPRET"):
+            kernels.backend_for(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # Triton's own words for on
+    assert kernels.backend_for(x) == "triton"
 
 
 # --- sequence log-probs (DPO, reward model, RLVR) ------------------------------------------------------------

@@ -347,11 +347,13 @@ def test_demo_curves_skip_rows_without_a_step_or_a_value_and_a_stage_depends_on_
      "error: --value_model=/no/such/folder: no such folder"),
     ("eval.py", ["--model=/no/such/folder"], "error: no model at /no/such/folder"),
 ])
-def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message, tmp_path):
+    run_dir = [] if script == "eval.py" else [f"--run_dir={tmp_path / 'run'}"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *run_dir], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 1
     assert out.stderr.startswith(message) and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was touched
 
 
 @pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "train_rlvr.py"])
