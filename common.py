@@ -191,9 +191,9 @@ def _coerce(key, value, typ, where):
     raise ConfigError(f"{where}: field {key} has unsupported type {typ}")
 
 
-# A setting on the command line, and the one that would replace its value (lr = lr_bs_ratio x effective batch;
-# grad_accum = total_batch_size / (batch_size x world size)): given after that one, or with it coming from a
-# preset, the command line's value is used and the replacing setting turned off, as later wins for any one key.
+# Settings whose value another one replaces when it is on: lr = lr_bs_ratio x effective batch, grad_accum =
+# total_batch_size / (batch_size x world size). Later wins between the two as for any one key: a command-line lr or
+# grad_accum given after its replacer, or over a preset's, turns the replacer off.
 REPLACED_BY = {"lr": "lr_bs_ratio", "grad_accum": "total_batch_size"}
 
 
@@ -796,9 +796,9 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
 def prepare_run_dir(cfg, d):
     """Create run_dir and write the resolved config (a resumed run's once maybe_resume has checked it against the
     checkpoint: a refused resume leaves the record of the run its checkpoints belong to). A fresh run (or a --resume
-    that finds no checkpoint) starts its folder over, since old checkpoints and metrics would otherwise be mistaken for this run's; but
-    only with --overwrite=true when the folder holds an earlier run's checkpoints or final model, which a relaunch
-    that forgot --resume=true would otherwise destroy."""
+    that finds no checkpoint) starts its folder over, since old checkpoints and metrics would otherwise be mistaken
+    for this run's; but only with --overwrite=true when the folder holds an earlier run's checkpoints or final model,
+    which a relaunch that forgot --resume=true would otherwise destroy."""
     final = os.path.join(cfg.run_dir, "final")
     earlier = [p for p in (checkpoint_dir(cfg.run_dir), final) if os.path.isdir(p) and os.listdir(p)]
     resumable = latest_checkpoint(cfg.run_dir) is not None
