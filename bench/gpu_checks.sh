@@ -28,7 +28,7 @@ fi
 STEPS=(
   "kernels|150|env NANOTULU_TEST_DEVICE=cuda python3 -m pytest -q tests/test_kernels.py tests/test_common.py::test_a_bf16_frozen_copy_stores_the_matmul_weights_autocast_would_cast_and_computes_the_same_bits tests/test_model.py::test_grouped_decode_attention_equals_grouped_query_attention"
   "model360|150|python3 bench/model.py --device cuda --preset smollm2-360m --dtype bf16 --compile"
-  "model1.7b|180|python3 bench/model.py --device cuda --preset smollm2-1.7b --dtype bf16 --compile --batch_size 4"
+  "model1.7b|180|python3 bench/model.py --device cuda --preset smollm2-1.7b --dtype bf16 --compile --batch_size 2"
   "fused_losses|150|python3 bench/fused_losses.py --tasks dpo,ce --tokens 8192,32768 --hidden 2048"
   "dpo|120|python3 bench/dpo.py --device=cuda"
   "sft|240|python3 bench/sft.py --device=cuda --compile"
