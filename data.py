@@ -367,18 +367,26 @@ def check_vocab(tok, vocab_size, where):
                          f"{vocab_size}; they must come from the same snapshot")
 
 
+def check_template_name(requested):
+    """--template is one of ours, or '' (the one the model was saved with): checked at start-up, before any work."""
+    if requested and requested not in CHAT_TEMPLATES:
+        raise DataError(f"--template={requested}", f"expected {' or '.join(CHAT_TEMPLATES)} (or nothing: the template "
+                                                   f"the model was saved with)")
+
+
 def resolve_template(requested, tok):
     """The chat template to render with: `requested`, else the one the model was saved with (tulu when none).
     Rendering in another format than the model was saved with is allowed, but said; a saved template that is
     neither of ours needs a `requested` one."""
+    check_template_name(requested)
     saved = template_name(tok.chat_template)
     if requested:
         if saved and requested != saved:
             log.warning(f"the model was saved with the {saved} chat template; using {requested} (--template)")
         return requested
     if tok.chat_template and saved is None:
-        raise ValueError("the model's saved chat template is neither tulu nor chatml (it has neither '<|assistant|>' "
-                         "nor '<|im_start|>'); pass --template=tulu or --template=chatml")
+        raise DataError("the model's saved chat template", "neither tulu nor chatml (it has neither '<|assistant|>' "
+                        "nor '<|im_start|>'); pass --template=tulu or --template=chatml")
     return saved or "tulu"
 
 

@@ -354,6 +354,7 @@ def main(argv=None):
         common.refuse_unused(cfg, ["reference_in_memory"], "simpo's loss has no reference model")
     if cfg.objective == "reward_model" or cfg.loss_type != "simpo":
         common.refuse_if_given(cfg, "simpo_gamma", "only --objective=dpo with --loss_type=simpo uses it")
+    data.check_template_name(cfg.template)
     if cfg.truncation not in data.TRUNCATIONS:
         raise common.ConfigError(f"truncation={cfg.truncation!r}: expected one of {', '.join(data.TRUNCATIONS)}")
     try:

@@ -384,6 +384,7 @@ def check_config(cfg, d):
                          "steps of batch_size micro-batches")
     if cfg.temperature <= 0:
         raise common.ConfigError(f"temperature={cfg.temperature}: RLVR samples, it must be > 0")
+    data.check_template_name(cfg.template)
     if cfg.value_model and cfg.algo != "ppo":
         raise common.ConfigError(f"value_model={cfg.value_model}: only --algo=ppo has a value model")
     if cfg.loss_reduction not in ("token", "sequence"):

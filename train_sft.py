@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class SFTConfig(common.TrainConfig):
     run_dir: str = "runs/sft"
     eval_data: str = ""             # held-out rows for the periodic loss ('' = none; the demo has its own split)
-    template: str = "tulu"          # tulu | chatml
+    template: str = "tulu"          # tulu | chatml | '' (the one the model was saved with, tulu when none)
     max_seq_len: int = 2048
     packing: bool = True            # best-fit packing with per-document attention; False = one example per row
     loss_reduction: str = "mean"    # mean: per trained token | sum: Tulu 3's sum loss (per sequence, see below)
@@ -57,6 +57,7 @@ def load_data(cfg, d):
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows, eval_rows = demo["sft_train"], demo["sft_heldout"]
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
+    cfg.template = data.resolve_template(cfg.template, tok)
     cache = cfg.cache_dir or None
 
     def tokenize(rows):
@@ -134,6 +135,7 @@ def main(argv=None):
         argv = [f"--config={os.path.join(HERE, 'configs', 'sft_demo.json')}"] + list(argv)
     cfg = common.parse_config(SFTConfig, argv)
     common.check_folder(cfg, "model")
+    data.check_template_name(cfg.template)
     if cfg.loss_reduction not in ("mean", "sum"):
         raise common.ConfigError(f"loss_reduction={cfg.loss_reduction!r}: expected mean or sum")
     if cfg.loss_reduction == "sum" and cfg.packing:

@@ -597,9 +597,11 @@ def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok,
     tok.chat_template = None
     assert data.resolve_template("", tok) == "tulu"
     tok.chat_template = "{{ '<|start_header_id|>' + message['role'] }}"
-    with pytest.raises(ValueError, match="neither tulu nor chatml.*pass --template=tulu or --template=chatml"):
+    with pytest.raises(data.DataError, match="neither tulu nor chatml.*pass --template=tulu or --template=chatml"):
         data.resolve_template("", tok)
     assert data.resolve_template("chatml", tok) == "chatml"
+    with pytest.raises(data.DataError, match=r"--template=ChatML: expected tulu or chatml \(or nothing"):
+        data.resolve_template("ChatML", tok)
 
 
 def test_the_chat_template_is_found_where_transformers_saves_it(tok_dir, tmp_path):

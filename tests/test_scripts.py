@@ -345,6 +345,9 @@ def test_demo_curves_skip_rows_without_a_step_or_a_value_and_a_stage_depends_on_
     ("train_rlvr.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such folder"),
     ("train_rlvr.py", ["--model=.", "--algo=ppo", "--value_model=/no/such/folder"],
      "error: --value_model=/no/such/folder: no such folder"),
+    ("train_sft.py", ["--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
+    ("train_dpo.py", ["--model=.", "--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
+    ("train_rlvr.py", ["--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
     ("eval.py", ["--model=/no/such/folder"], "error: no model at /no/such/folder"),
 ])
 def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message, tmp_path):

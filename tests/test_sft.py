@@ -307,6 +307,16 @@ def test_throughput_counts_the_training_steps_not_the_evaluations_and_checkpoint
     assert all(s == 2 * 96 for s in speeds.values()), speeds
 
 
+def test_an_empty_template_trains_in_the_one_the_model_was_saved_with(setup, tmp_path):
+    tok = data.Tokenizer.from_pretrained(str(setup / "base"))
+    tok.chat_template = "chatml"
+    Transformer.from_pretrained(str(setup / "base")).save_pretrained(str(tmp_path / "chatml_base"), tokenizer=tok)
+    train_sft.main(args(setup, "saved_template", model=tmp_path / "chatml_base", template="", max_steps=1,
+                              max_seq_len=256))  # (ChatML adds SmolLM2's default system prompt)
+    final = data.Tokenizer.from_pretrained(str(setup / "saved_template" / "final"))
+    assert data.template_name(final.chat_template) == "chatml"
+
+
 def test_demo_preset_drives_held_out_loss_down(tmp_path):
     # the no-argument demo (synthetic data, demo model from scratch), shortened to 30 steps
     train_sft.main([f"--run_dir={tmp_path}", "--max_steps=30", "--progress=false"])
