@@ -436,12 +436,14 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_hf_dict(dtype), f, indent=2)
-        eos = self.config.eos_token_id
+        generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
         if tokenizer is not None:  # a data.Tokenizer: generation also stops at its template's end of turn
+            eos = generation["eos_token_id"]
             eos = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *tokenizer.end_of_turn_ids()]))
-            eos = eos[0] if len(eos) == 1 else eos
+            # and pads with the tokenizer's pad token (transformers would fall back to eos, with a warning)
+            generation.update(eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=tokenizer.pad_id)
         with open(os.path.join(path, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": self.config.bos_token_id, "eos_token_id": eos}, f, indent=2)
+            json.dump(generation, f, indent=2)
         # A tied head is the embedding itself: state_dict() does not list it, and HF does not store it either.
         state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state(self.state_dict(), self.config).items()}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

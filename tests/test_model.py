@@ -442,16 +442,17 @@ def test_generation_and_forward_within_max_position_embeddings(tiny):
         tiny(torch.ones(1, limit + 1, dtype=torch.long))
 
 
-def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids(tmp_path):
+def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids_and_its_pad_id(tmp_path):
     """config.json may list several eos ids (LlamaConfig takes int or list); generation_config.json keeps them all
-    and adds the chat template's end of turn."""
+    and adds the chat template's end of turn, and the tokenizer's pad id."""
     import data
     tok = data.build_demo_tokenizer(data.make_demo_data(0, n_train=32, n_heldout=8), vocab_size=300)
     tok.chat_template = "chatml"
     im_end = tok.token_to_id("<|im_end|>")
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=[0, 5]))
     model.save_pretrained(str(tmp_path / "m"), tokenizer=tok)
-    assert json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"] == [0, 5, im_end]
+    generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [0, 5, im_end] and generation["pad_token_id"] == tok.pad_id
     assert Transformer.from_pretrained(str(tmp_path / "m")).config.eos_token_id == [0, 5]
 
 
