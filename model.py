@@ -575,6 +575,9 @@ def sample(logits, temperature, top_k, top_p, generator):
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
+STOP_CHECK_EVERY = {"cuda": 8}  # decoding steps between host reads of whether every row has stopped (else 1)
+
+
 @torch.inference_mode()  # lighter than no_grad: no version counters or view tracking on the many tiny ops
 # Blocks compiled for training (common.compile_blocks) run eagerly here: the cache position changes every step,
 # and each new value would recompile them.
@@ -620,6 +623,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
 
     tokens, logprobs = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    # Reading `done` on the host waits for the device to finish the step, so on a GPU it is read every few steps
+    # only and the CPU keeps queueing the next ones; rows that stopped meanwhile decode padding, which is cut off.
+    check_every = STOP_CHECK_EVERY.get(device.type, 1)
     num_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
 
     was_training = model.training
@@ -635,7 +641,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
             done |= hit
         tokens.append(token)
         logprobs.append(logp)
-        if t == max_new_tokens - 1 or (stops is not None and bool(done.all())):
+        if t == max_new_tokens - 1 or (stops is not None and t % check_every == 0 and bool(done.all())):
             break
         hidden = model(token[:, None], position_ids=(lens + t)[:, None], cache=cache, return_hidden=True)[:, 0]
     model.train(was_training)

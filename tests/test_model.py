@@ -413,6 +413,27 @@ def test_stop_tokens_per_row(tiny):
     assert isinstance(flat, Generation)
 
 
+def test_reading_the_stopped_rows_every_few_steps_gives_the_same_generation(tiny, monkeypatch):
+    """The GPU's schedule (STOP_CHECK_EVERY: the host reads whether all rows stopped every few steps only), run on
+    the CPU: the same tokens, log-probs and stop flags, and at most check_every - 1 steps decoded past the last stop."""
+    import model as model_module
+    free = generate(tiny, PROMPTS, max_new_tokens=12).tokens
+    stops = [[free[row][row + 2]] for row in range(len(PROMPTS))]  # the rows stop at different steps
+    last = max(next(i for i, t in enumerate(toks) if t in s) for toks, s in zip(free, stops))
+    decoded = []
+    hook = tiny.register_forward_pre_hook(lambda module, args: decoded.append(args[0].size(1) == 1))
+    try:
+        every_step = generate(tiny, PROMPTS, max_new_tokens=12, stop_token_ids=stops)
+        assert sum(decoded) == last  # the step after the last stop is never decoded
+        decoded.clear()
+        monkeypatch.setattr(model_module, "STOP_CHECK_EVERY", {"cpu": 4})
+        every_fourth = generate(tiny, PROMPTS, max_new_tokens=12, stop_token_ids=stops)
+    finally:
+        hook.remove()
+    assert every_fourth == every_step and all(every_step.stopped)
+    assert sum(decoded) == -(-last // 4) * 4 and sum(decoded) < 12
+
+
 def test_generate_restores_training_mode_and_rejects_empty_prompt(tiny):
     tiny.train()
     generate(tiny, [[1, 2]], max_new_tokens=2)
