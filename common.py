@@ -457,8 +457,8 @@ def wrap_model(model, d, fsdp=False, compile=False, precision="auto"):
         # fused loss can use output_weight outside the forward
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
         return model
-    if d.is_distributed:
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if d.is_distributed:  # (the only buffers are the rope tables, the same on every rank: nothing to broadcast)
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
     return model
 
 

@@ -396,7 +396,7 @@ def main(argv=None):
         if sharded:  # sharded alike (never DDP: it has nothing to train)
             frozen = common.wrap_model(frozen, d, fsdp=True, precision=cfg.precision)
         reference = eval_reference = Reference(model=frozen, precision=cfg.precision)
-    elif has_reference:  # the wrapped model before any update (not DDP's wrapper: a forward syncs buffers)
+    elif has_reference:  # the wrapped model before any update (FSDP2 wraps in place; DDP's wrapper adds nothing here)
         policy = common.unwrap(model)
         reference = Reference(reference_logps(policy, weights, train_pairs, cfg, d, tok.pad_id, "train"))
         if eval_pairs:

@@ -825,6 +825,35 @@ def test_the_ranks_end_cleanly_when_gloo_is_slow_to_let_go_of_the_last_collectiv
     assert sorted(re.findall(r"rank \d: clean exit", out)) == ["rank 0: clean exit", "rank 1: clean exit"]
 
 
+DDP_BUFFERS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    import common
+    from model import ModelConfig, Transformer
+    d = common.setup_distributed("cpu")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    wrapped = common.wrap_model(model, d)
+    if d.rank == 1:  # a buffer that differs between the ranks shows whether a forward broadcasts rank 0's
+        model.rope_cos.mul_(2)
+    before = model.rope_cos.clone()
+    wrapped(torch.ones(1, 4, dtype=torch.long)).sum().backward()
+    assert torch.equal(model.rope_cos, before), f"rank {d.rank}: the forward overwrote its rope table"
+    common.teardown_distributed()
+    print(f"rank {d.rank}: own buffers", flush=True)
+""")
+
+
+def test_ddp_forwards_do_not_broadcast_the_buffers(tmp_path):
+    """The model's only buffers are its rope tables, the same on every rank: DDP's default would send rank 0's to
+    every rank at every forward (and make a no-grad forward a collective)."""
+    script = tmp_path / "ddp_buffers.py"
+    script.write_text(DDP_BUFFERS)
+    out = torchrun(str(script), [ROOT], timeout=120)
+    assert sorted(re.findall(r"rank \d: own buffers", out)) == ["rank 0: own buffers", "rank 1: own buffers"]
+
+
 NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, sys.argv[1])
