@@ -57,7 +57,8 @@ def load_data(cfg, d):
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows, eval_rows = demo["sft_train"], demo["sft_heldout"]
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
-    cfg.template = data.resolve_template(cfg.template, tok)
+    if not cfg.template:  # the one the model was saved with (SFT trains a template in: another one is no news)
+        cfg.template = data.resolve_template("", tok)
     cache = cfg.cache_dir or None
 
     def tokenize(rows):
