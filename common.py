@@ -4,7 +4,7 @@ The training loops themselves stay in train_sft.py / train_dpo.py / train_rlvr.p
 plumbing they all need, written so that each piece can be read (and tested) on its own.
 
 Run folder layout (every trainer):
-    run_dir/config.json                   resolved config (after presets, overrides and --lr_bs_ratio)
+    run_dir/config.json                   resolved config (after presets, overrides, --lr_bs_ratio, --template=)
     run_dir/metrics.jsonl                 one JSON object per logged step (rank 0)
     run_dir/checkpoints/step_XXXXXXX/     model.pt, optimizer.pt, state.pt (step, RNG of every rank, extra)
     run_dir/final/                        HF layout (config.json, model.safetensors, tokenizer files)
@@ -15,6 +15,7 @@ import datetime
 import inspect
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -324,6 +325,8 @@ def setup_distributed(device="auto"):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if rank != 0:  # every rank reads the same data: rank 0's warnings speak for all, as print0's lines do
+        logging.getLogger("nanotulu").setLevel(logging.ERROR)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -783,9 +786,8 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
                           f"reference must be that starting model: put it back, or start a new run")
     state = load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["extra"]["sampler"])
-    if int(os.environ.get("RANK", 0)) == 0:  # the run's settings, now that they are known to fit its checkpoint
-        write_run_config(cfg)
-        prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)  # a kill may have come between a save and its prune
+    if int(os.environ.get("RANK", 0)) == 0:  # a kill may have come between a save and its prune
+        prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
     print0(f"resumed from step {state['step']} ({path})")
     return state["step"]
 
@@ -794,11 +796,10 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
 # Run folder, metrics, progress bar, final save
 
 def prepare_run_dir(cfg, d):
-    """Create run_dir and write the resolved config (a resumed run's once maybe_resume has checked it against the
-    checkpoint: a refused resume leaves the record of the run its checkpoints belong to). A fresh run (or a --resume
-    that finds no checkpoint) starts its folder over, since old checkpoints and metrics would otherwise be mistaken
-    for this run's; but only with --overwrite=true when the folder holds an earlier run's checkpoints or final model,
-    which a relaunch that forgot --resume=true would otherwise destroy."""
+    """Create run_dir. A fresh run (or a --resume that finds no checkpoint) starts its folder over, since old
+    checkpoints, metrics and config would otherwise be mistaken for this run's; but only with --overwrite=true when
+    the folder holds an earlier run's checkpoints or final model, which a relaunch that forgot --resume=true would
+    otherwise destroy. The run's config.json is written later (write_run_config), once every setting is resolved."""
     final = os.path.join(cfg.run_dir, "final")
     earlier = [p for p in (checkpoint_dir(cfg.run_dir), final) if os.path.isdir(p) and os.listdir(p)]
     resumable = latest_checkpoint(cfg.run_dir) is not None
@@ -815,16 +816,19 @@ def prepare_run_dir(cfg, d):
         if not (cfg.resume and resumable):  # a fresh run, or a resume with nothing to resume: from step 0
             for stale in (checkpoint_dir(cfg.run_dir), final):
                 shutil.rmtree(stale, ignore_errors=True)
-            metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
-            if os.path.exists(metrics):
-                os.remove(metrics)
-            write_run_config(cfg)  # (a resumed run's: in maybe_resume, once the settings agree)
+            for name in ("metrics.jsonl", "config.json"):
+                if os.path.exists(os.path.join(cfg.run_dir, name)):
+                    os.remove(os.path.join(cfg.run_dir, name))
     barrier()
 
 
 def write_run_config(cfg):
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(config_dict(cfg), f, indent=2)
+    """run_dir/config.json: the settings that run. Called by the trainers after maybe_resume, when every setting is
+    resolved (--template= included) and a resumed run's are known to fit its checkpoint (a refused resume leaves
+    the record of the run its checkpoints belong to)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(config_dict(cfg), f, indent=2)
 
 
 def drop_records_after(path, step):

@@ -111,12 +111,9 @@ def normalize_demo(row):
     return {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
 
 
-AT_LIMIT = {"left": " (prompt cut from the left where longer)", "right": " (responses cut at their ends where longer)"}
-
-
 def tokenize(cfg, tok, rows, name, d):
-    """Rank 0 fills the tokenization cache first, the others then read it. Reports the truncation policy's
-    effect: how many pairs were dropped or reach the limit (were cut)."""
+    """Rank 0 fills the tokenization cache first, the others then read it. (data.tokenize_preference warns of the
+    pairs its truncation policy dropped or cut.)"""
     cache = cfg.cache_dir or None
     run = lambda: data.tokenize_preference(rows, tok, cfg.template, cfg.max_seq_len, truncation=cfg.truncation,
                                            cache_dir=cache, progress=d.is_main and cfg.progress)
@@ -125,11 +122,7 @@ def tokenize(cfg, tok, rows, name, d):
     common.barrier()
     if not d.is_main:
         pairs = run()
-    at_limit = sum(max(len(p["chosen"][0]), len(p["rejected"][0])) == cfg.max_seq_len for p in pairs)
-    common.print0(f"{name} preference pairs: {len(pairs)} of {len(rows)} kept; {pairs.num_skipped} dropped as "
-                  f"longer than max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}"
-                  f"{'' if cfg.truncation == 'drop' else ': no response token left when cut'}); {at_limit} at the "
-                  f"limit{AT_LIMIT.get(cfg.truncation, '')}")
+    common.print0(f"{name} preference pairs: {len(pairs)} of {len(rows)} kept")
     return pairs
 
 
@@ -408,6 +401,7 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, cfg, d.device)
 
     step = common.maybe_resume(cfg, model, optimizer, sampler, start_weights=weights)
+    common.write_run_config(cfg)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     what = "reward model (Bradley-Terry)" if cfg.objective == "reward_model" else \
         f"{cfg.loss_type} beta={cfg.beta} reference=" + \

@@ -162,6 +162,7 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, cfg, d.device)
 
     step = common.maybe_resume(cfg, model, optimizer, sampler)
+    common.write_run_config(cfg)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     common.print0(f"{len(train_examples)} train examples in {len(train_items)} rows, {len(eval_examples)} held out; "
                   f"{raw.num_params() / 1e6:.2f}M params; effective batch {effective_batch} "

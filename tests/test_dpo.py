@@ -297,6 +297,11 @@ def test_final_records_the_chat_template_the_pairs_were_rendered_with(tiny, tmp_
     assert "%|" not in err, err
 
 
+def test_run_config_records_the_template_the_model_was_saved_with(tiny, tmp_path):
+    train_dpo.main(args_for(tiny, tmp_path / "run", "--template=", "--max_steps=1", "--eval_data="))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["template"] == "tulu"
+
+
 def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
     run = tmp_path / "run"
     args = args_for(tiny, run, "--checkpoint_every=2", "--keep_checkpoints=3", "--max_steps=6")
@@ -447,7 +452,7 @@ def test_reward_model_beats_chance_and_saves_value_head(tiny, tmp_path):
     torch.testing.assert_close(rm(batch["input_ids"], batch["lengths"]), (last @ head["score.weight"].T)[:, 0])
 
 
-def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys):
+def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys, caplog):
     long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(300))}]
     rows = [train_dpo.normalize_demo(r) for r in tiny.demo["pref_train"][:3]]
     rows.append({"prompt": long_prompt, "chosen": [{"role": "assistant", "content": "yes it is."}],
@@ -455,20 +460,24 @@ def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys):
     d = common.setup_distributed("cpu")
     cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="left", cache_dir="", template="tulu")
     pairs = train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)
-    assert "train preference pairs: 4 of 4 kept; 0 dropped" in capsys.readouterr().out
+    assert "train preference pairs: 4 of 4 kept\n" in capsys.readouterr().out
+    assert "1 preference pairs fill max_seq_len=128: longer ones lost their oldest prompt tokens" in caplog.text
     batch = train_dpo.collate_pairs(pairs, [3], tiny.tok.pad_id)
     assert batch["input_ids"].shape[1] == 128
     # the prompt lost its beginning, the response is intact and is all that is trained
     trained = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert tiny.tok.decode(trained, skip_special_tokens=False) == "yes it is." + tiny.tok.eos_token
     cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="drop", cache_dir="", template="tulu")
+    caplog.clear()
     assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
-    assert "train preference pairs: 3 of 4 kept; 1 dropped as longer than max_seq_len=128" in capsys.readouterr().out
+    assert "train preference pairs: 3 of 4 kept\n" in capsys.readouterr().out
+    assert "dropped 1 preference pairs longer than 128 tokens (truncation='drop')" in caplog.text
     # Tulu 3's cut at each side's end keeps the whole prompt, which here leaves no response token: dropped too
     cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="right", cache_dir="", template="tulu")
+    caplog.clear()
     assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
-    assert ("train preference pairs: 3 of 4 kept; 1 dropped as longer than max_seq_len=128 (truncation=right: no "
-            "response token left when cut)") in capsys.readouterr().out
+    assert "train preference pairs: 3 of 4 kept\n" in capsys.readouterr().out
+    assert "dropped 1 preference pairs longer than 128 tokens that had no response token left when cut" in caplog.text
 
 
 def test_only_final_assistant_turn_is_trained(tiny):

@@ -280,6 +280,11 @@ def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch, c
     assert os.path.isfile(run / "final" / "model.safetensors") and os.path.isfile(run / "final" / "tokenizer.json")
 
 
+def test_run_config_records_the_template_the_model_was_saved_with(tiny, tmp_path):
+    train_rlvr.main(args_for(tiny, tmp_path / "run", "--template=", "--max_steps=1", "--eval_data="))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["template"] == "tulu"
+
+
 @pytest.mark.parametrize("equal_rewards, skip", [(False, True), (True, False), (True, True)])
 def test_grpo_kl_penalty_pulls_the_policy_toward_the_reference(tiny, tmp_path, monkeypatch, equal_rewards, skip):
     """Zero advantages on every row, so the KL term is the only force on the policy. Groups whose rewards are all

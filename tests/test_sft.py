@@ -315,6 +315,7 @@ def test_an_empty_template_trains_in_the_one_the_model_was_saved_with(setup, tmp
                               max_seq_len=256))  # (ChatML adds SmolLM2's default system prompt)
     final = data.Tokenizer.from_pretrained(str(setup / "saved_template" / "final"))
     assert data.template_name(final.chat_template) == "chatml"
+    assert json.load(open(setup / "saved_template" / "config.json"))["template"] == "chatml"  # what ran, not ""
 
 
 def test_demo_preset_drives_held_out_loss_down(tmp_path):
