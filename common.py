@@ -777,8 +777,11 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
                if saved is not None and k not in RESUMABLE_CHANGES and saved.get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        final = os.path.join(cfg.run_dir, "final")
+        further = f" (to train the finished model further: a new run with --model={final})" \
+            if os.path.isdir(final) else ""
         raise ConfigError(f"--resume: {path} was trained with other settings ({diff}); resume with the same ones, "
-                          f"or start a new run")
+                          f"or start a new run{further}")
     # after the settings, which name a changed --model (or beta) for what it is
     if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "

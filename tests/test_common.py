@@ -403,6 +403,11 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
         common.maybe_resume(changed, model, opt, sampler)
     # the refused settings are not recorded as the run's
     assert json.loads((tmp_path / "config.json").read_text()) == common.config_dict(cfg)
+    # a finished run (say, given more steps) cannot go on under a new schedule; its model can start a new run
+    (tmp_path / "final").mkdir()
+    with pytest.raises(common.ConfigError, match=r"start a new run \(to train the finished model further: a new run "
+                                                 f"with --model={re.escape(str(tmp_path / 'final'))}\\)"):
+        common.maybe_resume(changed, model, opt, sampler)
     # how the batch is split, how often it logs or checkpoints: a resumed run may change those
     same = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--lr=0.01", "--batch_size=4",
                                      "--grad_accum=1", "--log_every=5", "--checkpoint_every=9"])
