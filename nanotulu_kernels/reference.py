@@ -3,8 +3,8 @@
 Same signatures as the Triton path in cross_entropy.py and dpo.py. All arithmetic is fp32 (the weight is
 upcast once, so the weight gradient is summed over chunks in fp32 and cast to the parameter's dtype once). The
 LM head is applied chunk by chunk with activation checkpointing, so at most one chunk of `[rows, V]` logits is
-alive at a time in forward and in backward: memory bounded, though slower than the kernels (the chunk's logits
-are computed twice).
+alive at a time in forward and in backward: memory bounded, though slower than the kernels (each chunk's logits
+are computed twice, unless one chunk holds them all).
 """
 from dataclasses import dataclass
 
@@ -81,11 +81,13 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
     weight32 = weight.float()
     rows = chunk_rows(num_rows, vocab_size, LOGITS_BUDGET)
-    losses = []
-    for start in range(0, num_rows, rows):
-        args = (hidden[start:start + rows], weight32, labels[start:start + rows], ignore_index, z_loss)
-        losses.append(RecomputedChunk.apply(*args))
-    loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+    if rows >= num_rows:
+        # One chunk: all the logits, alive until the loss's backward either way; recomputing them would only
+        # cost time (a CPU step's ~5% at the demo's size).
+        loss = _chunk_token_losses(hidden, weight32, labels, ignore_index, z_loss)
+    else:
+        loss = torch.cat([RecomputedChunk.apply(hidden[start:start + rows], weight32, labels[start:start + rows],
+                                                ignore_index, z_loss) for start in range(0, num_rows, rows)])
     if reduction == "none":
         return loss
     if reduction == "sum":

@@ -96,6 +96,23 @@ def test_cross_entropy_fp32_matches_naive(backend, reduction):
         assert got[0].dtype == torch.float32 and (got[0][labels == -100] == 0).all()
 
 
+@pytest.mark.parametrize("budget_rows, computed", [(N, 1), (16, 2)])
+def test_reference_recomputes_the_logits_only_when_they_take_several_chunks(monkeypatch, budget_rows, computed):
+    """Several chunks: each one's logits are computed again in backward, so that one chunk at a time is alive. One
+    chunk is all the logits, alive until the loss's backward either way: computed once."""
+    monkeypatch.setattr(reference, "LOGITS_BUDGET", budget_rows * V)
+    calls, chunk_losses = [], reference._chunk_token_losses
+    monkeypatch.setattr(reference, "_chunk_token_losses", lambda h, *a: calls.append(len(h)) or chunk_losses(h, *a))
+    hidden, weight, labels = make_inputs()
+    upstream = upstream_grad(N, 1)
+    got = loss_and_grads(lambda h, w: reference.fused_linear_cross_entropy(h, w, labels, reduction="none"),
+                         hidden, weight, upstream)
+    assert sum(calls) == computed * N
+    want = loss_and_grads(lambda h, w: naive_ce(h, w, labels, "none"), hidden, weight, upstream)
+    for a, b, name in zip(got, want, ("loss", "grad_hidden", "grad_weight")):
+        assert_close(a, b, 1e-5, name)
+
+
 def test_triton_and_reference_agree_with_one_row_per_program(monkeypatch):
     """The GPU launch (one row per program, vocab tile 128, V = 300 = 2 x 128 + 44) vs the reference."""
     monkeypatch.setattr(cross_entropy, "ROWS_PER_PROGRAM", 1)
