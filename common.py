@@ -778,7 +778,7 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
     if changed:
         diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
         final = os.path.join(cfg.run_dir, "final")
-        further = f" (to train the finished model further: a new run with --model={final})" \
+        further = f" (to train the finished model further: a new run with --model={final} and another --run_dir)" \
             if os.path.isdir(final) else ""
         raise ConfigError(f"--resume: {path} was trained with other settings ({diff}); resume with the same ones, "
                           f"or start a new run{further}")
@@ -806,6 +806,13 @@ def prepare_run_dir(cfg, d):
     final = os.path.join(cfg.run_dir, "final")
     earlier = [p for p in (checkpoint_dir(cfg.run_dir), final) if os.path.isdir(p) and os.listdir(p)]
     resumable = latest_checkpoint(cfg.run_dir) is not None
+    if not (cfg.resume and resumable):
+        for key in ("model", "tokenizer", "value_model"):  # what this run reads must not be what it deletes
+            given = getattr(cfg, key, "")
+            for stale in (checkpoint_dir(cfg.run_dir), final):
+                if given and os.path.isdir(stale) and _inside(given, stale):
+                    raise ConfigError(f"--{key}={given} is inside {stale}, which a fresh run in run_dir="
+                                      f"{cfg.run_dir} deletes: pass another --run_dir")
     if earlier and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"run_dir={cfg.run_dir} holds an earlier run ({', '.join(earlier)}): pass "
                           + ("--resume=true to continue it, " if resumable else "")
@@ -825,13 +832,18 @@ def prepare_run_dir(cfg, d):
     barrier()
 
 
-def write_run_config(cfg):
-    """run_dir/config.json: the settings that run. Called by the trainers after maybe_resume, when every setting is
-    resolved (--template= included) and a resumed run's are known to fit its checkpoint (a refused resume leaves
-    the record of the run its checkpoints belong to)."""
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def write_run_config(cfg, **resolved):
+    """run_dir/config.json: the settings that run, with `resolved` values in place of cfg's. Called by the trainers
+    after maybe_resume, when every setting is resolved (--template= included) and a resumed run's are known to fit
+    its checkpoint (a refused resume leaves the record of the run its checkpoints belong to)."""
     if int(os.environ.get("RANK", 0)) == 0:
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(config_dict(cfg), f, indent=2)
+            json.dump({**config_dict(cfg), **resolved}, f, indent=2)
 
 
 def drop_records_after(path, step):

@@ -824,10 +824,11 @@ def _default_workers():
     return min(os.cpu_count() or 1, 8)
 
 
-def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=None, progress=True):
+def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=None, progress=True, split=""):
     """Render and tokenize SFT rows -> Rows of (ids np.int32, mask np.uint8), truncated to max_seq_len. A row with
     no trained token left after truncation is dropped (as open-instruct does) and counted in num_skipped.
-    With cache_dir, the result is stored under a key of (data, tokenizer, template, max_seq_len) and reused."""
+    With cache_dir, the result is stored under a key of (data, tokenizer, template, max_seq_len) and reused.
+    `split` ("train", "held-out") names the rows in the warnings."""
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {template!r} (expected one of {', '.join(CHAT_TEMPLATES)})")
     key = (_fingerprint_rows(rows, ["messages"]), tok.fingerprint(), template, max_seq_len)
@@ -835,11 +836,12 @@ def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=N
                             num_workers or _default_workers(), progress)
     out = Rows(s for s in seqs if s[1].any())
     out.num_skipped = len(seqs) - len(out)
+    what = f"{split} SFT rows".lstrip()
     if out.num_skipped:
-        log.warning(f"dropped {out.num_skipped} SFT rows with no trained token within max_seq_len={max_seq_len}")
+        log.warning(f"dropped {out.num_skipped} {what} with no trained token within max_seq_len={max_seq_len}")
     full = sum(1 for ids, _ in out if len(ids) == max_seq_len)
     if full:
-        log.warning(f"{full} SFT rows fill max_seq_len={max_seq_len}: longer ones were cut at the end")
+        log.warning(f"{full} {what} fill max_seq_len={max_seq_len}: longer ones were cut at the end")
     return out
 
 
@@ -847,11 +849,11 @@ TRUNCATIONS = ("left", "right", "drop")  # of preference pairs over max_seq_len 
 
 
 def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cache_dir=None, num_workers=None,
-                        progress=True):
+                        progress=True, split=""):
     """Tokenize normalised preference rows -> Rows of {'chosen': (ids, mask), 'rejected': (ids, mask)} where only
     the final response is trained. Pairs longer than max_seq_len are cut from the left of the prompt
     (truncation='left'), each side at its end (truncation='right', Tulu 3's DPO), a pair that keeps no response
-    token on a side being dropped, or dropped (truncation='drop'); all are reported."""
+    token on a side being dropped, or dropped (truncation='drop'); all are reported, naming the `split`."""
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     if template not in CHAT_TEMPLATES:
@@ -865,12 +867,13 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
         if len(c[0]):
             out.append({"chosen": c, "rejected": r})
     out.num_skipped = len(seqs) // 2 - len(out)
+    what = f"{split} preference pairs".lstrip()
     if out.num_skipped:
-        log.warning(f"dropped {out.num_skipped} preference pairs longer than {max_seq_len} tokens " +
+        log.warning(f"dropped {out.num_skipped} {what} longer than {max_seq_len} tokens " +
                     ("(truncation='drop')" if truncation == "drop" else "that had no response token left when cut"))
     full = sum(1 for row in out if max_seq_len in (len(row["chosen"][0]), len(row["rejected"][0])))
     if truncation != "drop" and full:
-        log.warning(f"{full} preference pairs fill max_seq_len={max_seq_len}: " + (
+        log.warning(f"{full} {what} fill max_seq_len={max_seq_len}: " + (
             "longer ones lost their oldest prompt tokens, and a response that still did not fit lost its end"
             if truncation == "left" else "longer responses lost their ends"))
     return out

@@ -116,7 +116,7 @@ def tokenize(cfg, tok, rows, name, d):
     pairs its truncation policy dropped or cut.)"""
     cache = cfg.cache_dir or None
     run = lambda: data.tokenize_preference(rows, tok, cfg.template, cfg.max_seq_len, truncation=cfg.truncation,
-                                           cache_dir=cache, progress=d.is_main and cfg.progress)
+                                           cache_dir=cache, progress=d.is_main and cfg.progress, split=name)
     if d.is_main:
         pairs = run()
     common.barrier()

@@ -416,7 +416,7 @@ def main(argv=None):
     common.seed_all((cfg.seed + d.rank) % 2**32)
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    cfg.template = template = data.resolve_template(cfg.template, tok)
+    template = data.resolve_template(cfg.template, tok)
     tok.chat_template = template  # final/ records the template the policy was trained with
     stop_ids = data.stop_token_ids(tok, template)
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
@@ -445,7 +445,8 @@ def main(argv=None):
     params = [p for p in trained.parameters() if p.requires_grad]
 
     step = common.maybe_resume(cfg, trained, optimizer, sampler, start_weights=start_weights)
-    common.write_run_config(cfg)
+    # (the template resolved for config.json only: checkpoints keep --template as given, so older ones resume)
+    common.write_run_config(cfg, template=template)
     if cfg.resume and d.is_main:  # samples logged after the checkpoint (all of them, when none was reached) are redone
         common.drop_records_after(samples_path, step)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)

@@ -61,20 +61,22 @@ def load_data(cfg, d):
         cfg.template = data.resolve_template("", tok)
     cache = cfg.cache_dir or None
 
-    def tokenize(rows):
+    def tokenize(rows, split):
         # rank 0 fills the cache first, the others then read it instead of all tokenizing at once
+        run = lambda: data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len, cache_dir=cache,
+                                        progress=d.is_main and cfg.progress, split=split)
         if d.is_main:
-            out = data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len, cache_dir=cache, progress=cfg.progress)
+            out = run()
         common.barrier()
         if not d.is_main:
-            out = data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len, cache_dir=cache, progress=False)
+            out = run()
         return out
 
-    train = tokenize(train_rows)
+    train = tokenize(train_rows, "train")
     if not train:
         raise data.DataError(f"data={cfg.data or 'demo'}", f"none of its {len(train_rows)} rows has a trained token "
                              f"within max_seq_len={cfg.max_seq_len}: nothing to train on")
-    return tok, train, (tokenize(eval_rows) if eval_rows else [])
+    return tok, train, (tokenize(eval_rows, "held-out") if eval_rows else [])
 
 
 def make_batches(cfg, examples):

@@ -406,7 +406,8 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
     # a finished run (say, given more steps) cannot go on under a new schedule; its model can start a new run
     (tmp_path / "final").mkdir()
     with pytest.raises(common.ConfigError, match=r"start a new run \(to train the finished model further: a new run "
-                                                 f"with --model={re.escape(str(tmp_path / 'final'))}\\)"):
+                                                 f"with --model={re.escape(str(tmp_path / 'final'))} and another "
+                                                 r"--run_dir\)"):
         common.maybe_resume(changed, model, opt, sampler)
     # how the batch is split, how often it logs or checkpoints: a resumed run may change those
     same = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--lr=0.01", "--batch_size=4",
@@ -687,6 +688,22 @@ def test_run_dir_config_and_metrics_truncated_on_resume(tmp_path):
     # a fresh run (no --resume) starts its folder over: the config is written again once it is resolved
     common.prepare_run_dir(cfg, d)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_a_fresh_run_refuses_to_delete_the_model_it_starts_from(tmp_path):
+    """Training a finished run's model further in its own folder would delete that model before loading it."""
+    d = common.setup_distributed("cpu")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_text("weights")
+    for flags in ([], ["--overwrite=true"], ["--resume=true", "--overwrite=true"]):
+        cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", f"--model={tmp_path}/final/", *flags])
+        with pytest.raises(common.ConfigError, match=f"--model={re.escape(str(tmp_path))}/final/ is inside "
+                                                     f"{re.escape(str(tmp_path / 'final'))}, which a fresh run in "
+                                                     r"run_dir=.* deletes: pass another --run_dir"):
+            common.prepare_run_dir(cfg, d)
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    elsewhere = common.parse_config(Cfg, [f"--run_dir={tmp_path / 'more'}", f"--model={tmp_path}/final"])
+    common.prepare_run_dir(elsewhere, d)  # another run_dir: fine
 
 
 def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp_path):

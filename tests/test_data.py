@@ -710,10 +710,10 @@ def test_sft_rows_cut_at_max_seq_len_are_reported(demo, demo_tok, caplog):
     lengths = [len(ids) for ids, _ in data.tokenize_sft(rows, demo_tok, "tulu", 10_000, num_workers=1, progress=False)]
     limit = sorted(lengths)[len(lengths) // 2]
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
-        cut = data.tokenize_sft(rows, demo_tok, "tulu", limit, num_workers=1, progress=False)
+        cut = data.tokenize_sft(rows, demo_tok, "tulu", limit, num_workers=1, progress=False, split="held-out")
     full = sum(len(ids) == limit for ids, _ in cut)
     assert full >= sum(n > limit for n in lengths) > 0
-    assert f"{full} SFT rows fill max_seq_len={limit}: longer ones were cut at the end" in caplog.text
+    assert f"{full} held-out SFT rows fill max_seq_len={limit}: longer ones were cut at the end" in caplog.text
 
 
 def test_truncation_to_max_seq_len_drops_rows_left_with_nothing_to_train(demo, demo_tok, caplog):

@@ -461,7 +461,7 @@ def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys, c
     cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="left", cache_dir="", template="tulu")
     pairs = train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)
     assert "train preference pairs: 4 of 4 kept\n" in capsys.readouterr().out
-    assert "1 preference pairs fill max_seq_len=128: longer ones lost their oldest prompt tokens" in caplog.text
+    assert "1 train preference pairs fill max_seq_len=128: longer ones lost their oldest prompt tokens" in caplog.text
     batch = train_dpo.collate_pairs(pairs, [3], tiny.tok.pad_id)
     assert batch["input_ids"].shape[1] == 128
     # the prompt lost its beginning, the response is intact and is all that is trained
@@ -471,13 +471,13 @@ def test_overlong_prompts_truncated_left_or_dropped_and_reported(tiny, capsys, c
     caplog.clear()
     assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
     assert "train preference pairs: 3 of 4 kept\n" in capsys.readouterr().out
-    assert "dropped 1 preference pairs longer than 128 tokens (truncation='drop')" in caplog.text
+    assert "dropped 1 train preference pairs longer than 128 tokens (truncation='drop')" in caplog.text
     # Tulu 3's cut at each side's end keeps the whole prompt, which here leaves no response token: dropped too
     cfg = train_dpo.DPOConfig(max_seq_len=128, truncation="right", cache_dir="", template="tulu")
     caplog.clear()
     assert len(train_dpo.tokenize(cfg, tiny.tok, rows, "train", d)) == 3
     assert "train preference pairs: 3 of 4 kept\n" in capsys.readouterr().out
-    assert "dropped 1 preference pairs longer than 128 tokens that had no response token left when cut" in caplog.text
+    assert "dropped 1 train preference pairs longer than 128 tokens that had no response token left when cut" in caplog.text
 
 
 def test_only_final_assistant_turn_is_trained(tiny):
