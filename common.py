@@ -12,6 +12,7 @@ Run folder layout (every trainer):
 import copy
 import dataclasses
 import datetime
+import difflib
 import inspect
 import hashlib
 import json
@@ -23,6 +24,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -108,11 +110,23 @@ class ConfigError(ValueError):
 def run_script(main, *user_errors):
     """A script's entry point. A refused setting (ConfigError) or one of `user_errors` (bad input: an unreadable
     row, a missing folder) ends the process with its message and exit status 1, as argparse does; any other
-    exception is a bug and keeps its traceback."""
+    exception is a bug and keeps its traceback. Ctrl-C ends it with one line saying where it was, and status 130."""
     try:
         main()
     except (ConfigError, *user_errors) as e:
-        sys.exit(f"error: {e}")
+        # Under torchrun the ranks of a node meet the same refusal (the same command line, files and devices): its
+        # first rank says it, once, and the others leave quietly.
+        sys.exit(1 if int(os.environ.get("LOCAL_RANK", 0)) else f"error: {e}")
+    except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
+        frames = traceback.extract_tb(e.__traceback__)
+        here = os.path.dirname(os.path.abspath(__file__))
+        last = ([f for f in frames if f.filename.startswith(here + os.sep)] or frames)[-1]  # the project's code
+        rank = int(os.environ.get("RANK", 0))
+        print(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
+              f"{os.path.relpath(last.filename, here)}:{last.lineno})"
+              + ("" if rank else "; checkpoints are written whole, so --resume=true continues from the newest"),
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def refuse_unused(cfg, names, why):
@@ -215,7 +229,9 @@ def parse_config(cls, argv=None):
     def apply(pairs, where):
         unknown = [k for k, _ in pairs if k not in names]
         if unknown:
-            raise ConfigError(f"{where}: unknown config key(s) {', '.join(unknown)} for {cls.__name__}")
+            close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            guesses = "".join(f"; did you mean {m[0]} for {k}?" for k, m in close.items() if m)
+            raise ConfigError(f"{where}: unknown config key(s) {', '.join(unknown)} for {cls.__name__}{guesses}")
         for k, v in pairs:
             values[k] = _coerce(k, v, hints[k], where)
 
@@ -336,11 +352,13 @@ def setup_distributed(device="auto"):
                              f"'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if dev.index is None:
             gpus = torch.cuda.device_count()
-            if local_rank >= gpus:  # else an "invalid device ordinal" from deep inside CUDA
-                raise ConfigError(f"LOCAL_RANK={local_rank}, but this process sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
-                                  f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): each rank takes GPU LOCAL_RANK "
-                                  f"of the GPUs it sees, as torchrun starts them, so start at most as many ranks per "
-                                  f"node as it sees GPUs")
+            # checked on every rank of the node, its first included (which reports errors: see run_script)
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+            if max(local_rank + 1, local_ranks) > gpus:  # else an "invalid device ordinal" from deep inside CUDA
+                raise ConfigError(f"{local_ranks} ranks on this node (LOCAL_WORLD_SIZE), but each sees {gpus} GPU(s) "
+                                  f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): each "
+                                  f"rank takes GPU LOCAL_RANK of the GPUs it sees, as torchrun starts them, so start "
+                                  f"at most as many ranks per node as it sees GPUs")
             dev = torch.device("cuda", local_rank)
         # Triton launches, the CUDA RNG state saved in checkpoints and NCCL all use the current device
         torch.cuda.set_device(dev)
@@ -388,9 +406,13 @@ def all_reduce_sum(x):
     return x
 
 
-def print0(*args, **kwargs):
+def print0(*args):
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+        # through tqdm, which lifts a progress bar off the line first: printed under a bar, the line was appended
+        # to it (the final evaluation's, on the finished bar's line)
+        tqdm.write(" ".join(map(str, args)), file=sys.stdout)
+        sys.stdout.flush()
 
 
 def seed_all(seed):
@@ -460,8 +482,12 @@ def wrap_model(model, d, fsdp=False, compile=False, precision="auto"):
         # fused loss can use output_weight outside the forward
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
         return model
-    if d.is_distributed:  # (the only buffers are the rope tables, the same on every rank: nothing to broadcast)
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+    if d.is_distributed:
+        # The only buffers are the rope tables, the same on every rank: not broadcast at every forward. (Newer
+        # torch deprecates broadcast_buffers, with a warning from every rank, for forward_sync_buffers.)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+            "broadcast_buffers"
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **{no_sync: False})
     return model
 
 
@@ -745,11 +771,12 @@ def weights_digest(model):
     return h.hexdigest()
 
 
-def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
-    """With --resume and a checkpoint in run_dir: restore model, optimizer, RNG and the sampler's state, and
-    return the step to continue from; otherwise 0. `start_weights`: the weights_digest of the model the run
-    started from, where it matters after step 0 (DPO's and RLVR's reference is that model, rebuilt from --model
-    on resume), checked against the one the checkpoint recorded under extra['start_weights']."""
+def check_resume(cfg, start_weights=None):
+    """-> (the checkpoint a --resume continues from, its state.pt header), or (None, None) when there is none;
+    refused unless every rank sees the same one and it was trained with this run's settings. `start_weights`: the
+    weights_digest of the model the run started from, where it matters after step 0 (DPO's and RLVR's reference is
+    that model, rebuilt from --model on resume), checked against the one the checkpoint recorded. maybe_resume
+    calls it; DPO calls it first as well, so that a refused resume has not tokenized and run the reference pass."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     # Only rank 0 writes checkpoints. A node that cannot see its run_dir would start over with other weights and
     # other steps, or resume from what another run left there, and the ranks' collectives would stop matching (a
@@ -762,10 +789,7 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
             raise ConfigError(f"--resume: the ranks see different checkpoints in {checkpoint_dir(cfg.run_dir)} "
                               f"({seen}); {shared}")
     if not path:
-        if cfg.resume:
-            print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"
-                   + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
-        return 0
+        return None, None
     header = _read_checkpoint_file(os.path.join(path, "state.pt"))
     if dist.is_initialized() and len(set(_gather(header.get("id")))) > 1:
         raise ConfigError(f"--resume: the ranks' {path} were written by different runs (the ranks see other "
@@ -777,6 +801,9 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
                if saved is not None and k not in RESUMABLE_CHANGES and saved.get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        if changed.get("total_batch_size", (0,))[0]:  # recorded even where the command line gave grad_accum
+            diff += (f"; total_batch_size is the effective batch (batch_size x grad_accum x ranks): "
+                     f"--total_batch_size={changed['total_batch_size'][0]} keeps it on any number of ranks")
         final = os.path.join(cfg.run_dir, "final")
         further = f" (to train the finished model further: a new run with --model={final} and another --run_dir)" \
             if os.path.isdir(final) else ""
@@ -787,6 +814,18 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "
                           f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
                           f"reference must be that starting model: put it back, or start a new run")
+    return path, header
+
+
+def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
+    """With --resume and a checkpoint in run_dir (see check_resume): restore model, optimizer, RNG and the
+    sampler's state, and return the step to continue from; otherwise 0."""
+    path, _ = check_resume(cfg, start_weights)
+    if not path:
+        if cfg.resume:
+            print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"
+                   + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
+        return 0
     state = load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["extra"]["sampler"])
     if int(os.environ.get("RANK", 0)) == 0:  # a kill may have come between a save and its prune

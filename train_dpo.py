@@ -370,10 +370,11 @@ def main(argv=None):
     tok.chat_template = cfg.template  # final/ records the template the pairs were rendered with
     raw = build_model(cfg, d)
     data.check_vocab(tok, raw.config.vocab_size, cfg.tokenizer or cfg.model)
+    weights = common.weights_digest(raw)  # before wrapping, which shards in place
+    common.check_resume(cfg, start_weights=weights)  # a refused resume, before tokenizing and the reference pass
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
     common.check_positions(max(len(p[k][0]) for p in train_pairs + eval_pairs for k in ("chosen", "rejected")), raw,
                            cfg.data or "demo data")
-    weights = common.weights_digest(raw)  # before wrapping, which shards in place
     has_reference = cfg.objective == "dpo" and cfg.loss_type != "simpo"
     live = has_reference and cfg.reference_in_memory
     # a sharded reference keeps fp32 weights and is wrapped as the policy is (below): FSDP2 casts each shard to bf16

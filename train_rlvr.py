@@ -249,6 +249,17 @@ def sync_gradients(params, d):
 # ----------------------------------------------------------------------------------------------------------
 # Data, rollouts, held-out accuracy
 
+def logged_start_accuracy(metrics_path):
+    """The held-out accuracies logged at step 0, for a resumed run's before -> after lines ({} if none)."""
+    if not os.path.exists(metrics_path):
+        return {}
+    with open(metrics_path) as f:
+        for record in map(json.loads, f):
+            if record["step"] == 0 and any(k.startswith("eval_acc_") for k in record):
+                return {k: v for k, v in record.items() if k.startswith("eval_acc_")}
+    return {}
+
+
 def default_demo_model():
     for path in ("runs/dpo_demo/final", "runs/sft_demo/final"):
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -469,7 +480,8 @@ def main(argv=None):
                       ", ".join(f"{k[len('eval_acc_'):]} {v:.3f}" for k, v in acc.items()))
         return acc
 
-    start_acc = evaluate() if step == 0 else {}
+    # (a resumed run's start was evaluated and logged by the run it continues)
+    start_acc = evaluate() if step == 0 else logged_start_accuracy(logger.path) if d.is_main else {}
     end_acc = {}  # the last step's, evaluated before its checkpoint: a resume from it does not log it again
     bar = common.progress_bar(total_steps, step, d.is_main and cfg.progress, f"rlvr-{cfg.algo}")
     while step < total_steps:

@@ -21,6 +21,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def torchrun(script, args, nproc=2, timeout=300):
     """Run ROOT/script under torchrun on nproc ranks (one thread each); -> its stdout. Fails the test with the
     output's tail if it exits non-zero, and with every rank's Python stack if it outlives `timeout` seconds."""
+    returncode, out, err = launch(script, args, nproc, timeout)
+    assert returncode == 0, f"{script} on {nproc} ranks failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+def launch(script, args, nproc=2, timeout=300):
+    """torchrun's launch, whatever its exit status: -> (exit status, stdout, stderr). A hang fails the test."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, script), *map(str, args)]
@@ -31,8 +38,7 @@ def torchrun(script, args, nproc=2, timeout=300):
         out, err = abort_with_stacks(proc)
         pytest.fail(f"{script} on {nproc} ranks did not finish in {timeout} s. Every rank was aborted; their "
                     f"stacks (stderr):\n{err[-15000:]}\nstdout:\n{out[-3000:]}")
-    assert proc.returncode == 0, f"{script} on {nproc} ranks failed:\n{out[-3000:]}\n{err[-3000:]}"
-    return out
+    return proc.returncode, out, err
 
 
 def abort_with_stacks(proc):

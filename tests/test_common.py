@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import textwrap
 from dataclasses import dataclass
 from typing import Optional
@@ -16,7 +17,7 @@ import torch
 
 import common
 import data
-from multirank import ROOT, torchrun
+from multirank import ROOT, launch, torchrun
 
 
 @dataclass
@@ -72,8 +73,9 @@ def test_unknown_keys_are_errors_naming_them_and_their_source(tmp_path):
     preset = write_json(tmp_path, {"lr": 1e-3, "learning_rate": 1.0, "bsz": 2})
     with pytest.raises(common.ConfigError, match=r"preset.json.*learning_rate, bsz"):
         common.parse_config(Cfg, [f"--config={preset}"])
-    with pytest.raises(common.ConfigError, match=r"command line.*lrr"):
-        common.parse_config(Cfg, ["--lrr=1"])
+    with pytest.raises(common.ConfigError, match=r"command line: unknown config key\(s\) lrr, zzz for Cfg; did you "
+                                                 r"mean lr for lrr\?$"):
+        common.parse_config(Cfg, ["--lrr=1", "--zzz=1"])
     with open(preset, "wb") as f:
         f.write(b'{"name": "caf\xe9"}')  # Latin-1, not UTF-8
     with pytest.raises(common.ConfigError, match=r"preset.json: not UTF-8 text \(byte 13\)"):
@@ -431,6 +433,16 @@ def test_resume_refuses_another_starting_model_seed_or_effective_batch(tmp_path)
         other = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--model=m", arg])
         with pytest.raises(common.ConfigError, match=f"other settings \\({arg[2:].split('=')[0]}: "):
             common.maybe_resume(other, model, opt, sampler)
+    # a run's effective batch is recorded as total_batch_size, given or not: a resume on other ranks is told to give it
+    ran = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--model=m", "--total_batch_size=32"])
+    common.save_checkpoint(str(tmp_path), 4, model, opt, extra={"sampler": sampler.state_dict(), "start_weights": "abc",
+                                                                "config": common.config_dict(ran)})
+    fewer_ranks = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--model=m",
+                                            "--total_batch_size=16"])
+    with pytest.raises(common.ConfigError, match=r"\(total_batch_size: 32 then, 16 now; total_batch_size is the "
+                                                 r"effective batch .*: --total_batch_size=32 keeps it on any number "
+                                                 r"of ranks\)"):
+        common.maybe_resume(fewer_ranks, model, opt, sampler)
 
 
 def test_resume_refuses_a_checkpoint_whose_config_lacks_a_setting_of_this_run(tmp_path):
@@ -612,7 +624,7 @@ def test_setup_distributed_makes_the_chosen_gpu_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert common.setup_distributed("cuda:1").device == torch.device("cuda", 1)
     assert made_current == [torch.device("cuda", 1)]
@@ -621,9 +633,16 @@ def test_setup_distributed_makes_the_chosen_gpu_the_current_one(monkeypatch):
     assert made_current[-1] == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # more ranks on the node than GPUs it shows them
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
-    with pytest.raises(common.ConfigError, match=r"LOCAL_RANK=3, but this process sees 2 GPU\(s\) "
-                                                 r"\(CUDA_VISIBLE_DEVICES=4,5\)"):
+    with pytest.raises(common.ConfigError, match=r"4 ranks on this node \(LOCAL_WORLD_SIZE\), but each sees 2 "
+                                                 r"GPU\(s\) \(CUDA_VISIBLE_DEVICES=4,5\)"):
         common.setup_distributed("cuda")
+    # the node's first rank, the one that reports errors, refuses too
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(common.ConfigError, match=r"4 ranks on this node"):
+        common.setup_distributed("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert common.setup_distributed("cuda").device == torch.device("cuda", 0)
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: a fixed GPU index would put every rank on one GPU
     with pytest.raises(ValueError, match="LOCAL_RANK"):
         common.setup_distributed("cuda:1")
@@ -649,6 +668,22 @@ def test_only_rank_0_gives_the_library_warnings(monkeypatch, caplog):
             assert ("1 of 1 pairs have the same chosen and rejected answer" in caplog.text) == warned
     finally:
         logging.getLogger("nanotulu").setLevel(logging.NOTSET)
+
+
+def test_a_line_printed_under_a_progress_bar_starts_a_line_of_its_own(monkeypatch):
+    """stdout and the bar's stderr on one terminal: the final evaluation's line was appended to the finished bar."""
+    import io
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    bar = common.progress_bar(3, 0, True, "sft")
+    bar.update(3)
+    common.print0("step 3: held-out loss 1.0")
+    bar.close()
+    text = terminal.getvalue()
+    assert text[text.index("step 3: held-out loss 1.0") - 1] in "\r\n"
 
 
 def test_fsdp_in_a_single_process_says_it_runs_unwrapped(capsys):
@@ -890,8 +925,30 @@ def test_ddp_forwards_do_not_broadcast_the_buffers(tmp_path):
     every rank at every forward (and make a no-grad forward a collective)."""
     script = tmp_path / "ddp_buffers.py"
     script.write_text(DDP_BUFFERS)
-    out = torchrun(str(script), [ROOT], timeout=120)
+    returncode, out, err = launch(str(script), [ROOT], timeout=120)
+    assert returncode == 0, err[-3000:]
     assert sorted(re.findall(r"rank \d: own buffers", out)) == ["rank 0: own buffers", "rank 1: own buffers"]
+    assert "deprecated" not in err  # (torch 2.13 deprecates broadcast_buffers, with a warning from each rank)
+
+
+def test_ctrl_c_ends_a_script_with_one_line_saying_where(monkeypatch, capsys):
+    def main():
+        raise KeyboardInterrupt
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as e:
+        common.run_script(main)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"interrupted \(in main, tests/test_common.py:\d+\); checkpoints are written whole, so "
+                        r"--resume=true continues from the newest\n", err), err
+
+
+def test_under_torchrun_a_refusal_is_said_once(tmp_path):
+    """Every rank meets the same mistyped flag: eight ranks said it eight times, above torchrun's own report."""
+    returncode, out, err = launch("train_sft.py", [f"--run_dir={tmp_path}", "--max_step=10"], timeout=120)
+    assert returncode != 0
+    assert (out + err).count("error: command line: unknown config key(s) max_step for SFTConfig") == 1, err
 
 
 NODE_LOCAL_RUN_DIRS = textwrap.dedent("""

@@ -315,6 +315,20 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
     assert_same_weights(final_weights(run), full_weights, atol=0)
 
 
+def test_a_refused_resume_stops_before_tokenizing_and_the_reference_pass(tiny, tmp_path, monkeypatch,
+                                                                        retrain_in_place):
+    sft = tmp_path / "sft"
+    shutil.copytree(tiny.model_dir, sft)
+    args = args_for(tiny, tmp_path / "run", "--checkpoint_every=2", "--max_steps=2", f"--model={sft}")
+    train_dpo.main(args)
+    monkeypatch.setattr(train_dpo, "load_pairs", lambda *a: pytest.fail("tokenized before refusing the resume"))
+    with pytest.raises(common.ConfigError, match=r"other settings \(beta: 5.0 then, 0.25 now\)"):
+        train_dpo.main(args + ["--resume", "--beta=0.25"])
+    retrain_in_place(sft)
+    with pytest.raises(common.ConfigError, match=rf"the model at --model={sft} .* is not the one the run"):
+        train_dpo.main(args + ["--resume"])
+
+
 def test_resume_refuses_a_starting_model_retrained_since(tiny, tmp_path, retrain_in_place):
     """The reference log-probs come from --model, recomputed on resume: retrained weights at the same path would
     silently give the rest of the run another reference."""

@@ -570,6 +570,17 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
         torch.testing.assert_close(weights[k], full_weights[k], rtol=0, atol=0, msg=k)
 
 
+def test_a_resumed_run_compares_with_the_accuracy_it_started_from(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = args_for(tiny, run, "--checkpoint_every=1", "--keep_checkpoints=3")
+    whole = train_rlvr.main(args)
+    shutil.rmtree(run / "checkpoints" / "step_0000002")  # killed after step 1
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    assert train_rlvr.main(args + ["--resume"]) == whole and whole["before"]
+    assert capsys.readouterr().out.count("(before -> after RLVR)") == len(whole["before"])
+
+
 def test_a_kill_after_the_last_checkpoint_does_not_log_the_last_evaluation_twice(tiny, tmp_path):
     """Killed while final/ was written: the resume finds the last step's checkpoint, which was saved after that
     step's held-out evaluation, so it has nothing to evaluate or log again."""
