@@ -107,25 +107,32 @@ class ConfigError(ValueError):
     pass
 
 
-def run_script(main, *user_errors):
+def run_script(main, *user_errors, resumable=False):
     """A script's entry point. A refused setting (ConfigError) or one of `user_errors` (bad input: an unreadable
     row, a missing folder) ends the process with its message and exit status 1, as argparse does; any other
-    exception is a bug and keeps its traceback. Ctrl-C ends it with one line saying where it was, and status 130."""
+    exception is a bug and keeps its traceback. Ctrl-C ends it with one line saying where it was, and status 130
+    (and, for a `resumable` trainer, how to go on)."""
     try:
         main()
     except (ConfigError, *user_errors) as e:
-        # Under torchrun the ranks of a node meet the same refusal (the same command line, files and devices): its
-        # first rank says it, once, and the others leave quietly.
-        sys.exit(1 if int(os.environ.get("LOCAL_RANK", 0)) else f"error: {e}")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank:
+            # Under torchrun the ranks of a node mostly meet the same refusal (the same command line, files and
+            # devices): its first rank says it, and torchrun stops this one while it waits. Said at once, the
+            # first failure would have torchrun stop the first rank before it could say anything.
+            time.sleep(5)
+        sys.exit(f"{f'rank {local_rank} of this node: ' if local_rank else ''}error: {e}")
     except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
-        frames = traceback.extract_tb(e.__traceback__)
+        from tqdm import tqdm
         here = os.path.dirname(os.path.abspath(__file__))
-        last = ([f for f in frames if f.filename.startswith(here + os.sep)] or frames)[-1]  # the project's code
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if f.filename.startswith(here + os.sep) and "-packages" + os.sep not in f.filename]
+        last = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]  # in the project's own code
         rank = int(os.environ.get("RANK", 0))
-        print(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
-              f"{os.path.relpath(last.filename, here)}:{last.lineno})"
-              + ("" if rank else "; checkpoints are written whole, so --resume=true continues from the newest"),
-              file=sys.stderr)
+        hint = "; --resume=true continues from the newest checkpoint, if one was written (they are written whole)"
+        tqdm.write(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
+                   f"{os.path.relpath(last.filename, here)}:{last.lineno}){hint if resumable and not rank else ''}",
+                   file=sys.stderr)
         sys.exit(130)
 
 
@@ -848,6 +855,9 @@ def prepare_run_dir(cfg, d):
     if not (cfg.resume and resumable):
         for key in ("model", "tokenizer", "value_model"):  # what this run reads must not be what it deletes
             given = getattr(cfg, key, "")
+            if given and os.path.realpath(given) == os.path.realpath(cfg.run_dir):
+                raise ConfigError(f"--{key}={given} is run_dir, whose config.json a fresh run replaces: pass another "
+                                  f"--run_dir")
             for stale in (checkpoint_dir(cfg.run_dir), final):
                 if given and os.path.isdir(stale) and _inside(given, stale):
                     raise ConfigError(f"--{key}={given} is inside {stale}, which a fresh run in run_dir="

@@ -234,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError)
+    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError, resumable=True)

@@ -739,6 +739,13 @@ def test_a_fresh_run_refuses_to_delete_the_model_it_starts_from(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").exists()
     elsewhere = common.parse_config(Cfg, [f"--run_dir={tmp_path / 'more'}", f"--model={tmp_path}/final"])
     common.prepare_run_dir(elsewhere, d)  # another run_dir: fine
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "config.json").write_text("{}")  # a model folder given as run_dir too
+    itself = common.parse_config(Cfg, [f"--run_dir={tmp_path / 'snapshot'}", f"--model={tmp_path}/snapshot/"])
+    with pytest.raises(common.ConfigError, match=r"--model=.*/snapshot/ is run_dir, whose config.json a fresh run "
+                                                 r"replaces: pass another --run_dir"):
+        common.prepare_run_dir(itself, d)
+    assert (tmp_path / "snapshot" / "config.json").exists()
 
 
 def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp_path):
@@ -936,12 +943,13 @@ def test_ctrl_c_ends_a_script_with_one_line_saying_where(monkeypatch, capsys):
         raise KeyboardInterrupt
     for var in ("RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(SystemExit) as e:
-        common.run_script(main)
-    assert e.value.code == 130
-    err = capsys.readouterr().err
-    assert re.fullmatch(r"interrupted \(in main, tests/test_common.py:\d+\); checkpoints are written whole, so "
-                        r"--resume=true continues from the newest\n", err), err
+    for resumable, hint in ((False, ""), (True, "; --resume=true continues from the newest checkpoint, if one was "
+                                                "written (they are written whole)")):
+        with pytest.raises(SystemExit) as e:
+            common.run_script(main, resumable=resumable)
+        assert e.value.code == 130
+        err = capsys.readouterr().err
+        assert re.fullmatch(r"interrupted \(in main, tests/test_common.py:\d+\)" + re.escape(hint) + "\n", err), err
 
 
 def test_under_torchrun_a_refusal_is_said_once(tmp_path):
@@ -949,6 +957,30 @@ def test_under_torchrun_a_refusal_is_said_once(tmp_path):
     returncode, out, err = launch("train_sft.py", [f"--run_dir={tmp_path}", "--max_step=10"], timeout=120)
     assert returncode != 0
     assert (out + err).count("error: command line: unknown config key(s) max_step for SFTConfig") == 1, err
+
+
+RANKS_REFUSE = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import common
+    def main():
+        rank = int(os.environ["LOCAL_RANK"])
+        if sys.argv[2] == "alone" and rank == 0:
+            time.sleep(60)  # fine, and waiting (as in a collective) for the rank that fails
+        time.sleep(0.5 if rank == 0 else 0)  # the first rank meets the refusal last
+        raise common.ConfigError("a refusal")
+    common.run_script(main)
+""")
+
+
+@pytest.mark.parametrize("case, said", [("all", "error: a refusal"), ("alone", "rank 1 of this node: error: a refusal")])
+def test_a_refusal_is_said_once_whichever_rank_meets_it_first(tmp_path, case, said):
+    """torchrun stops the other ranks at the first failure: a rank that left quietly at once had the first rank
+    stopped before it said anything, and a refusal met by one rank alone was never said."""
+    script = tmp_path / "refuse.py"
+    script.write_text(RANKS_REFUSE)
+    returncode, out, err = launch(str(script), [ROOT, case], timeout=120)
+    assert returncode != 0 and (out + err).count("error: a refusal") == 1 and said in out + err, err
 
 
 NODE_LOCAL_RUN_DIRS = textwrap.dedent("""

@@ -281,8 +281,12 @@ def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch, c
 
 
 def test_run_config_records_the_template_the_model_was_saved_with(tiny, tmp_path):
-    train_rlvr.main(args_for(tiny, tmp_path / "run", "--template=", "--max_steps=1", "--eval_data="))
+    train_rlvr.main(args_for(tiny, tmp_path / "run", "--template=", "--max_steps=1", "--eval_data=",
+                             "--checkpoint_every=1"))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["template"] == "tulu"
+    # the checkpoint keeps the flag as given, as checkpoints always did, so that those resume with it
+    header = common._read_checkpoint_file(str(tmp_path / "run" / "checkpoints" / "step_0000001" / "state.pt"))
+    assert header["extra"]["config"]["template"] == ""
 
 
 @pytest.mark.parametrize("equal_rewards, skip", [(False, True), (True, False), (True, True)])
@@ -577,7 +581,9 @@ def test_a_resumed_run_compares_with_the_accuracy_it_started_from(tiny, tmp_path
     shutil.rmtree(run / "checkpoints" / "step_0000002")  # killed after step 1
     shutil.rmtree(run / "final")
     capsys.readouterr()
-    assert train_rlvr.main(args + ["--resume"]) == whole and whole["before"]
+    resumed = train_rlvr.main(args + ["--resume"])  # (its "before" read back from metrics.jsonl: 8 digits)
+    assert resumed["before"] == pytest.approx(whole["before"]) and whole["before"]
+    assert resumed["after"] == whole["after"]
     assert capsys.readouterr().out.count("(before -> after RLVR)") == len(whole["before"])
 
 
