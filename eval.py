@@ -677,6 +677,19 @@ def evaluate_demo(model, tok, data, template="tulu", limit=None, batch_size=16, 
     return run_demo_eval(model, tok, data, template, limit, batch_size, max_new_tokens)[0]
 
 
+def demo_seed_of(model_path):
+    """The demo_seed a model was trained on, from the config.json of the run folder holding it (a trainer's
+    RUN/final), so that its held-out split is the one held out; 0 (the trainers' default) when there is none."""
+    run_config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+    if os.path.isfile(run_config):
+        with open(run_config) as f:
+            seed = json.load(f).get("demo_seed")
+        if seed is not None:
+            print(f"demo split of demo_seed={seed}, the one {run_config} trained on (--demo_seed chooses)")
+            return seed
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -717,7 +730,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON results file (default <model>/eval_results.json)")
     p.add_argument("--seed", type=int, default=42,
                    help="GSM8K's per-question few-shot draws (lighteval's sampler seed, 42) and torch's RNG")
-    p.add_argument("--demo_seed", type=int, default=0, help="data.make_demo_data seed (as the trainers' demo_seed)")
+    p.add_argument("--demo_seed", type=int, default=None,
+                   help="data.make_demo_data seed (default: the trainer's demo_seed, from the config.json of the run "
+                        "folder holding --model, else 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -743,12 +758,15 @@ def main(argv=None):
         hint = "\n(the demo model: train it first with `python train_sft.py`)" if args.model == DEMO_MODEL else ""
         sys.exit(f"error: {e}{hint}")
     template = resolve_template(args.template, tok)
+    if not args.template and not tok.chat_template:  # a base model's folder, or one without tokenizer_config.json
+        print(f"{args.model} has no saved chat template: prompts use tulu (--template chooses)")
     t0 = time.time()
     if demo:
-        summary, examples = run_demo_eval(model, tok, make_demo_data(args.demo_seed), template, args.limit,
+        seed = demo_seed_of(args.model) if args.demo_seed is None else args.demo_seed
+        summary, examples = run_demo_eval(model, tok, make_demo_data(seed), template, args.limit,
                                           args.batch_size, args.max_new_tokens or 128)
         rows = [(k, "acc", summary[f"{k}_acc"], summary[f"{k}_n"]) for k in ("arith", "constraint", "pref")]
-        results = {"mode": "demo", "summary": summary, "examples": examples}
+        results = {"mode": "demo", "demo_seed": seed, "summary": summary, "examples": examples}
     else:
         per_task = evaluate_tasks(model, tok, tasks, args.data_dir, template, args.limit, args.batch_size,
                                   args.seed, args.max_new_tokens, args.use_chat_template)

@@ -303,15 +303,25 @@ def main(argv=None):
     if unknown:  # a misspelt role reads no text, and every row would pass as clean
         p.error(f"--roles: unknown {', '.join(map(repr, unknown))} (roles: {', '.join(ROLES)}, or all)")
     eval_sets = {name: load_eval_set(name, spec, args.eval_field) for name, spec in parse_eval_args(args.eval).items()}
-    train_bytes = sum(os.path.getsize(f) for f in data_files(args.train))
+    train_files = data_files(args.train)
+    if args.out_clean and any(os.path.exists(args.out_clean) and os.path.samefile(args.out_clean, f)
+                              for f in train_files):
+        p.error(f"--out_clean={args.out_clean} is one of the --train files: write the clean rows elsewhere")
+    train_bytes = sum(os.path.getsize(f) for f in train_files)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    if args.out_clean:
-        with open(args.out_clean, "w", encoding="utf-8") as f:
+    if args.out_clean:  # written whole or not at all: a temporary file, renamed once every row is in
+        with open(args.out_clean + ".tmp", "w", encoding="utf-8") as f:
             report = decontaminate(read_rows(args.train), eval_sets, args.n, args.batch_size, f, not args.no_progress,
                                    roles)
     else:
         report = decontaminate(read_rows(args.train), eval_sets, args.n, args.batch_size, None, not args.no_progress,
                                roles)
+    if report["train_rows"] == 0:
+        if args.out_clean:
+            os.remove(args.out_clean + ".tmp")
+        raise DataError(args.train, "holds no training rows: nothing to check")
+    if args.out_clean:
+        os.replace(args.out_clean + ".tmp", args.out_clean)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     report.update(train=args.train, eval_files=parse_eval_args(args.eval), out_clean=args.out_clean,
                   seconds=elapsed, cpu_seconds=cpu, train_mb=train_bytes / 1e6,

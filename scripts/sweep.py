@@ -61,8 +61,8 @@ def numbers(text, flag, kind):
 def grid(args):
     """(lr, batch, lr_bs_ratio) for every point."""
     batches = numbers(args.batch_sizes, "--batch_sizes", int)
-    if args.ratios:
-        return [(r * b, b, r) for r in numbers(args.ratios, "--ratios", float) for b in batches]
+    if args.ratios:  # (12 digits: 1e-4 x 3 is 0.00030000000000000003 in floats, a folder name and --lr of its own)
+        return [(float(f"{r * b:.12g}"), b, r) for r in numbers(args.ratios, "--ratios", float) for b in batches]
     return [(lr, b, lr / b) for lr in numbers(args.lrs, "--lrs", float) for b in batches]
 
 
@@ -154,6 +154,10 @@ def run_point(args, lr, batch, ratio, passthrough):
     except (subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
         result["status"] = "failed"
         result["error"] = f"{type(e).__name__} in {phase}: {e}"
+        if isinstance(e, subprocess.CalledProcessError):  # the trainer's own last words say why
+            with open(os.path.join(run_dir, "train.log"), errors="replace") as log:
+                last = [line.strip() for line in log if line.strip()][-1:]
+            result["error"] = f"training failed (exit {e.returncode}): {last[0] if last else 'no output'}"
         print(f"--- {name}: FAILED: {result['error']}", flush=True)
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
@@ -193,6 +197,9 @@ def plot_contours(results, metrics, out):
     except ImportError:
         print("matplotlib is not installed: no plots (the tables are written)")
         return []
+    for name in os.listdir(out):  # an earlier grid's plots would stand beside this grid's table
+        if name.startswith("contour_") and name.endswith(".png"):
+            os.remove(os.path.join(out, name))
     ok = [r for r in results if r["status"] == "ok"]
     lrs = sorted({r["lr"] for r in ok})
     batches = sorted({r["batch"] for r in ok})
@@ -249,7 +256,8 @@ def main(argv=None):
     ap.add_argument("--batch_sizes", default=None, help="effective batches (default: sft 4,8,16; dpo 8,16,32)")
     ap.add_argument("--ratios", default="", help="lr/batch ratios instead of --lrs (lr = ratio x batch)")
     ap.add_argument("--nproc_per_node", type=int, default=1, help="> 1: each point is a torchrun job")
-    ap.add_argument("--eval_tasks", default="arc,gsm8k,hellaswag,ifeval")
+    ap.add_argument("--eval_tasks", default=None, help="eval.py's --tasks, with --eval_data_dir (default "
+                                                        "arc,gsm8k,hellaswag,ifeval)")
     ap.add_argument("--eval_data_dir", default="", help="benchmark files for eval.py ('' = the demo held-out split)")
     ap.add_argument("--eval_limit", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -269,6 +277,10 @@ def main(argv=None):
     if args.data and not args.eval_data_dir:
         ap.error("--data needs --eval_data_dir, the benchmark files to score each point on (without it the points "
                  "would be scored on the synthetic demo task)")
+    if args.eval_tasks and not args.eval_data_dir:
+        ap.error("--eval_tasks needs --eval_data_dir, the benchmark files (without it the points are scored on the "
+                 "synthetic demo task)")
+    args.eval_tasks = args.eval_tasks or ("arc,gsm8k,hellaswag,ifeval" if args.eval_data_dir else "")
     if args.lrs and args.ratios:
         ap.error("--lrs and --ratios both set the learning rates: give one")
     args.lrs = args.lrs or "1e-3,3e-3,9e-3"
@@ -301,4 +313,4 @@ def main(argv=None):
 if __name__ == "__main__":
     from demo import pin_cpu_kernels  # as the demo: the same seed gives the same table on any x86-64 with AVX2
     pin_cpu_kernels()
-    main()
+    sys.exit(1 if any(r["status"] != "ok" for r in main()) else 0)  # the failed points are listed above

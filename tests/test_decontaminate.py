@@ -266,3 +266,20 @@ def test_share_counts_examples_too_short_for_an_ngram_as_clean():
 
 def test_apostrophes_are_deleted_not_split_on():
     assert dc.normalise("Don't") == dc.normalise("dont") == ["dont"]
+
+
+def test_clean_rows_are_never_written_over_the_training_data(tmp_path, capsys):
+    """--out_clean naming the --train file emptied it before it was read, and the empty file passed as clean."""
+    train = tmp_path / "sft.jsonl"
+    train.write_bytes(open(os.path.join(TRAIN, "sft.jsonl"), "rb").read())
+    before = train.read_bytes()
+    with pytest.raises(SystemExit):
+        dc.main([f"--train={train}", "--eval", *EVAL_ARGS, "--eval_field=query", f"--out_clean={train}",
+                 "--no_progress"])
+    assert "is one of the --train files" in capsys.readouterr().err
+    assert train.read_bytes() == before
+    train.write_text("")  # nothing to check is an error, not 0% contamination
+    with pytest.raises(DataError, match="holds no training rows"):
+        dc.main([f"--train={train}", "--eval", *EVAL_ARGS, "--eval_field=query",
+                 f"--out_clean={tmp_path / 'clean.jsonl'}", "--no_progress"])
+    assert os.listdir(tmp_path) == ["sft.jsonl"]

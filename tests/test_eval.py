@@ -735,3 +735,23 @@ def test_missing_model_tells_to_train_the_demo_first(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:  # a model the user named is not the demo's
         ev.main(["--model=elsewhere"])
     assert "no model at elsewhere" in str(e.value) and "train_sft.py" not in str(e.value)
+
+
+def test_the_demo_evaluation_takes_the_split_of_the_run_that_trained_the_model_and_says_a_missing_template(
+        model_dir, tmp_path, monkeypatch, capsys):
+    """A model trained on --demo_seed=3 was scored on seed 0's held-out rows, which seed 3 partly trains on; a
+    folder without tokenizer_config.json was scored with tulu whatever it was trained with, and nothing said so."""
+    shutil.copytree(model_dir, tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"demo_seed": 3, "lr": 0.1}))
+    seeds = []
+    monkeypatch.setattr(ev, "make_demo_data", lambda seed: seeds.append(seed) or {})
+    monkeypatch.setattr(ev, "run_demo_eval", lambda *a, **k: ({f"{t}_{m}": 0 for t in ("arith", "constraint", "pref")
+                                                               for m in ("acc", "n")}, {}))
+    final, out = str(tmp_path / "run" / "final"), str(tmp_path / "eval.json")
+    assert ev.main([f"--model={final}", f"--out={out}"])["demo_seed"] == 3
+    assert ev.main([f"--model={final}", f"--out={out}", "--demo_seed=0"])["demo_seed"] == 0
+    assert seeds == [3, 0] and json.load(open(out))["demo_seed"] == 0
+    assert Tokenizer.from_pretrained(final).chat_template is None  # (the fixture's tokenizer saves none)
+    assert f"{final} has no saved chat template: prompts use tulu (--template chooses)" in capsys.readouterr().out
+    assert ev.main([f"--model={final}", f"--out={out}", "--template=tulu"])["template"] == "tulu"
+    assert "has no saved chat template" not in capsys.readouterr().out

@@ -105,7 +105,8 @@ def test_sweep_grid_tables_plots_resume_and_a_failed_point(tmp_path, capsys, mon
     status = {r["point"]: r["status"] for r in results}
     assert status == {"lr0.001_bs2": "ok", "lr0.001_bs3": "failed", "lr0.004_bs2": "ok", "lr0.004_bs3": "failed"}
     failed = next(r for r in results if r["status"] == "failed")
-    assert "in training (log: " in failed["error"] and "train.log" in failed["error"]
+    assert failed["error"] == ("training failed (exit 1): error: total_batch_size=3 is not a multiple of batch_size x "
+                               "world_size = 2 x 1")  # the trainer's last line, not just the command that failed
     assert "total_batch_size=3" in open(os.path.join(out, "lr0.001_bs3", "train.log")).read()
     ok = [r for r in results if r["status"] == "ok"]
     for r in ok:
@@ -172,7 +173,8 @@ def test_a_sweep_point_counts_its_preset_and_data_by_content_and_runs_the_grids_
     (["--lrs=abc"], "--lrs: 'abc' is not a number"),
     (["--lrs=,"], "--lrs: '' is not a number"),
     (["--ratios=1e-4,-1e-4"], "--ratios: '-1e-4' is not positive"),
-    (["--lrs=1e-3", "--ratios=1e-4"], "--lrs and --ratios both set the learning rates")])
+    (["--lrs=1e-3", "--ratios=1e-4"], "--lrs and --ratios both set the learning rates"),
+    (["--eval_tasks=gsm8k"], "--eval_tasks needs --eval_data_dir")])  # (it scored the demo task and said nothing)
 def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, capsys, monkeypatch):
     """Batches cut to whole numbers, a grid of no points or an --lrs the ratios would override is an error."""
     never_trains(monkeypatch)
@@ -185,17 +187,20 @@ def test_sweep_contour_plots_with_a_full_grid(tmp_path):
     results = [{"point": sweep.point_name(lr, b), "lr": lr, "batch": b, "lr_bs_ratio": lr / b, "status": "ok",
                 "metrics": {"arith_acc": lr * 100 / b, "constraint_acc": b / 10}}
                for lr in (1e-3, 3e-3, 9e-3) for b in (2, 4, 8)]
+    (tmp_path / "contour_pref_acc.png").write_bytes(b"an earlier grid's plot")
     metrics, table = sweep.write_tables(results, str(tmp_path))
     paths = sweep.plot_contours(results, metrics, str(tmp_path))
     assert sorted(os.path.basename(p) for p in paths) == ["contour_arith_acc.png", "contour_constraint_acc.png"]
+    assert not (tmp_path / "contour_pref_acc.png").exists()  # it would stand beside a table without its metric
     assert all(os.path.getsize(p) > 10_000 for p in paths)
     assert table.count("\n") == 1 + len(results)  # header, separator, one line per point
 
 
 def test_sweep_ratio_mode_sets_lr_from_the_ratio():
-    ns = type("A", (), {"ratios": "1e-4,1e-3", "batch_sizes": "4,16", "lrs": ""})()
+    ns = type("A", (), {"ratios": "1e-4,1e-3", "batch_sizes": "3,16", "lrs": ""})()
     points = sweep.grid(ns)
-    assert [(round(lr, 10), b) for lr, b, _ in points] == [(4e-4, 4), (1.6e-3, 16), (4e-3, 4), (1.6e-2, 16)]
+    assert [(lr, b) for lr, b, _ in points] == [(3e-4, 3), (1.6e-3, 16), (3e-3, 3), (1.6e-2, 16)]
+    assert sweep.point_name(*points[0][:2]) == "lr0.0003_bs3"  # not lr0.00030000000000000003_bs3
 
 
 def test_install_refuses_an_existing_torch_older_than_2_6(tmp_path):
