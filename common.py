@@ -120,13 +120,16 @@ def run_script(main, *user_errors, resumable=False):
             # Under torchrun the ranks of a node mostly meet the same refusal (the same command line, files and
             # devices): its first rank says it, and torchrun stops this one while it waits. Said at once, the
             # first failure would have torchrun stop the first rank before it could say anything.
-            time.sleep(5)
+            try:
+                time.sleep(5)
+            except KeyboardInterrupt:  # the message, not a second traceback
+                pass
         sys.exit(f"{f'rank {local_rank} of this node: ' if local_rank else ''}error: {e}")
     except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
         from tqdm import tqdm
         here = os.path.dirname(os.path.abspath(__file__))
-        frames = [f for f in traceback.extract_tb(e.__traceback__)
-                  if f.filename.startswith(here + os.sep) and "-packages" + os.sep not in f.filename]
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(here + os.sep)
+                  and "-packages" + os.sep not in os.path.relpath(f.filename, here)]  # (a venv in the checkout)
         last = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]  # in the project's own code
         rank = int(os.environ.get("RANK", 0))
         hint = "; --resume=true continues from the newest checkpoint, if one was written (they are written whole)"

@@ -681,13 +681,15 @@ def demo_seed_of(model_path):
     """The demo_seed a model was trained on, from the config.json of the run folder holding it (a trainer's
     RUN/final), so that its held-out split is the one held out; 0 (the trainers' default) when there is none."""
     run_config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
-    if os.path.isfile(run_config):
+    try:
         with open(run_config) as f:
             seed = json.load(f).get("demo_seed")
-        if seed is not None:
-            print(f"demo split of demo_seed={seed}, the one {run_config} trained on (--demo_seed chooses)")
-            return seed
-    return 0
+    except (OSError, ValueError, AttributeError):  # no run folder around the model (or not a trainer's config)
+        return 0
+    if not isinstance(seed, int):
+        return 0
+    print(f"demo split of demo_seed={seed}, as {run_config} records (--demo_seed chooses)")
+    return seed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -758,7 +760,8 @@ def main(argv=None):
         hint = "\n(the demo model: train it first with `python train_sft.py`)" if args.model == DEMO_MODEL else ""
         sys.exit(f"error: {e}{hint}")
     template = resolve_template(args.template, tok)
-    if not args.template and not tok.chat_template:  # a base model's folder, or one without tokenizer_config.json
+    # a base model's folder, or one without tokenizer_config.json (raw-text prompts need no template but IFEval's)
+    if not args.template and not tok.chat_template and (demo or args.use_chat_template):
         print(f"{args.model} has no saved chat template: prompts use tulu (--template chooses)")
     t0 = time.time()
     if demo:

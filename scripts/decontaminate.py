@@ -21,6 +21,8 @@ and n-grams are hashed to 64 bits with numpy over a whole batch of rows at once 
 random per-word values), then looked up in the sorted array of eval n-gram hashes with searchsorted.
 """
 import argparse
+import fnmatch
+import glob
 import json
 import os
 import re
@@ -33,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import ROLES, DataError, data_files, read_rows  # noqa: E402  (streams jsonl / json / parquet rows)
+from data import DATA_SUFFIXES, ROLES, DataError, data_files, read_rows  # noqa: E402  (jsonl / json / parquet)
 
 # Text fields of each eval task as published (HF datasets / the task's own release). Nested values (ARC's
 # choices {text, label}) contribute every string inside them, each as its own segment.
@@ -284,6 +286,19 @@ def parse_eval_args(items):
     return specs
 
 
+def read_as_training_data(path, train, train_files):
+    """Whether `path` is one of the training files, or would be read as one by a later run on the same --train
+    (a file written into the --train folder, or matched by its glob)."""
+    if any(os.path.exists(path) and os.path.samefile(path, f) for f in train_files):
+        return True
+    if not path.endswith(DATA_SUFFIXES):
+        return False
+    path = os.path.abspath(path)
+    if os.path.isdir(train):
+        return os.path.dirname(path) == os.path.abspath(train)
+    return glob.has_magic(train) and fnmatch.fnmatch(path, os.path.abspath(train))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", required=True, help="training data: a jsonl/json/parquet file, folder or glob")
@@ -304,24 +319,28 @@ def main(argv=None):
         p.error(f"--roles: unknown {', '.join(map(repr, unknown))} (roles: {', '.join(ROLES)}, or all)")
     eval_sets = {name: load_eval_set(name, spec, args.eval_field) for name, spec in parse_eval_args(args.eval).items()}
     train_files = data_files(args.train)
-    if args.out_clean and any(os.path.exists(args.out_clean) and os.path.samefile(args.out_clean, f)
-                              for f in train_files):
-        p.error(f"--out_clean={args.out_clean} is one of the --train files: write the clean rows elsewhere")
+    if args.out_clean and read_as_training_data(args.out_clean, args.train, train_files):
+        p.error(f"--out_clean={args.out_clean} is, or would be, one of the --train={args.train} files: write the clean "
+                f"rows elsewhere")
     train_bytes = sum(os.path.getsize(f) for f in train_files)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if args.out_clean:  # written whole or not at all: a temporary file, renamed once every row is in
-        with open(args.out_clean + ".tmp", "w", encoding="utf-8") as f:
-            report = decontaminate(read_rows(args.train), eval_sets, args.n, args.batch_size, f, not args.no_progress,
-                                   roles)
+        try:
+            with open(args.out_clean + ".tmp", "w", encoding="utf-8") as f:
+                report = decontaminate(read_rows(args.train), eval_sets, args.n, args.batch_size, f,
+                                       not args.no_progress, roles)
+            if report["train_rows"] == 0:
+                raise DataError(args.train, "holds no training rows: nothing to check")
+            os.replace(args.out_clean + ".tmp", args.out_clean)
+        except BaseException:  # a bad row, Ctrl-C: no half-written file left beside it
+            if os.path.exists(args.out_clean + ".tmp"):
+                os.remove(args.out_clean + ".tmp")
+            raise
     else:
         report = decontaminate(read_rows(args.train), eval_sets, args.n, args.batch_size, None, not args.no_progress,
                                roles)
-    if report["train_rows"] == 0:
-        if args.out_clean:
-            os.remove(args.out_clean + ".tmp")
-        raise DataError(args.train, "holds no training rows: nothing to check")
-    if args.out_clean:
-        os.replace(args.out_clean + ".tmp", args.out_clean)
+        if report["train_rows"] == 0:
+            raise DataError(args.train, "holds no training rows: nothing to check")
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     report.update(train=args.train, eval_files=parse_eval_args(args.eval), out_clean=args.out_clean,
                   seconds=elapsed, cpu_seconds=cpu, train_mb=train_bytes / 1e6,

@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -114,12 +115,22 @@ def point_settings(args, lr, batch, passthrough):
     and the data files count by what they hold (the preset's values; each file's size and modification time), so
     that editing either in place does not leave stale rows."""
     import data
-    keys = ("stage", "config", "model", "data", "seed", "eval_tasks", "eval_data_dir", "eval_limit", "nproc_per_node")
+    keys = ("stage", "config", "model", "data", "seed", "eval_data_dir", "eval_limit", "nproc_per_node") + \
+        (("eval_tasks",) if args.eval_data_dir else ())
     with open(args.config) as f:
         preset = json.load(f)
     files = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in data.data_files(args.data)] if args.data else []
     return {"lr": lr, "batch": batch, "trainer_options": passthrough, "preset": preset, "data_files": files,
             **{k: getattr(args, k) for k in keys}}
+
+
+def why_training_failed(run_dir):
+    """The trainer's own error line from its log (under torchrun, above torchrun's report), and where the log is."""
+    path = os.path.join(run_dir, "train.log")
+    with open(path, errors="replace") as log:
+        lines = [line.strip() for line in log if line.strip()]
+    said = [line for line in lines if re.match(r"(rank \d+ of this node: )?error: |\w+(Error|Exception): ", line)]
+    return f"{(said or lines or ['no output'])[-1]} (log: {path})"
 
 
 def run_point(args, lr, batch, ratio, passthrough):
@@ -131,6 +142,8 @@ def run_point(args, lr, batch, ratio, passthrough):
         with open(result_path) as f:
             result = json.load(f)
         old = result.get("settings", {})
+        if not settings["eval_data_dir"]:  # demo points: eval_tasks is not used (earlier sweeps stored its default)
+            old.pop("eval_tasks", None)
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise SystemExit(f"{result_path}: this point was run with other settings (stored, now): {diff}; "
@@ -154,10 +167,8 @@ def run_point(args, lr, batch, ratio, passthrough):
     except (subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
         result["status"] = "failed"
         result["error"] = f"{type(e).__name__} in {phase}: {e}"
-        if isinstance(e, subprocess.CalledProcessError):  # the trainer's own last words say why
-            with open(os.path.join(run_dir, "train.log"), errors="replace") as log:
-                last = [line.strip() for line in log if line.strip()][-1:]
-            result["error"] = f"training failed (exit {e.returncode}): {last[0] if last else 'no output'}"
+        if isinstance(e, subprocess.CalledProcessError) and phase.startswith("training"):
+            result["error"] = f"training failed (exit {e.returncode}): {why_training_failed(run_dir)}"
         print(f"--- {name}: FAILED: {result['error']}", flush=True)
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
@@ -189,6 +200,9 @@ def write_tables(results, out):
 
 def plot_contours(results, metrics, out):
     """One contour plot per metric over (log10 batch, log10 lr), with constant lr/batch lines."""
+    for name in os.listdir(out):  # an earlier grid's plots would stand beside this grid's table
+        if name.startswith("contour_") and name.endswith(".png"):
+            os.remove(os.path.join(out, name))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -197,9 +211,6 @@ def plot_contours(results, metrics, out):
     except ImportError:
         print("matplotlib is not installed: no plots (the tables are written)")
         return []
-    for name in os.listdir(out):  # an earlier grid's plots would stand beside this grid's table
-        if name.startswith("contour_") and name.endswith(".png"):
-            os.remove(os.path.join(out, name))
     ok = [r for r in results if r["status"] == "ok"]
     lrs = sorted({r["lr"] for r in ok})
     batches = sorted({r["batch"] for r in ok})

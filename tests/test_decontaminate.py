@@ -272,14 +272,25 @@ def test_clean_rows_are_never_written_over_the_training_data(tmp_path, capsys):
     """--out_clean naming the --train file emptied it before it was read, and the empty file passed as clean."""
     train = tmp_path / "sft.jsonl"
     train.write_bytes(open(os.path.join(TRAIN, "sft.jsonl"), "rb").read())
+    (tmp_path / "clean").mkdir()
     before = train.read_bytes()
     with pytest.raises(SystemExit):
         dc.main([f"--train={train}", "--eval", *EVAL_ARGS, "--eval_field=query", f"--out_clean={train}",
                  "--no_progress"])
-    assert "is one of the --train files" in capsys.readouterr().err
+    assert "is, or would be, one of the --train" in capsys.readouterr().err
     assert train.read_bytes() == before
+    # nor where a later run on the same --train would read them as training data too
+    for spec in (tmp_path, tmp_path / "*.jsonl"):
+        with pytest.raises(SystemExit):
+            dc.main([f"--train={spec}", "--eval", *EVAL_ARGS, "--eval_field=query",
+                     f"--out_clean={tmp_path / 'clean.jsonl'}", "--no_progress"])
+        assert "would be, one of the --train" in capsys.readouterr().err
     train.write_text("")  # nothing to check is an error, not 0% contamination
     with pytest.raises(DataError, match="holds no training rows"):
         dc.main([f"--train={train}", "--eval", *EVAL_ARGS, "--eval_field=query",
-                 f"--out_clean={tmp_path / 'clean.jsonl'}", "--no_progress"])
-    assert os.listdir(tmp_path) == ["sft.jsonl"]
+                 f"--out_clean={tmp_path / 'clean' / 'clean.jsonl'}", "--no_progress"])
+    train.write_text(before.decode().splitlines()[0] + "\n{not json\n")  # a bad row: no half-written clean file
+    with pytest.raises(DataError, match="line 2"):
+        dc.main([f"--train={train}", "--eval", *EVAL_ARGS, "--eval_field=query",
+                 f"--out_clean={tmp_path / 'clean' / 'clean.jsonl'}", "--no_progress"])
+    assert sorted(os.listdir(tmp_path)) == ["clean", "sft.jsonl"] and os.listdir(tmp_path / "clean") == []

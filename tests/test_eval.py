@@ -750,7 +750,9 @@ def test_the_demo_evaluation_takes_the_split_of_the_run_that_trained_the_model_a
     final, out = str(tmp_path / "run" / "final"), str(tmp_path / "eval.json")
     assert ev.main([f"--model={final}", f"--out={out}"])["demo_seed"] == 3
     assert ev.main([f"--model={final}", f"--out={out}", "--demo_seed=0"])["demo_seed"] == 0
-    assert seeds == [3, 0] and json.load(open(out))["demo_seed"] == 0
+    assert seeds[:2] == [3, 0] and json.load(open(out))["demo_seed"] == 0
+    (tmp_path / "run" / "config.json").write_text("[1, 2]")  # not a trainer's run config: the trainers' default
+    assert ev.main([f"--model={final}", f"--out={out}"])["demo_seed"] == 0
     assert Tokenizer.from_pretrained(final).chat_template is None  # (the fixture's tokenizer saves none)
     assert f"{final} has no saved chat template: prompts use tulu (--template chooses)" in capsys.readouterr().out
     assert ev.main([f"--model={final}", f"--out={out}", "--template=tulu"])["template"] == "tulu"

@@ -106,7 +106,7 @@ def test_sweep_grid_tables_plots_resume_and_a_failed_point(tmp_path, capsys, mon
     assert status == {"lr0.001_bs2": "ok", "lr0.001_bs3": "failed", "lr0.004_bs2": "ok", "lr0.004_bs3": "failed"}
     failed = next(r for r in results if r["status"] == "failed")
     assert failed["error"] == ("training failed (exit 1): error: total_batch_size=3 is not a multiple of batch_size x "
-                               "world_size = 2 x 1")  # the trainer's last line, not just the command that failed
+                               f"world_size = 2 x 1 (log: {os.path.join(out, failed['point'], 'train.log')})")
     assert "total_batch_size=3" in open(os.path.join(out, "lr0.001_bs3", "train.log")).read()
     ok = [r for r in results if r["status"] == "ok"]
     for r in ok:
@@ -380,3 +380,24 @@ def test_rlvr_help_says_which_shared_settings_it_refuses():
     lines = {line.split("=")[0].strip(): line for line in out.stdout.splitlines() if line.startswith("  --")}
     for name in ("--fsdp", "--grad_accum", "--total_batch_size"):
         assert "not supported" in lines[name] or "not used" in lines[name], lines[name]
+
+
+def test_a_failed_point_says_the_trainers_own_error_even_under_torchrun(tmp_path):
+    (tmp_path / "train.log").write_text("step 0: held-out loss 6.71\nerror: --lr=abc: not a number\n"
+                                        "E1207 ... failed (exitcode: 1)\nTraceback (most recent call last):\n"
+                                        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+                                        "============================================================\n")
+    assert sweep.why_training_failed(str(tmp_path)) == (f"error: --lr=abc: not a number (log: "
+                                                         f"{tmp_path / 'train.log'})")
+
+
+def test_a_demo_point_stored_with_the_old_eval_tasks_default_is_reused(tmp_path, capsys):
+    """Demo points are scored on the demo split whatever eval_tasks says; earlier sweeps stored its old default."""
+    args = argparse.Namespace(stage="sft", config=os.path.join(sweep.ROOT, sweep.DEMO_CONFIGS["sft"]), model="",
+                              data="", seed=0, eval_tasks="", eval_data_dir="", eval_limit=4, nproc_per_node=1,
+                              out=str(tmp_path), retry_failed=False)
+    stored = {**sweep.point_settings(args, 1e-3, 2, []), "eval_tasks": "arc,gsm8k,hellaswag,ifeval"}
+    (tmp_path / "lr0.001_bs2").mkdir()
+    (tmp_path / "lr0.001_bs2" / "sweep_point.json").write_text(json.dumps({"status": "ok", "settings": stored}))
+    assert sweep.run_point(args, 1e-3, 2, 5e-4, [])["status"] == "ok"
+    assert "done before (ok), skipped" in capsys.readouterr().out
