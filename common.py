@@ -890,7 +890,7 @@ def _inside(path, folder):
 
 
 def write_run_config(cfg, **resolved):
-    """run_dir/config.json: the settings that run, with `resolved` values in place of cfg's. Called by the trainers
+    """run_dir/config.json: the settings that ran, with `resolved` values in place of cfg's. Called by the trainers
     after maybe_resume, when every setting is resolved (--template= included) and a resumed run's are known to fit
     its checkpoint (a refused resume leaves the record of the run its checkpoints belong to)."""
     if int(os.environ.get("RANK", 0)) == 0:

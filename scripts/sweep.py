@@ -166,9 +166,10 @@ def run_point(args, lr, batch, ratio, passthrough):
         result["status"] = "ok"
     except (subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
         result["status"] = "failed"
-        result["error"] = f"{type(e).__name__} in {phase}: {e}"
         if isinstance(e, subprocess.CalledProcessError) and phase.startswith("training"):
             result["error"] = f"training failed (exit {e.returncode}): {why_training_failed(run_dir)}"
+        else:
+            result["error"] = f"{type(e).__name__} in {phase}: {e}"
         print(f"--- {name}: FAILED: {result['error']}", flush=True)
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
