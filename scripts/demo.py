@@ -232,9 +232,11 @@ def main(argv=None):
     for name in [r["stage"] for r in rows]:
         with open(os.path.join(args.out, name, "config.json")) as f:
             cfg = json.load(f)
-        # (RLVR takes no total_batch_size: its batch is prompts_per_step x num_samples)
-        keys = [k for k in ("lr", "total_batch_size", "epochs", "max_steps", "loss_type", "beta", "algo",
-                            "prompts_per_step", "num_samples") if k in cfg and (k != "total_batch_size" or cfg[k])]
+        # (RLVR takes no total_batch_size: its batch is prompts_per_step x num_samples; max_steps, when set,
+        # replaces epochs as the length of a run)
+        length = "max_steps" if cfg.get("max_steps") else "epochs"
+        keys = [k for k in ("lr", "total_batch_size", length, "loss_type", "beta", "algo", "prompts_per_step",
+                            "num_samples") if k in cfg and (k != "total_batch_size" or cfg[k])]
         start = os.path.relpath(cfg["model"], args.out) if cfg.get("model") else "from scratch (demo preset)"
         report.append(f"- {name.upper()}: start {start}; " + ", ".join(f"{k}={cfg[k]}" for k in keys))
     with open(os.path.join(args.out, "report.md"), "w") as f:

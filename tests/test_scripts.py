@@ -40,6 +40,9 @@ def test_demo_runs_every_stage_then_reuses_them_and_redo_reruns_downstream(tmp_p
     assert "| SFT |" in report and "| DPO |" in report and "| RLVR |" in report and "from scratch" in report
     rlvr_line = next(line for line in report.splitlines() if line.startswith("- RLVR: "))
     assert "prompts_per_step=" in rlvr_line and "total_batch_size" not in rlvr_line  # RLVR takes none
+    # each stage's length as it ran: max_steps (set here) in place of the epochs it overrides
+    settings = [line for line in report.splitlines() if line.startswith(("- SFT: ", "- DPO: ", "- RLVR: "))]
+    assert len(settings) == 3 and all("max_steps=" in line and "epochs=" not in line for line in settings)
     assert os.path.exists(os.path.join(out, "curves.png")) or os.path.exists(os.path.join(out, "curves.txt"))
     assert json.load(open(os.path.join(out, "table.json"))) == rows
     first = stage_mtimes(out)
