@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,10 +120,8 @@ def run_script(main, *user_errors, resumable=False):
             # Under torchrun the ranks of a node mostly meet the same refusal (the same command line, files and
             # devices): its first rank says it, and torchrun stops this one while it waits. Said at once, the
             # first failure would have torchrun stop the first rank before it could say anything.
-            try:
+            with suppress(KeyboardInterrupt):  # Ctrl-C meanwhile: the message, not a second traceback
                 time.sleep(5)
-            except KeyboardInterrupt:  # the message, not a second traceback
-                pass
         sys.exit(f"{f'rank {local_rank} of this node: ' if local_rank else ''}error: {e}")
     except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
         from tqdm import tqdm
@@ -407,6 +405,15 @@ def teardown_distributed():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def main_rank_first(fn):
+    """fn() on rank 0, then on the other ranks once it is done: rank 0 fills a cache (the tokenization's) that the
+    others then read instead of all computing it at once."""
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    out = fn() if is_main else None
+    barrier()
+    return out if is_main else fn()
 
 
 def all_reduce_sum(x):

@@ -678,18 +678,16 @@ def evaluate_demo(model, tok, data, template="tulu", limit=None, batch_size=16, 
 
 
 def demo_seed_of(model_path):
-    """The demo_seed a model was trained on, from the config.json of the run folder holding it (a trainer's
-    RUN/final), so that its held-out split is the one held out; 0 (the trainers' default) when there is none."""
+    """-> (the demo_seed a model was trained on, the run config.json that records it), from the run folder holding
+    the model (a trainer's RUN/final), so that its held-out split is the one held out; (0, None), the trainers'
+    default, when there is none."""
     run_config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
     try:
         with open(run_config) as f:
             seed = json.load(f).get("demo_seed")
     except (OSError, ValueError, AttributeError):  # no run folder around the model (or not a trainer's config)
-        return 0
-    if not isinstance(seed, int):
-        return 0
-    print(f"demo split of demo_seed={seed}, as {run_config} records (--demo_seed chooses)")
-    return seed
+        return 0, None
+    return (seed, run_config) if isinstance(seed, int) else (0, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -765,7 +763,11 @@ def main(argv=None):
         print(f"{args.model} has no saved chat template: prompts use tulu (--template chooses)")
     t0 = time.time()
     if demo:
-        seed = demo_seed_of(args.model) if args.demo_seed is None else args.demo_seed
+        seed = args.demo_seed
+        if seed is None:
+            seed, run_config = demo_seed_of(args.model)
+            if run_config:
+                print(f"demo split of demo_seed={seed}, as {run_config} records (--demo_seed chooses)")
         summary, examples = run_demo_eval(model, tok, make_demo_data(seed), template, args.limit,
                                           args.batch_size, args.max_new_tokens or 128)
         rows = [(k, "acc", summary[f"{k}_acc"], summary[f"{k}_n"]) for k in ("arith", "constraint", "pref")]

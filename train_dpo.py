@@ -112,16 +112,11 @@ def normalize_demo(row):
 
 
 def tokenize(cfg, tok, rows, name, d):
-    """Rank 0 fills the tokenization cache first, the others then read it. (data.tokenize_preference warns of the
-    pairs its truncation policy dropped or cut.)"""
-    cache = cfg.cache_dir or None
-    run = lambda: data.tokenize_preference(rows, tok, cfg.template, cfg.max_seq_len, truncation=cfg.truncation,
-                                           cache_dir=cache, progress=d.is_main and cfg.progress, split=name)
-    if d.is_main:
-        pairs = run()
-    common.barrier()
-    if not d.is_main:
-        pairs = run()
+    """The pairs, tokenized by rank 0 first (common.main_rank_first). (data.tokenize_preference warns of the pairs
+    its truncation policy dropped or cut.)"""
+    pairs = common.main_rank_first(lambda: data.tokenize_preference(
+        rows, tok, cfg.template, cfg.max_seq_len, truncation=cfg.truncation, cache_dir=cfg.cache_dir or None,
+        progress=d.is_main and cfg.progress, split=name))
     common.print0(f"{name} preference pairs: {len(pairs)} of {len(rows)} kept")
     return pairs
 

@@ -62,15 +62,9 @@ def load_data(cfg, d):
     cache = cfg.cache_dir or None
 
     def tokenize(rows, split):
-        # rank 0 fills the cache first, the others then read it instead of all tokenizing at once
-        run = lambda: data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len, cache_dir=cache,
-                                        progress=d.is_main and cfg.progress, split=split)
-        if d.is_main:
-            out = run()
-        common.barrier()
-        if not d.is_main:
-            out = run()
-        return out
+        return common.main_rank_first(lambda: data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len,
+                                                                cache_dir=cache, progress=d.is_main and cfg.progress,
+                                                                split=split))
 
     train = tokenize(train_rows, "train")
     if not train:

@@ -102,10 +102,8 @@ def evaluate(args, final, run_dir):
         return {task: res["value"] for task, res in summary.items()}
     import data
     import eval as evaluation
-    # the synthetic data the trainer was given, so that the held-out split really was held out
-    with open(os.path.join(run_dir, "config.json")) as f:
-        demo_seed = json.load(f)["demo_seed"]
     model, tok = evaluation.load_model_and_tokenizer(final)
+    demo_seed, _ = evaluation.demo_seed_of(final)  # the split the trainer held out
     scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(demo_seed), limit=args.eval_limit or None)
     return {k: scores[k] for k in DEMO_METRICS}
 
