@@ -474,7 +474,8 @@ def compile_blocks(model):
 
     Regional rather than whole-model: the blocks share one compiled graph, so compiling takes seconds rather than
     minutes, parameter names (checkpoints) are unchanged and FSDP2 still shards plain blocks. A new sequence
-    length recompiles once, after which lengths are symbolic. generate() runs the blocks eagerly."""
+    length recompiles once, after which lengths are symbolic. generate() does not call the blocks (see
+    model.forward_cached)."""
     for block in model.layers:
         block.compile()
 

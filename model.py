@@ -174,6 +174,17 @@ PRESETS = {
 # Modules
 
 
+def rms_norm(x, weight, eps):
+    if x.dtype != torch.float32:
+        # Normalise in fp32 and scale after casting back, exactly as transformers does, so bf16 results match.
+        return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+    if x.is_cuda:
+        return F.rms_norm(x, (x.size(-1),), weight, eps)  # one fused kernel
+    # On CPU, F.rms_norm runs a dozen small ops (scalar copies among them); transformers' formula gives the same
+    # bits with six, which is 4% of a decode step at the demo size.
+    return weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps)))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -181,14 +192,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype != torch.float32:
-            # Normalise in fp32 and scale after casting back, exactly as transformers does, so bf16 results match.
-            return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
-        if x.is_cuda:
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # one fused kernel
-        # On CPU, F.rms_norm runs a dozen small ops (scalar copies among them); transformers' formula gives the same
-        # bits with six, which is 4% of a decode step at the demo size.
-        return self.weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps)))
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(config, device):
@@ -218,42 +222,47 @@ def grouped_decode_attention(q, k, v, mask):
     return y.reshape(B, H, 1, D)  # (not view: a GPU kernel's output is a transposed [B, group, kv_heads, D] buffer)
 
 
+def split_heads(qkv, cos, sin, num_heads, num_kv_heads):
+    """The fused projection [B, T, (heads + 2 kv_heads) x head_dim] -> q [B, heads, T, head_dim] and k, v
+    [B, kv_heads, T, head_dim], q and k rotated."""
+    B, T, _ = qkv.shape
+    # Split and rotate in the projection's [B, T, heads, D] layout, then transpose: backward concatenates the
+    # gradients straight into the fused matmul's layout, and torch.compile with dynamic sequence lengths gets the
+    # attention strides right (rotating after the transpose trips a stride assertion in its CPU attention
+    # backward). split, not slicing: backward is one concatenation, not zero-filled copies.
+    qk, v = qkv.view(B, T, num_heads + 2 * num_kv_heads, -1).split([num_heads + num_kv_heads, num_kv_heads], dim=2)
+    q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([num_heads, num_kv_heads], dim=1)  # rotated together
+    return q, k, v.transpose(1, 2)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention: q [B, heads, T, D] over k, v [B, kv_heads, L, D]; mask None (causal, T == L) or
+    [B, 1, T, L] (bool, or additive)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    groups = q.size(1) // k.size(1)
+    if groups > 1 and q.is_cuda:
+        if q.size(2) == 1:
+            return grouped_decode_attention(q, k, v, mask)
+        # The GPU kernels that take an arbitrary mask do not do grouped-query attention, so share kv heads
+        # explicitly rather than fall back to the math kernel that materialises every score.
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         # q, k and v in one matmul (checkpoints store them apart; see to_hf_state / from_hf_state).
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
+    def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
-        H, Hkv = self.num_heads, self.num_kv_heads
-        # Split and rotate in the projection's [B, T, heads, D] layout, then transpose: backward concatenates the
-        # gradients straight into the fused matmul's layout, and torch.compile with dynamic sequence lengths
-        # gets the attention strides right (rotating after the transpose trips a stride assertion in its CPU
-        # attention backward). split, not slicing: backward is one concatenation, not zero-filled copies.
-        qk, v = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).split([H + Hkv, Hkv], dim=2)
-        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([H, Hkv], dim=1)  # q and k heads rotated together
-        v = v.transpose(1, 2)
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache  # [B, kv_heads, max_len, head_dim] views into the static cache
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif T == 1 and H > Hkv and q.is_cuda:
-            y = grouped_decode_attention(q, k, v, mask)
-        else:
-            # The GPU kernels that take an arbitrary mask do not do grouped-query attention, so share kv heads
-            # explicitly rather than fall back to the math kernel that materialises every score.
-            groups = H // Hkv
-            if groups > 1 and q.is_cuda:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        q, k, v = split_heads(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads)
+        return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -275,8 +284,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, start)
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -313,41 +322,33 @@ class Transformer(nn.Module):
         # generate's last token) rather than build [B, T, V] logits.
         return F.linear(hidden, self.output_weight)
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, return_hidden=False, cache=None):
+    def forward(self, input_ids, position_ids=None, doc_ids=None, return_hidden=False):
         """input_ids [B, T] -> logits [B, T, V] (or final normed hidden [B, T, H] with return_hidden).
 
         doc_ids [B, T]: packed rows; a token attends causally to earlier tokens of the same doc id only.
-        cache: a KVCache being filled by generate(); its `valid` flags play the role of doc ids.
         """
         B, T = input_ids.shape
-        start = 0 if cache is None else cache.pos
         # cos/sin [T, 1, D] or [B, T, 1, D]: broadcast over the heads of [B, T, heads, D] (and over B when every
         # row has the same positions)
         if position_ids is None:
-            if start + T > self.config.max_position_embeddings:
-                raise ValueError(f"positions {start}..{start + T - 1} exceed max_position_embeddings "
+            if T > self.config.max_position_embeddings:
+                raise ValueError(f"positions 0..{T - 1} exceed max_position_embeddings "
                                  f"({self.config.max_position_embeddings})")
-            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
+            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
-        if cache is not None:
-            mask = cache.attention_mask(start, T)
-        elif doc_ids is not None:
+        if doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)
         else:
             mask = None  # plain causal: lets SDPA pick its fastest (flash) kernel
 
         x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), start)
-            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
-        if cache is not None:
-            cache.pos = start + T
         x = self.norm(x)
         return x if return_hidden else self.logits(x)
 
@@ -539,6 +540,38 @@ class KVCache:
         return (causal & same).unsqueeze(1)
 
 
+def layer_weights(model):
+    """Each layer's weights, in the order forward_cached takes them."""
+    return [(layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+             layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
+            for layer in model.layers]
+
+
+def forward_cached(model, weights, input_ids, position_ids, cache):
+    """Transformer.forward for generate: input_ids [B, T] at position_ids [B, T] attend to the cache's filled slots
+    and to each other, store their keys and values from slot cache.pos on, and give the final normed hidden states
+    [B, T, H]. The blocks' computation (Block, Attention and MLP's forwards), written over the weights of
+    layer_weights(model): at one token a step, nn.Module calls and parameter lookups took about 14% of a CPU
+    decoding step. So hooks on the blocks, and blocks compiled for training, play no part in generation."""
+    c = model.config
+    B, T = input_ids.shape
+    start, end = cache.pos, cache.pos + T
+    cos, sin = model.rope_cos[position_ids].unsqueeze(2), model.rope_sin[position_ids].unsqueeze(2)
+    mask = cache.attention_mask(start, T)
+    x = model.embed_tokens(input_ids)
+    for (input_norm, qkv, o, post_norm, gate_up, down), k_cache, v_cache in zip(weights, cache.k, cache.v):
+        q, k, v = split_heads(F.linear(rms_norm(x, input_norm, c.rms_norm_eps), qkv), cos, sin, c.num_heads,
+                              c.num_kv_heads)
+        k_cache[:, :, start:end] = k  # [B, kv_heads, max_len, head_dim]
+        v_cache[:, :, start:end] = v
+        y = attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), o)
+        gate, up = F.linear(rms_norm(x, post_norm, c.rms_norm_eps), gate_up).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, down)
+    cache.pos = end
+    return model.norm(x)
+
+
 @dataclass
 class Generation:
     tokens: list = field(default_factory=list)    # new token ids per row, up to and including a stop token
@@ -579,9 +612,6 @@ STOP_CHECK_EVERY = {"cuda": 8}  # decoding steps between host reads of whether e
 
 
 @torch.inference_mode()  # lighter than no_grad: no version counters or view tracking on the many tiny ops
-# Blocks compiled for training (common.compile_blocks) run eagerly here: the cache position changes every step,
-# and each new value would recompile them.
-@torch.compiler.set_stance("force_eager")
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_token_ids=(),
              generator=None, pad_token_id=0):
     """Continue each prompt (a list of token ids) by up to max_new_tokens; see Generation for the result."""
@@ -628,9 +658,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     check_every = STOP_CHECK_EVERY.get(device.type, 1)
     num_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
 
-    was_training = model.training
-    model.eval()
-    hidden = model(ids, position_ids=positions, cache=cache, return_hidden=True)[:, -1]
+    weights = layer_weights(model)
+    hidden = forward_cached(model, weights, ids, positions, cache)[:, -1]
     for t in range(max_new_tokens):
         logits = model.logits(hidden).float()  # prefill kept only the last hidden state: no [B, T, V] logits
         token, logp = sample(logits, temperature, top_k, top_p, generator)
@@ -643,8 +672,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
         logprobs.append(logp)
         if t == max_new_tokens - 1 or (stops is not None and t % check_every == 0 and bool(done.all())):
             break
-        hidden = model(token[:, None], position_ids=(lens + t)[:, None], cache=cache, return_hidden=True)[:, 0]
-    model.train(was_training)
+        hidden = forward_cached(model, weights, token[:, None], (lens + t)[:, None], cache)[:, 0]
 
     num_new, stopped = num_new.tolist(), done.tolist()
     tokens, logprobs = torch.stack(tokens, dim=1).tolist(), torch.stack(logprobs, dim=1).tolist()

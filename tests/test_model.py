@@ -336,6 +336,25 @@ def test_cached_greedy_decoding_equals_full_recomputation(tiny):
         torch.testing.assert_close(torch.tensor(lps), chosen, atol=1e-4, rtol=1e-4)
 
 
+def test_forward_cached_computes_what_the_blocks_compute(tiny):
+    """Generation's own pass over the layers' weights (model.forward_cached) against Transformer.forward: a prompt
+    gives the same bits as forward under the same mask, and each decoded token the hidden state forward gives it."""
+    import model as model_module
+    ids = torch.tensor([[5, 17, 33, 9, 2, 44], [61, 7, 80, 3, 11, 12]])
+    cache = model_module.KVCache(tiny.config, 2, 9, torch.float32, "cpu")
+    weights = model_module.layer_weights(tiny)
+    with torch.no_grad():
+        full = tiny(torch.cat([ids, ids[:, :3]], dim=1), doc_ids=torch.zeros(2, 9, dtype=torch.long),
+                    return_hidden=True)
+        prompt = tiny(ids, doc_ids=torch.zeros(2, 6, dtype=torch.long), return_hidden=True)
+        assert torch.equal(model_module.forward_cached(tiny, weights, ids, torch.arange(6).expand(2, 6), cache),
+                           prompt)
+        for t in range(3):
+            step = model_module.forward_cached(tiny, weights, ids[:, t:t + 1], torch.full((2, 1), 6 + t), cache)
+            torch.testing.assert_close(step, full[:, 6 + t:7 + t], rtol=0, atol=1e-5)
+    assert cache.pos == 9
+
+
 def test_sampling_is_seeded_and_logprobs_match_recomputation(tiny):
     def run(seed, **kw):
         return generate(tiny, PROMPTS, max_new_tokens=8, temperature=0.7, top_k=50, top_p=0.9,
@@ -420,21 +439,23 @@ def test_reading_the_stopped_rows_every_few_steps_gives_the_same_generation(tiny
     free = generate(tiny, PROMPTS, max_new_tokens=12).tokens
     stops = [[free[row][row + 2]] for row in range(len(PROMPTS))]  # the rows stop at different steps
     last = max(next(i for i, t in enumerate(toks) if t in s) for toks, s in zip(free, stops))
-    decoded = []
-    hook = tiny.register_forward_pre_hook(lambda module, args: decoded.append(args[0].size(1) == 1))
-    try:
-        every_step = generate(tiny, PROMPTS, max_new_tokens=12, stop_token_ids=stops)
-        assert sum(decoded) == last  # the step after the last stop is never decoded
-        decoded.clear()
-        monkeypatch.setattr(model_module, "STOP_CHECK_EVERY", {"cpu": 4})
-        every_fourth = generate(tiny, PROMPTS, max_new_tokens=12, stop_token_ids=stops)
-    finally:
-        hook.remove()
+    decoded, forward_cached = [], model_module.forward_cached
+
+    def counting(model, weights, input_ids, position_ids, cache):
+        decoded.append(input_ids.size(1) == 1)
+        return forward_cached(model, weights, input_ids, position_ids, cache)
+
+    monkeypatch.setattr(model_module, "forward_cached", counting)
+    every_step = generate(tiny, PROMPTS, max_new_tokens=12, stop_token_ids=stops)
+    assert sum(decoded) == last  # the step after the last stop is never decoded
+    decoded.clear()
+    monkeypatch.setattr(model_module, "STOP_CHECK_EVERY", {"cpu": 4})
+    every_fourth = generate(tiny, PROMPTS, max_new_tokens=12, stop_token_ids=stops)
     assert every_fourth == every_step and all(every_step.stopped)
     assert sum(decoded) == -(-last // 4) * 4 and sum(decoded) < 12
 
 
-def test_generate_restores_training_mode_and_rejects_empty_prompt(tiny):
+def test_generate_leaves_the_training_mode_as_it_was_and_rejects_empty_prompt(tiny):
     tiny.train()
     generate(tiny, [[1, 2]], max_new_tokens=2)
     assert tiny.training
