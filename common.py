@@ -145,10 +145,13 @@ def refuse_unused(cfg, names, why):
 
 
 def check_folder(cfg, name, hint=""):
-    """A model folder named by --name that is not there is an error saying so, before anything tries to read it."""
+    """A model folder named by --name that is not there, or not a model folder (model.model_folder_problem), is an
+    error saying so, before anything tries to read it; `hint` is added when there is nothing at all."""
+    from model import model_folder_problem
     path = getattr(cfg, name)
-    if path and not os.path.isdir(path):
-        raise FileNotFoundError(f"--{name}={path}: no such folder{hint}")
+    problem = path and model_folder_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--{name}={path}: {problem}{'' if os.path.exists(path) else hint}")
 
 
 def refuse_if_given(cfg, name, why):
@@ -283,6 +286,23 @@ def parse_config(cls, argv=None):
         sys.exit(0)
     cfg = cls(**values)
     cfg.command_line = frozenset(k for k, _ in overrides)
+    return cfg
+
+
+def parse_trainer_config(cls, argv, demo_preset, example_preset):
+    """parse_config for a trainer, on its demo preset (configs/<demo_preset>) when argv names no --config. That
+    preset is tuned for the synthetic demo, a ~1M-parameter model trained from scratch (SFT's lr is 4e-3), so a run
+    on real data (--data) without --config is refused rather than given it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.startswith("--config=") for a in argv):
+        return parse_config(cls, argv)
+    demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", demo_preset)
+    cfg = parse_config(cls, [f"--config={demo}", *argv])
+    if cfg.data:
+        raise ConfigError(f"--data={cfg.data} without --config: the settings would be the demo preset's ({demo}, lr "
+                          f"{cfg.lr:g}, made for the synthetic demo's tiny model trained from scratch); pass a preset "
+                          f"(configs/ holds the paper's, e.g. --config=configs/{example_preset}), or --config={demo} "
+                          f"to train with the demo's settings anyway")
     return cfg
 
 

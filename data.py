@@ -53,11 +53,11 @@ def _read_json(path):
         try:
             obj = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            raise DataError(path, f"invalid JSON at line {e.lineno}: {e.msg}") from None
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+            raise DataError(path, f"not UTF-8 text (byte {e.start})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(path, f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -71,17 +71,17 @@ def _saved_chat_template(folder, tok_config):
             try:
                 return f.read()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+                raise DataError(path, f"not UTF-8 text (byte {e.start})") from None
     saved = tok_config.get("chat_template")
     where = os.path.join(folder, "tokenizer_config.json")
     if isinstance(saved, list):
         named = {t.get("name"): t.get("template") for t in saved if isinstance(t, dict)}
         if not isinstance(named.get("default"), str):
-            raise ValueError(f"{where}: chat_template lists the templates {sorted(map(str, named))}, none of them a "
+            raise DataError(where, f"chat_template lists the templates {sorted(map(str, named))}, none of them a "
                              "string named 'default'")
         saved = named["default"]
     if saved is not None and not isinstance(saved, str):
-        raise ValueError(f"{where}: chat_template must be a jinja string or a list of {{name, template}}, got "
+        raise DataError(where, f"chat_template must be a jinja string or a list of {{name, template}}, got "
                          f"{type(saved).__name__}")
     return saved
 
@@ -139,7 +139,7 @@ class Tokenizer:
         try:
             tk = tokenizers.Tokenizer.from_file(file)
         except Exception as e:  # the library raises a bare Exception for a broken file
-            raise ValueError(f"{file}: not a readable tokenizer ({e})") from None
+            raise DataError(file, f"not a readable tokenizer ({e})") from None
         tok_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         special_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
         gen_config = _read_json(os.path.join(folder, "generation_config.json"))
@@ -157,21 +157,21 @@ class Tokenizer:
                 token = _token_str(source.get(name))
                 if token is not None:
                     if not isinstance(token, str):
-                        raise ValueError(f"{os.path.join(folder, file)}: {name} = {token!r} must be a token string")
+                        raise DataError(os.path.join(folder, file), f"{name} = {token!r} must be a token string")
                     return token
             token_id = gen_config.get(f"{name}_id")
             if isinstance(token_id, list):  # generation_config may list several eos ids; the first is the main one
                 token_id = token_id[0] if token_id else None
             if token_id is not None:
                 if not isinstance(token_id, int) or isinstance(token_id, bool) or tk.id_to_token(token_id) is None:
-                    raise ValueError(f"{os.path.join(folder, 'generation_config.json')}: {name}_id = {token_id!r} "
+                    raise DataError(os.path.join(folder, 'generation_config.json'), f"{name}_id = {token_id!r} "
                                      "is not a token id of the tokenizer")
                 return tk.id_to_token(token_id)
             return "<|endoftext|>" if name != "pad_token" and tk.token_to_id("<|endoftext|>") is not None else None
 
         eos = resolve("eos_token", eos_token)
         if eos is None:
-            raise ValueError(f"tokenizer: no eos token found in {folder}; pass eos_token=")
+            raise DataError(folder, "no eos token in its tokenizer files; pass eos_token=")
         settings = {k: v for k, v in {**files[1][0], **files[0][0]}.items() if k not in _SETTINGS_WE_WRITE}
         # special_tokens_map.json may spell tokens as AddedToken dicts, which tokenizer_config.json does not take
         for key in ("unk_token", "sep_token", "cls_token", "mask_token"):
@@ -179,8 +179,13 @@ class Tokenizer:
                 settings[key] = _token_str(settings[key])
         if isinstance(settings.get("additional_special_tokens"), list):
             settings["additional_special_tokens"] = [_token_str(t) for t in settings["additional_special_tokens"]]
-        return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
-                   chat_template=_saved_chat_template(folder, tok_config), settings=settings)
+        try:
+            return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
+                       chat_template=_saved_chat_template(folder, tok_config), settings=settings)
+        except DataError:
+            raise
+        except ValueError as e:  # a special token missing from the vocabulary: say which folder named it
+            raise DataError(folder, str(e)) from None
 
     def encode(self, text):
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -205,7 +210,7 @@ class Tokenizer:
     def end_of_turn_ids(self):
         """Ids that end an assistant turn under this tokenizer's chat template: the eos ids a saved model's
         generation_config.json lists, so that transformers and vLLM stop at ChatML's <|im_end|> too."""
-        return stop_token_ids(self, template_name(self.chat_template))
+        return stop_token_ids(self, template_name(self.chat_template, self))
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
@@ -349,7 +354,11 @@ def render_chat(tok, messages, template="tulu", add_generation_prompt=False):
 def render_chat_text(tok, messages, template="tulu", add_generation_prompt=False):
     """The text render_chat tokenizes (evaluation builds prompts as text, as lighteval does)."""
     validate_messages(messages, "messages")
-    return "".join(text for text, _ in _render_parts(messages, template, tok.eos_token, add_generation_prompt, 0))
+    return _render_text(messages, template, tok.eos_token, add_generation_prompt)
+
+
+def _render_text(messages, template, eos_token, add_generation_prompt):
+    return "".join(text for text, _ in _render_parts(messages, template, eos_token, add_generation_prompt, 0))
 
 
 def stop_token_ids(tok, template):
@@ -363,7 +372,7 @@ def stop_token_ids(tok, template):
 def check_vocab(tok, vocab_size, where):
     """A token id past the embedding table fails deep inside the model (a device-side assert on GPU): say so here."""
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+        raise DataError(where, f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                          f"{vocab_size}; they must come from the same snapshot")
 
 
@@ -376,30 +385,77 @@ def check_template_name(requested):
 
 def resolve_template(requested, tok):
     """The chat template to render with: `requested`, else the one the model was saved with (tulu when none).
-    Rendering in another format than the model was saved with is allowed, but said; a saved template that is
-    neither of ours needs a `requested` one."""
+    Rendering in another format than the model was saved with is allowed, but said; a saved template that renders
+    neither like tulu nor like chatml needs a `requested` one."""
     check_template_name(requested)
-    saved = template_name(tok.chat_template)
+    saved = template_name(tok.chat_template, tok)
     if requested:
         if saved and requested != saved:
             log.warning(f"the model was saved with the {saved} chat template; using {requested} (--template)")
         return requested
     if tok.chat_template and saved is None:
-        raise DataError("the model's saved chat template", "neither tulu nor chatml (it has neither '<|assistant|>' "
-                        "nor '<|im_start|>'); pass --template=tulu or --template=chatml")
+        messages, add_generation_prompt = TEMPLATE_PROBES[0]
+        try:
+            theirs = repr(_render_jinja(tok.chat_template, messages, add_generation_prompt, tok))
+        except Exception as e:  # jinja's errors, or whatever the template's own code raises
+            theirs = f"an error ({type(e).__name__}: {e})"
+        ours = ", ".join(f"{name} {_render_text(messages, name, tok.eos_token, add_generation_prompt)!r}"
+                         for name in CHAT_TEMPLATES)
+        raise DataError("the model's saved chat template", f"renders neither like tulu nor like chatml (a user turn "
+                        f"'Hi' with the generation prompt: {theirs[:300]}; ours: {ours}); pass --template=tulu or "
+                        f"--template=chatml to train and evaluate with ours (a trained model is saved with it)")
     return saved or "tulu"
 
 
-def template_name(chat_template):
-    """Which of our templates a saved chat_template is: our trainers save 'tulu' or 'chatml' (written out as jinja in
-    tokenizer_config.json); other jinja with ChatML's markers (SmolLM2-Instruct's) is chatml, with Tulu's (AllenAI's
-    Tulu 3 models') tulu. None when there is no template, or one that is neither."""
-    if chat_template in ("tulu", "chatml"):
+# Conversations on which our templates and their look-alikes differ: ChatML's default system turn (SmolLM2's
+# inserts one), a given system turn, the newline after a non-final assistant turn and none after the final one
+# (Tulu 3's), where eos goes, a bos before everything (OLMo 2's Tulu), the generation prompt.
+TEMPLATE_PROBES = [
+    ([{"role": "user", "content": "Hi"}], True),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+      {"role": "assistant", "content": "6"}], False),
+]
+
+
+def _render_jinja(template, messages, add_generation_prompt, tok):
+    """A saved jinja chat template rendered as transformers' apply_chat_template renders it: a sandboxed jinja2
+    environment (jinja2 comes with torch) that trims the whitespace around blocks, given the special tokens."""
+    import jinja2.ext
+    import jinja2.sandbox
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    tokens = {name: getattr(tok, name) for name in ("bos_token", "eos_token", "pad_token")
+              if getattr(tok, name) is not None}
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+
+
+def template_name(chat_template, tok):
+    """Which of our templates a saved chat_template is: our trainers save 'tulu' or 'chatml' (as their jinja, in
+    tokenizer_config.json); other jinja (SmolLM2-Instruct's, AllenAI's Tulu 3 models') is the one of ours it renders
+    exactly like on TEMPLATE_PROBES, with `tok`'s special tokens. None when there is no template, or it renders like
+    neither (a ChatML without SmolLM2's default system turn, say, on which ours would train something else)."""
+    if chat_template in CHAT_TEMPLATES:
         return chat_template
-    saved = chat_template or ""
-    if "<|im_start|>" in saved:
-        return "chatml"
-    return "tulu" if "<|assistant|>" in saved else None
+    for name, jinja in CHAT_TEMPLATES.items():
+        if chat_template == jinja:
+            return name
+    if not chat_template:
+        return None
+    for name in CHAT_TEMPLATES:
+        try:
+            if all(_render_jinja(chat_template, messages, add_generation_prompt, tok)
+                   == _render_text(messages, name, tok.eos_token, add_generation_prompt)
+                   for messages, add_generation_prompt in TEMPLATE_PROBES):
+                return name
+        except Exception:  # a template that cannot render these conversations is not one of ours
+            return None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ import common
 import verifiers
 from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, render_chat_text,
                   resolve_template, stop_token_ids)
-from model import Transformer, generate
+from model import CheckpointError, Transformer, generate
 
 DEMO_MODEL = "runs/sft_demo/final"
 ALL_TASKS = ("gsm8k", "ifeval", "arc", "hellaswag", "piqa", "mmlu_pro", "bbh")
@@ -98,7 +98,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def load_model_and_tokenizer(path, device="cpu", dtype=torch.float32):
     """(Transformer in eval mode, Tokenizer) from an HF-layout folder written by save_pretrained."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.exists(path):  # (what is there, but not a model, from_pretrained names)
         raise FileNotFoundError(f"no model at {path}: expected a folder with config.json, model weights and "
                                 f"tokenizer.json (as written by save_pretrained)")
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
@@ -757,6 +757,15 @@ def main(argv=None):
     except FileNotFoundError as e:
         hint = "\n(the demo model: train it first with `python train_sft.py`)" if args.model == DEMO_MODEL else ""
         sys.exit(f"error: {e}{hint}")
+    out = args.out or os.path.join(args.model, "eval_results.json")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    try:  # now, not after an evaluation that a bad --out would lose
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise common.ConfigError(f"--out={out}: cannot make its folder ({e.strerror}: {e.filename})") from None
+    if os.path.isdir(out) or not os.access(out_dir, os.W_OK):
+        raise common.ConfigError(f"--out={out}: " + ("a folder; --out names the results file" if os.path.isdir(out)
+                                                     else f"{out_dir} is not writable"))
     template = resolve_template(args.template, tok)
     # a base model's folder, or one without tokenizer_config.json (raw-text prompts need no template but IFEval's)
     if not args.template and not tok.chat_template and (demo or args.use_chat_template):
@@ -791,8 +800,6 @@ def main(argv=None):
     results.update(model=args.model, template=template, seed=args.seed, limit=args.limit,
                    seconds=round(time.time() - t0, 1))
     print_table(rows)
-    out = args.out or os.path.join(args.model, "eval_results.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"wrote {out}")
@@ -800,4 +807,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, DataError, FileNotFoundError)
+    common.run_script(main, DataError, CheckpointError, FileNotFoundError)

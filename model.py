@@ -19,6 +19,11 @@ from torch.utils.checkpoint import checkpoint
 # Config
 
 
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded as it is (config.json, the safetensors files): the message names the file
+    and what is wrong."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 49152
@@ -55,53 +60,53 @@ class ModelConfig:
         """Read a LlamaForCausalLM config.json dict; refuse anything this module would compute differently."""
         archs = d.get("architectures") or ["LlamaForCausalLM"]
         if archs != ["LlamaForCausalLM"]:
-            raise ValueError(f"{where}: key 'architectures' = {archs}; only LlamaForCausalLM is supported")
+            raise CheckpointError(f"{where}: key 'architectures' = {archs}; only LlamaForCausalLM is supported")
         if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"{where}: key 'model_type' = {d['model_type']!r}; only 'llama' is supported")
+            raise CheckpointError(f"{where}: key 'model_type' = {d['model_type']!r}; only 'llama' is supported")
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key):
-                raise ValueError(f"{where}: key {key!r} = true is not supported (this model has no biases)")
+                raise CheckpointError(f"{where}: key {key!r} = true is not supported (this model has no biases)")
         if d.get("attention_dropout", 0.0):
-            raise ValueError(f"{where}: key 'attention_dropout' = {d['attention_dropout']}; attention dropout is not "
+            raise CheckpointError(f"{where}: key 'attention_dropout' = {d['attention_dropout']}; attention dropout is not "
                              "supported (transformers would apply it in training, this model never does)")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: key 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
+            raise CheckpointError(f"{where}: key 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
         # transformers 5 reads rope_scaling, when set, as the older name of rope_parameters, and either may carry the
         # theta, which SmolLM2's own snapshots keep at the top level.
         rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
         rope = d.get(rope_key) or {}
         if not isinstance(rope, dict):
-            raise ValueError(f"{where}: key {rope_key!r} = {rope!r} must be a dict")
+            raise CheckpointError(f"{where}: key {rope_key!r} = {rope!r} must be a dict")
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type != "default":
-            raise ValueError(f"{where}: key {rope_key!r} has rope type {rope_type!r}; only 'default' rope is "
+            raise CheckpointError(f"{where}: key {rope_key!r} has rope type {rope_type!r}; only 'default' rope is "
                              "supported")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
-            raise ValueError(f"{where}: missing required keys {missing}")
+            raise CheckpointError(f"{where}: missing required keys {missing}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = d.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{where}: key {key!r} = {value!r} must be a positive integer")
+                raise CheckpointError(f"{where}: key {key!r} = {value!r} must be a positive integer")
         top_theta, rope_theta = d.get("rope_theta"), rope.get("rope_theta")
         if top_theta is not None and rope_theta is not None and top_theta != rope_theta:
-            raise ValueError(f"{where}: key 'rope_theta' = {top_theta!r} and {rope_key}.rope_theta = {rope_theta!r} "
+            raise CheckpointError(f"{where}: key 'rope_theta' = {top_theta!r} and {rope_key}.rope_theta = {rope_theta!r} "
                              "disagree (transformers 4 reads the first, 5 the second): fix config.json to the theta the "
                              "checkpoint was trained with")
 
         def positive_number(key, value):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{where}: key {key!r} = {value!r} must be a positive number")
+                raise CheckpointError(f"{where}: key {key!r} = {value!r} must be a positive number")
             return float(value)
         if not isinstance(d.get("tie_word_embeddings", False), bool):
-            raise ValueError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or false")
+            raise CheckpointError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or false")
         for key in ("bos_token_id", "eos_token_id"):
             ids = d.get(key)
             if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                            for i in (ids if isinstance(ids, list) else [ids])):
-                raise ValueError(f"{where}: key {key!r} = {ids!r} must be a token id or a list of them")
+                raise CheckpointError(f"{where}: key {key!r} = {ids!r} must be a token id or a list of them")
         num_heads = d["num_attention_heads"]
         # Fallbacks are LlamaConfig's own defaults, so a sparse config.json means what transformers reads.
         fields = dict(
@@ -124,7 +129,7 @@ class ModelConfig:
         try:
             return cls(**fields)
         except ValueError as e:  # the dataclass's own checks (heads, head_dim) do not know the file
-            raise ValueError(f"{where}: {e}") from None
+            raise CheckpointError(f"{where}: {e}") from None
 
     def to_hf_dict(self, dtype=torch.float32):
         # Both rope forms, so transformers 4.x, 5.x and vLLM each find the theta where they look for it.
@@ -369,9 +374,10 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         from safetensors import safe_open
 
+        problem = model_folder_problem(path)
+        if problem:
+            raise FileNotFoundError(f"{path}: {problem}")
         config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path}: not found (expected a Hugging Face model folder)")
         config = ModelConfig.from_hf_dict(_read_json_object(config_path), where=config_path)
 
         index_path = os.path.join(path, "model.safetensors.index.json")
@@ -381,10 +387,14 @@ class Transformer(nn.Module):
         elif os.path.isfile(index_path):
             weight_map = _read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise ValueError(f"{index_path}: no weight_map object (tensor name -> shard file name)")
+                raise CheckpointError(f"{index_path}: no weight_map object (tensor name -> shard file name)")
             files = set(weight_map.values())
         else:
-            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+            pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.isfile(
+                os.path.join(path, f))]
+            hint = f" ({pickled[0]} is there: PyTorch pickles are not read; transformers' save_pretrained writes " \
+                   f"safetensors)" if pickled else ""
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found{hint}")
 
         # Construct without allocating or initialising weights; every one is then assigned from the checkpoint.
         with torch.device("meta"):
@@ -395,26 +405,26 @@ class Transformer(nn.Module):
             try:
                 shard = safe_open(os.path.join(path, file), framework="pt", device=str(device))
             except Exception as e:  # safetensors' errors name neither the file nor the folder
-                raise ValueError(f"{os.path.join(path, file)}: not a readable safetensors file ({e})") from None
+                raise CheckpointError(f"{os.path.join(path, file)}: not a readable safetensors file ({e})") from None
             with shard as f:
                 for name in f.keys():
                     if name.endswith("rotary_emb.inv_freq"):  # older transformers stored this derived buffer
                         continue
                     if name in where or (weight_map is not None and weight_map.get(name) != file):
-                        raise ValueError(f"{path}: tensor {name} is in {file}, but "
+                        raise CheckpointError(f"{path}: tensor {name} is in {file}, but "
                                          + (f"also in {where[name]}" if name in where else
                                             f"{index_path} puts it in {weight_map.get(name)}"))
                     tensors[name], where[name] = f.get_tensor(name).to(dtype), file
         listed_nowhere = sorted(n for n in weight_map or () if n not in where and not n.endswith("rotary_emb.inv_freq"))
         if listed_nowhere:
-            raise ValueError(f"{index_path}: lists tensors that no shard holds: {listed_nowhere}")
+            raise CheckpointError(f"{index_path}: lists tensors that no shard holds: {listed_nowhere}")
 
         if config.tie_word_embeddings and "lm_head.weight" in tensors:
             # Some exports write the tied head anyway; accept it only if it really is the embedding.
             head = tensors.pop("lm_head.weight")
             emb = tensors.get("model.embed_tokens.weight")
             if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
-                raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight ({where['lm_head.weight']})"
+                raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight ({where['lm_head.weight']})"
                                  " differs from model.embed_tokens.weight")
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -424,7 +434,7 @@ class Transformer(nn.Module):
                    ([f"unexpected tensors: {unexpected}"] if unexpected else []) + \
                    ([f"shape mismatches: {mismatched}"] if mismatched else [])
         if problems:
-            raise ValueError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
+            raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
 
         model.load_state_dict(from_hf_state(tensors), strict=True, assign=True)
         model._init_rope()
@@ -452,16 +462,32 @@ class Transformer(nn.Module):
             tokenizer.save_pretrained(path)
 
 
+def model_folder_problem(path):
+    """Why `path` is not a Hugging Face model folder, or None when it looks like one; the mistakes users make (a
+    file, a run folder, a Hugging Face cache folder) are named as such."""
+    if not os.path.exists(path):
+        return "no such folder"
+    if not os.path.isdir(path):
+        return "a file, not a folder (a model is the Hugging Face folder of config.json and the weights)"
+    if os.path.isfile(os.path.join(path, "final", "config.json")):  # a run folder's own config.json is its settings
+        return f"a run folder; its trained model is {os.path.join(path, 'final')}"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        snapshots = os.path.join(path, "snapshots")
+        hint = f"; in a Hugging Face cache folder the model is {snapshots}/<revision>" if os.path.isdir(snapshots) else ""
+        return f"no config.json, so not a Hugging Face model folder{hint}"
+    return None
+
+
 def _read_json_object(path):
     with open(path, encoding="utf-8") as f:
         try:
             obj = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+            raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 

@@ -7,7 +7,8 @@
 
 (The GPU count must divide the preset's total_batch_size / batch_size: 12 pairs for DPO-1130, 4 for the RM.)
 
-Without --config the demo preset (configs/dpo_demo.json) is the base; any --key=value overrides it.
+Without --config the demo preset (configs/dpo_demo.json) is the base, and --data is refused (real data needs a
+preset of its own); any --key=value overrides it.
 
 DPO: every micro-batch is one forward over [chosen; rejected] (2B rows, right-padded), and the fused kernel
 (kernels.fused_linear_dpo_loss) applies the LM head, takes the response log-probs and the loss without ever
@@ -35,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,9 +48,8 @@ from tqdm import tqdm
 import common
 import data
 import nanotulu_kernels as kernels
-from model import Transformer
+from model import CheckpointError, Transformer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_MODEL = "runs/sft_demo/final"
 VALUE_HEAD = "value_head.safetensors"
 IGNORE = data.IGNORE_INDEX
@@ -330,10 +329,7 @@ def evaluate(model, pairs, reference, cfg, pad_id, d):
 # The loop
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not any(a.startswith("--config=") for a in argv):
-        argv = [f"--config={os.path.join(HERE, 'configs', 'dpo_demo.json')}"] + argv
-    cfg = common.parse_config(DPOConfig, argv)
+    cfg = common.parse_trainer_config(DPOConfig, argv, "dpo_demo.json", "dpo_smoltulu_1130.json")
     if cfg.objective not in ("dpo", "reward_model"):
         raise common.ConfigError(f"objective={cfg.objective!r}: expected dpo or reward_model")
     if cfg.objective == "reward_model":
@@ -455,4 +451,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError, resumable=True)
+    common.run_script(main, data.DataError, CheckpointError, FileNotFoundError, kernels.BackendError,
+                      resumable=True)

@@ -5,7 +5,8 @@
         --model=PATH/SmolTulu-DPO --value_model=PATH/SmolTulu-RM/final \\
         --data='PATH/RLVR-GSM-MATH-IF-Mixed-Constraints/data/*.parquet'
 
-Without --config the demo preset (configs/rlvr_demo.json) is the base; any --key=value overrides it.
+Without --config the demo preset (configs/rlvr_demo.json) is the base, and --data is refused (real data needs a
+preset of its own); any --key=value overrides it.
 
 One step = one rollout + one update. Each rank takes its own prompts_per_step / world_size prompts, samples
 num_samples responses to each with the KV-cache generator, and scores them: verification_reward when
@@ -39,7 +40,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -52,9 +52,8 @@ import common
 import data
 import nanotulu_kernels as kernels
 import verifiers
-from model import Transformer, generate
+from model import CheckpointError, Transformer, generate
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VALUE_HEAD = "value_head.safetensors"  # written beside the backbone by train_dpo.py --objective=reward_model
 
 
@@ -404,10 +403,7 @@ def check_config(cfg, d):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not any(a.startswith("--config=") for a in argv):
-        argv = [f"--config={os.path.join(HERE, 'configs', 'rlvr_demo.json')}"] + list(argv)
-    cfg = common.parse_config(RLVRConfig, argv)
+    cfg = common.parse_trainer_config(RLVRConfig, argv, "rlvr_demo.json", "rlvr_smoltulu.json")
     d = common.setup_distributed(cfg.device)
     kernels.backend_on(d.device)
     cfg.precision = common.resolved_precision(cfg.precision, d.device)
@@ -639,4 +635,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError, resumable=True)
+    common.run_script(main, data.DataError, CheckpointError, FileNotFoundError, kernels.BackendError,
+                      resumable=True)

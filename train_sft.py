@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 train_sft.py --config=configs/sft_smoltulu_1130.json \\
         --model=PATH/SmolLM2-1.7B --data='PATH/tulu-3-sft-mixture/data/*.parquet'
 
-Without --config the demo preset (configs/sft_demo.json) is the base; any --key=value overrides it.
+Without --config the demo preset (configs/sft_demo.json) is the base, and --data is refused (real data needs a
+preset of its own); any --key=value overrides it.
 Loss: cross-entropy on the assistant tokens only, weighted per token over the whole global batch (sum of the
 token losses over every micro-batch and rank, divided by the number of trained tokens in all of them), so the
 split into micro-batches, accumulation steps and ranks does not change the update. This is not open-instruct's
@@ -13,8 +14,6 @@ per device a short conversation's tokens weigh more than a long one's. --loss_re
 (see below).
 """
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +21,7 @@ import torch
 import common
 import data
 import nanotulu_kernels as kernels
-from model import ModelConfig, Transformer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from model import CheckpointError, ModelConfig, Transformer
 
 
 @dataclass
@@ -40,8 +37,8 @@ class SFTConfig(common.TrainConfig):
     demo_seed: int = 0              # the synthetic data and its tokenizer (demo only)
 
 
-def load_data(cfg, d):
-    """Rows -> tokenizer -> tokenized (ids, mask) examples for train and held-out."""
+def load_rows(cfg):
+    """-> the tokenizer, and the train and held-out rows (the demo's, or --data's and --eval_data's)."""
     if cfg.data:
         if not (cfg.model or cfg.tokenizer):
             raise common.ConfigError("--data needs --model=PATH (an HF folder: the weights and their tokenizer)")
@@ -59,18 +56,21 @@ def load_data(cfg, d):
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
     if not cfg.template:  # the one the model was saved with (SFT trains a template in: another one is no news)
         cfg.template = data.resolve_template("", tok)
-    cache = cfg.cache_dir or None
+    return tok, train_rows, eval_rows
 
-    def tokenize(rows, split):
+
+def tokenize(cfg, d, tok, train_rows, eval_rows):
+    """-> tokenized (ids, mask) examples for train and held-out."""
+    def split_examples(rows, split):
         return common.main_rank_first(lambda: data.tokenize_sft(rows, tok, cfg.template, cfg.max_seq_len,
-                                                                cache_dir=cache, progress=d.is_main and cfg.progress,
-                                                                split=split))
+                                                                cache_dir=cfg.cache_dir or None,
+                                                                progress=d.is_main and cfg.progress, split=split))
 
-    train = tokenize(train_rows, "train")
+    train = split_examples(train_rows, "train")
     if not train:
         raise data.DataError(f"data={cfg.data or 'demo'}", f"none of its {len(train_rows)} rows has a trained token "
                              f"within max_seq_len={cfg.max_seq_len}: nothing to train on")
-    return tok, train, (tokenize(eval_rows, "held-out") if eval_rows else [])
+    return train, (split_examples(eval_rows, "held-out") if eval_rows else [])
 
 
 def make_batches(cfg, examples):
@@ -127,10 +127,7 @@ def heldout_loss(model, cfg, eval_items, collate, pad_id, d):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not any(a.startswith("--config=") for a in argv):
-        argv = [f"--config={os.path.join(HERE, 'configs', 'sft_demo.json')}"] + list(argv)
-    cfg = common.parse_config(SFTConfig, argv)
+    cfg = common.parse_trainer_config(SFTConfig, argv, "sft_demo.json", "sft_smoltulu_1130.json")
     common.check_folder(cfg, "model")
     data.check_template_name(cfg.template)
     if cfg.loss_reduction not in ("mean", "sum"):
@@ -145,14 +142,15 @@ def main(argv=None):
     common.seed_all(cfg.seed)
     common.prepare_run_dir(cfg, d)
 
-    tok, train_examples, eval_examples = load_data(cfg, d)
+    tok, train_rows, eval_rows = load_rows(cfg)
+    raw = build_model(cfg, tok, d)  # before tokenizing, minutes on the full mixture: a model that cannot load says so
+    train_examples, eval_examples = tokenize(cfg, d, tok, train_rows, eval_rows)
     train_items, collate = make_batches(cfg, train_examples)
     eval_items, eval_collate = make_batches(cfg, eval_examples)
     sampler = data.EpochSampler(len(train_items), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     step_items = cfg.batch_size * cfg.grad_accum * d.world_size
     total_steps = common.total_steps_for(cfg, len(train_items), step_items)
 
-    raw = build_model(cfg, tok, d)
     common.check_positions(max(len(ids) for ids, _ in train_examples + eval_examples), raw, cfg.data or "demo data")
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     optimizer = common.build_optimizer(model, cfg, d.device)
@@ -228,4 +226,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main, data.DataError, FileNotFoundError, kernels.BackendError, resumable=True)
+    common.run_script(main, data.DataError, CheckpointError, FileNotFoundError, kernels.BackendError,
+                      resumable=True)

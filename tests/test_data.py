@@ -578,13 +578,49 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
         data.tokenize_sft(rows, demo_tok, "tulu", 64, cache_dir=cache, progress=False)
 
 
-def test_template_name_of_a_saved_chat_template():
-    assert data.template_name("tulu") == data.template_name(data.TULU_TEMPLATE) == "tulu"
-    assert data.template_name("{{ '<|assistant|>\\n' + message['content'] }}") == "tulu"  # Tulu 3's own jinja
-    assert data.template_name("chatml") == data.template_name(data.CHATML_TEMPLATE) == "chatml"
-    assert data.template_name("{{ '<|im_start|>' + message['role'] }}") == "chatml"  # SmolLM2-Instruct's own jinja
-    assert data.template_name(None) is None
-    assert data.template_name("{{ '<|start_header_id|>' + message['role'] }}") is None  # Llama 3's: neither
+# As published: SmolLM2-Instruct's chat template (newlines inside its strings), AllenAI's Tulu 3 models' (jinja's
+# escaped newlines), and look-alikes that render otherwise.
+SMOLLM2_HUB_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' "
+    "+ message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TULU3_HUB_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == "
+    "'assistant' %}{% if not loop.last %}{{ '<|assistant|>\\n'  + message['content'] + eos_token + '\\n' }}{% else %}"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}{% endif %}{% endif %}{% if loop.last and "
+    "add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}")
+LOOK_ALIKES = {
+    "ChatML without SmolLM2's default system turn": SMOLLM2_HUB_TEMPLATE.replace(
+        "{% if loop.first and messages[0]['role'] != 'system' %}", "{% if false %}"),
+    "OLMo 2's Tulu, with a bos first": "{{ bos_token }}" + TULU3_HUB_TEMPLATE,
+    "Tulu with a newline after the final turn too": TULU3_HUB_TEMPLATE.replace(
+        "+ eos_token }}", "+ eos_token + '\\n' }}"),
+    "Llama 3's headers": "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+                         "\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}",
+    "a template that raises": "{{ raise_exception('no') }}",
+}
+
+
+def test_template_name_of_a_saved_chat_template_is_the_one_it_renders_like(demo_tok):
+    """A saved template is ours when it renders exactly as ours (in transformers' jinja environment, checked here
+    against transformers itself); SmolLM2's and Tulu 3's published ones do, look-alikes that would train on other text
+    do not."""
+    import transformers
+    assert data.template_name("tulu", demo_tok) == data.template_name(data.TULU_TEMPLATE, demo_tok) == "tulu"
+    assert data.template_name("chatml", demo_tok) == data.template_name(data.CHATML_TEMPLATE, demo_tok) == "chatml"
+    assert data.template_name(SMOLLM2_HUB_TEMPLATE, demo_tok) == "chatml"
+    assert data.template_name(TULU3_HUB_TEMPLATE, demo_tok) == "tulu"
+    assert data.template_name(None, demo_tok) is None
+    for what, template in LOOK_ALIKES.items():
+        assert data.template_name(template, demo_tok) is None, what
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=demo_tok._tk, bos_token=demo_tok.bos_token,
+                                              eos_token=demo_tok.eos_token, pad_token=demo_tok.pad_token)
+    for template in [SMOLLM2_HUB_TEMPLATE, TULU3_HUB_TEMPLATE, *list(LOOK_ALIKES.values())[:-1]]:
+        for messages, add_generation_prompt in data.TEMPLATE_PROBES:
+            assert data._render_jinja(template, messages, add_generation_prompt, demo_tok) == hf.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok, caplog):
@@ -596,8 +632,10 @@ def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok,
     assert "saved with the chatml chat template; using tulu" in caplog.text
     tok.chat_template = None
     assert data.resolve_template("", tok) == "tulu"
-    tok.chat_template = "{{ '<|start_header_id|>' + message['role'] }}"
-    with pytest.raises(data.DataError, match="neither tulu nor chatml.*pass --template=tulu or --template=chatml"):
+    tok.chat_template = LOOK_ALIKES["ChatML without SmolLM2's default system turn"]
+    with pytest.raises(data.DataError, match=r"saved chat template: renders neither like tulu nor like chatml \(a "
+                       r"user turn 'Hi' with the generation prompt: '<\|im_start\|>user\\nHi<\|im_end\|>\\n<\|im_start\|>"
+                       r"assistant\\n'; ours: tulu .*pass --template=tulu or --template=chatml"):
         data.resolve_template("", tok)
     assert data.resolve_template("chatml", tok) == "chatml"
     with pytest.raises(data.DataError, match=r"--template=ChatML: expected tulu or chatml \(or nothing"):

@@ -21,6 +21,8 @@ import train_dpo
 from model import Transformer
 from multirank import torchrun
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def write_jsonl(path, rows):
     with open(path, "w") as f:
@@ -41,7 +43,8 @@ def tiny(tmp_path_factory, write_tiny_demo_model):
 
 
 def args_for(tiny, run_dir, *extra, data_file=None, eval_file=None):
-    return [f"--model={tiny.model_dir}", f"--data={data_file or tiny.small}",
+    return [f"--config={os.path.join(ROOT, 'configs', 'dpo_demo.json')}", f"--model={tiny.model_dir}",
+            f"--data={data_file or tiny.small}",
             f"--eval_data={eval_file or tiny.small_heldout}",
             f"--run_dir={run_dir}", f"--cache_dir={tiny.root / 'cache'}", "--batch_size=4", "--grad_accum=2",
             "--max_steps=4", "--lr=1e-3", "--warmup_ratio=0", "--max_seq_len=256", "--ref_batch_size=8",

@@ -41,7 +41,8 @@ def write_jsonl(path, rows):
 
 
 def args_for(tiny, run_dir, *extra):
-    return [f"--model={tiny.model_dir}", f"--data={tiny.train}", f"--eval_data={tiny.heldout}", f"--run_dir={run_dir}",
+    return [f"--config={os.path.join(ROOT, 'configs', 'rlvr_demo.json')}", f"--model={tiny.model_dir}",
+            f"--data={tiny.train}", f"--eval_data={tiny.heldout}", f"--run_dir={run_dir}",
             "--prompts_per_step=4", "--num_samples=4", "--max_response_len=12", "--eval_max_new_tokens=12",
             "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--max_steps=2", "--lr=1e-3",
             "--samples_per_step=16", "--progress=false",

@@ -351,14 +351,23 @@ def test_demo_curves_skip_rows_without_a_step_or_a_value_and_a_stage_depends_on_
     ("train_dpo.py", ["--model=/no/such/folder", "--loss_type=kto"], "error: preference loss: loss_type must be"),
     ("train_rlvr.py", ["--grad_accum=2"], "error: --grad_accum=2: RLVR batches are prompts_per_step"),
     ("train_rlvr.py", ["--model=/no/such/folder"], "error: --model=/no/such/folder: no such folder"),
-    ("train_rlvr.py", ["--model=.", "--algo=ppo", "--value_model=/no/such/folder"],
+    ("train_rlvr.py", ["--model=MODEL", "--algo=ppo", "--value_model=/no/such/folder"],
      "error: --value_model=/no/such/folder: no such folder"),
     ("train_sft.py", ["--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
-    ("train_dpo.py", ["--model=.", "--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
+    ("train_dpo.py", ["--model=MODEL", "--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
     ("train_rlvr.py", ["--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
     ("eval.py", ["--model=/no/such/folder"], "error: no model at /no/such/folder"),
+    # the demo presets' settings (SFT: lr 4e-3 for a tiny model trained from scratch) on real data: a preset is needed
+    ("train_sft.py", ["--data=rows.jsonl"], "error: --data=rows.jsonl without --config: the settings "
+     f"would be the demo preset's ({ROOT}/configs/sft_demo.json, lr 0.004,"),
+    ("train_dpo.py", ["--data=rows.jsonl"], "error: --data=rows.jsonl without --config:"),
+    ("train_rlvr.py", ["--data=rows.jsonl"], "error: --data=rows.jsonl without --config:"),
 ])
-def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message, tmp_path):
+def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(script, args, message, tmp_path,
+                                                                           write_tiny_demo_model):
+    if "--model=MODEL" in args:  # a model folder, to get past the check of --model to the one tested
+        write_tiny_demo_model(tmp_path)
+        args = [a.replace("MODEL", str(tmp_path / "model")) for a in args]
     run_dir = [] if script == "eval.py" else [f"--run_dir={tmp_path / 'run'}"]
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *run_dir], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
@@ -367,10 +376,83 @@ def test_a_refused_setting_or_missing_input_is_one_message_not_a_traceback(scrip
     assert not (tmp_path / "run").exists()  # refused before the run folder was touched
 
 
+def model_folder_mistakes(root, write_tiny_demo_model):
+    """{what: (the --model folder or file, a fragment of the error that must name it)}: the mistakes users make
+    with model folders, each built from one good folder."""
+    import shutil
+
+    import data
+    write_tiny_demo_model(root / "good")
+    good = root / "good" / "model"
+
+    def copy(name, change):
+        folder = root / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    def edit_json(file, **keys):
+        def change(folder):
+            content = json.loads((folder / file).read_text())
+            (folder / file).write_text(json.dumps({**content, **keys}))
+        return change
+
+    def move_into(inner):
+        def change(folder):
+            os.makedirs(folder / inner)
+            for name in os.listdir(folder):
+                if name != inner.split("/")[0]:
+                    os.replace(folder / name, folder / inner / name)
+        return change
+
+    run = copy("run", move_into("final"))
+    (run / "config.json").write_text(json.dumps({"lr": 1e-3}))  # a trainer's settings
+    return {
+        "rope scaling": (copy("rope", edit_json("config.json", rope_scaling={"rope_type": "llama3"})),
+                         "config.json: key 'rope_scaling' has rope type 'llama3'"),
+        "attention bias": (copy("bias", edit_json("config.json", attention_bias=True)),
+                           "config.json: key 'attention_bias' = true is not supported"),
+        "shapes": (copy("shapes", edit_json("config.json", intermediate_size=96)),
+                   "checkpoint does not match its config.json: shape mismatches"),
+        "vocab": (copy("vocab", lambda f: data.build_demo_tokenizer(data.make_demo_data(0, n_train=256, n_heldout=64),
+                                                                    vocab_size=600).save_pretrained(f)),
+                  "ids but the model's vocab_size is 512"),
+        "tokenizer.json": (copy("tokenizer", lambda f: (f / "tokenizer.json").write_text("{not json")),
+                           "tokenizer.json: not a readable tokenizer"),
+        "eos": (copy("eos", edit_json("tokenizer_config.json", eos_token="</s>")),
+                "eos: tokenizer: eos_token '</s>' is not in the vocabulary"),
+        "run folder": (run, f"{run}: a run folder; its trained model is {run / 'final'}"),
+        "cache root": (copy("models--org--name", move_into("snapshots/0123abc")),
+                       "in a Hugging Face cache folder the model is"),
+        "pickle": (copy("pickle", lambda f: os.replace(f / "model.safetensors", f / "pytorch_model.bin")),
+                   "(pytorch_model.bin is there: PyTorch pickles are not read"),
+        "a file": (good / "model.safetensors", "model.safetensors: a file, not a folder"),
+    }
+
+
+def test_a_model_folder_that_cannot_load_is_one_message_before_any_tokenizing(tmp_path, write_tiny_demo_model):
+    """Each mistake ends SFT with its message (naming the file), no traceback and nothing tokenized (on the full
+    mixture that takes minutes); eval.py says the same."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    for what, (model, said) in model_folder_mistakes(tmp_path, write_tiny_demo_model).items():
+        cache = tmp_path / f"cache_{what}"
+        for cmd in ([os.path.join(ROOT, "train_sft.py"), f"--config={ROOT}/configs/sft_demo.json", f"--model={model}",
+                     f"--data={rows}", f"--run_dir={tmp_path / 'out'}", f"--cache_dir={cache}", "--overwrite=true"],
+                    [os.path.join(ROOT, "eval.py"), f"--model={model}", "--limit=1"]):
+            out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert out.returncode == 1 and out.stderr.startswith("error: ") and said in out.stderr, (what, out.stderr)
+            assert "Traceback" not in out.stderr, (what, out.stderr[-2000:])
+        assert not cache.exists() or not os.listdir(cache), what
+
+
 @pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "train_rlvr.py"])
-def test_a_kernel_backend_the_device_cannot_run_stops_the_trainer_at_start_up(script):
+def test_a_kernel_backend_the_device_cannot_run_stops_the_trainer_at_start_up(script, tmp_path, write_tiny_demo_model):
     env = {**os.environ, "NANOTULU_KERNELS": "triton", "TRITON_INTERPRET": "0"}
-    model = ["--model=."] if script == "train_dpo.py" else []  # (DPO checks it has a model folder first)
+    if script == "train_dpo.py":  # (DPO checks its model folder first)
+        write_tiny_demo_model(tmp_path)
+    model = [f"--model={tmp_path / 'model'}"] if script == "train_dpo.py" else []
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--device=cpu", *model], capture_output=True,
                          text=True, timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 1

@@ -314,7 +314,7 @@ def test_an_empty_template_trains_in_the_one_the_model_was_saved_with(setup, tmp
     train_sft.main(args(setup, "saved_template", model=tmp_path / "chatml_base", template="", max_steps=1,
                               max_seq_len=256))  # (ChatML adds SmolLM2's default system prompt)
     final = data.Tokenizer.from_pretrained(str(setup / "saved_template" / "final"))
-    assert data.template_name(final.chat_template) == "chatml"
+    assert data.template_name(final.chat_template, final) == "chatml"
     assert json.load(open(setup / "saved_template" / "config.json"))["template"] == "chatml"  # what ran, not ""
 
 
