@@ -445,8 +445,11 @@ class Transformer(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         dtype = self.embed_tokens.weight.dtype
+        config = self.config.to_hf_dict(dtype)
+        if tokenizer is not None:  # as in the snapshots: transformers' config carries the pad id too
+            config["pad_token_id"] = tokenizer.pad_id
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_hf_dict(dtype), f, indent=2)
+            json.dump(config, f, indent=2)
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
         if tokenizer is not None:  # a data.Tokenizer: generation also stops at its template's end of turn
             eos = generation["eos_token_id"]

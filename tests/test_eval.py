@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import common
 import eval as ev
 from data import DataError, Tokenizer, build_demo_tokenizer, make_demo_data
 from model import Generation, ModelConfig, Transformer
@@ -469,6 +470,14 @@ def test_use_chat_template_flag(model_dir, tmp_path, monkeypatch):
         assert tok.decode(seen[0], skip_special_tokens=False).startswith(SYSTEM if chat else "Question: ")
     with pytest.raises(SystemExit):
         ev.main([f"--model={model_dir}", "--use_chat_template=maybe"])
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_evaluating(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "evaluate_tasks", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    for out, said in ((tmp_path / "a_file" / "results.json", "cannot make its folder"), (tmp_path, "a folder")):
+        with pytest.raises(common.ConfigError, match=f"--out={out}: {said}"):
+            ev.main([f"--model={model_dir}", "--tasks=gsm8k", f"--data_dir={FIXTURES}", "--limit=1", f"--out={out}"])
 
 
 def test_generate_until_cuts_at_stop_string_and_stops_generating(loaded, monkeypatch):

@@ -486,7 +486,7 @@ def test_generation_and_forward_within_max_position_embeddings(tiny):
 
 def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids_and_its_pad_id(tmp_path):
     """config.json may list several eos ids (LlamaConfig takes int or list); generation_config.json keeps them all
-    and adds the chat template's end of turn, and the tokenizer's pad id."""
+    and adds the chat template's end of turn, and the tokenizer's pad id (which config.json records too)."""
     import data
     tok = data.build_demo_tokenizer(data.make_demo_data(0, n_train=32, n_heldout=8), vocab_size=300)
     tok.chat_template = "chatml"
@@ -495,6 +495,7 @@ def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids_a
     model.save_pretrained(str(tmp_path / "m"), tokenizer=tok)
     generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [0, 5, im_end] and generation["pad_token_id"] == tok.pad_id
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["pad_token_id"] == tok.pad_id
     assert Transformer.from_pretrained(str(tmp_path / "m")).config.eos_token_id == [0, 5]
 
 
