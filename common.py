@@ -376,8 +376,8 @@ def setup_distributed(device="auto"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device!r}: this torch ({torch.__version__}) sees no CUDA GPU")
         if world_size > 1 and dev.index is not None:
-            raise ValueError(f"device={device!r} under torchrun: every rank takes the GPU of its LOCAL_RANK, so pass "
-                             f"'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)")
+            raise ConfigError(f"device={device!r} under torchrun: every rank takes the GPU of its LOCAL_RANK, so pass "
+                              f"'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if dev.index is None:
             gpus = torch.cuda.device_count()
             # checked on every rank of the node, its first included (which reports errors: see run_script)

@@ -219,18 +219,18 @@ def build_value_model(cfg, policy):
                                 f"train_dpo.py --objective=reward_model, or leave value_model empty)")
     backbone = Transformer.from_pretrained(cfg.value_model, dtype=torch.float32)
     if backbone.config.vocab_size != policy.config.vocab_size:
-        raise ValueError(f"value_model={cfg.value_model}: vocab_size {backbone.config.vocab_size} differs from the "
-                         f"policy's {policy.config.vocab_size} (they must share the tokenizer)")
+        raise CheckpointError(f"value_model={cfg.value_model}: vocab_size {backbone.config.vocab_size} differs from "
+                              f"the policy's {policy.config.vocab_size} (they must share the tokenizer)")
     try:
         head = load_file(head_path)
     except Exception as e:  # safetensors' errors (a file cut short: "header too small") name no file
-        raise ValueError(f"{head_path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{head_path}: not a readable safetensors file ({e})") from None
     if "score.weight" not in head:
-        raise ValueError(f"{head_path}: no score.weight tensor (holds {sorted(head)})")
+        raise CheckpointError(f"{head_path}: no score.weight tensor (holds {sorted(head)})")
     weight = head["score.weight"]
     if weight.shape != (1, backbone.config.hidden_size):
-        raise ValueError(f"{head_path}: score.weight has shape {tuple(weight.shape)}, expected "
-                         f"(1, {backbone.config.hidden_size})")
+        raise CheckpointError(f"{head_path}: score.weight has shape {tuple(weight.shape)}, expected "
+                              f"(1, {backbone.config.hidden_size})")
     return ValueModel(backbone, weight)
 
 
