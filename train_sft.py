@@ -46,14 +46,17 @@ def load_rows(cfg):
         train_rows = data.load_sft_rows(cfg.data, skip_bad=cfg.skip_bad_rows)
         eval_rows = data.load_sft_rows(cfg.eval_data, skip_bad=cfg.skip_bad_rows) if cfg.eval_data else []
     else:
-        if cfg.model:  # the demo data comes with its own tokenizer, which a real model's embeddings do not fit
-            raise common.ConfigError(f"--model={cfg.model} without --data: pass the data to train on (only the "
-                                     f"from-scratch demo runs on the built-in synthetic data)")
         common.refuse_unused(cfg, ["tokenizer", "eval_data"], "not used without --data (the demo has its own "
                              "tokenizer and held-out split)")
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows, eval_rows = demo["sft_train"], demo["sft_heldout"]
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
+        # The demo data comes with its own tokenizer, which only a model trained on the demo fits: another model's
+        # embeddings would train on other token ids.
+        if cfg.model and data.Tokenizer.from_pretrained(cfg.model).fingerprint() != tok.fingerprint():
+            raise common.ConfigError(f"--model={cfg.model} without --data: its tokenizer is not the demo's (demo_seed="
+                                     f"{cfg.demo_seed}), so it cannot train on the built-in synthetic data; pass the "
+                                     f"data to train on")
     if not cfg.template:  # the one the model was saved with (SFT trains a template in: another one is no news)
         cfg.template = data.resolve_template("", tok)
     return tok, train_rows, eval_rows

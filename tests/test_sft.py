@@ -77,8 +77,8 @@ def train_on_ranks(setup, run, nproc, **overrides):
 
 def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(setup):
     # the demo data brings its own tokenizer: a real model's embeddings would silently train on other token ids
-    with pytest.raises(common.ConfigError, match="without --data"):
-        train_sft.main(args(setup, "nodata", data=""))
+    with pytest.raises(common.ConfigError, match="without --data: its tokenizer is not the demo's"):
+        train_sft.main(args(setup, "nodata", data="", eval_data=""))
     with pytest.raises(common.ConfigError, match="--data needs --model"):
         train_sft.main(args(setup, "nomodel", model=""))
     with pytest.raises(common.ConfigError, match="loss_reduction=sum with packing=true"):
@@ -86,6 +86,17 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
     # the demo's own held-out split and tokenizer would be used instead of these
     with pytest.raises(common.ConfigError, match=r"--eval_data=\S*heldout.jsonl: not used without --data"):
         train_sft.main(args(setup, "demo", data="", model=""))
+
+
+def test_a_model_trained_on_the_demo_trains_further_on_it(demo_sft_model, tmp_path):
+    """What the refusal to resume a finished run suggests (a new run from its final/), for the demo too: a model
+    whose tokenizer is the demo's continues on the demo data."""
+    from safetensors.torch import load_file
+    train_sft.main([f"--model={demo_sft_model}", f"--run_dir={tmp_path}", "--max_steps=2", "--progress=false",
+                    "--cache_dir=", "--eval_every=0"])
+    before = load_file(f"{demo_sft_model}/model.safetensors")
+    after = load_file(tmp_path / "final" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_loss_reduction_other_than_mean_or_sum_is_refused(setup):
