@@ -299,8 +299,10 @@ def parse_trainer_config(cls, argv, demo_preset, example_preset):
     demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", demo_preset)
     cfg = parse_config(cls, [f"--config={demo}", *argv])
     if cfg.data:
+        with open(demo) as f:
+            lr = json.load(f)["lr"]
         raise ConfigError(f"--data={cfg.data} without --config: the settings would be the demo preset's ({demo}, lr "
-                          f"{cfg.lr:g}, made for the synthetic demo's tiny model trained from scratch); pass a preset "
+                          f"{lr:g}, made for the synthetic demo's tiny model trained from scratch); pass a preset "
                           f"(configs/ holds the paper's, e.g. --config=configs/{example_preset}), or --config={demo} "
                           f"to train with the demo's settings anyway")
     return cfg

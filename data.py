@@ -185,7 +185,7 @@ class Tokenizer:
         except DataError:
             raise
         except ValueError as e:  # a special token missing from the vocabulary: say which folder named it
-            raise DataError(folder, str(e)) from None
+            raise DataError(folder, str(e).removeprefix("tokenizer: ")) from None
 
     def encode(self, text):
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -408,31 +408,52 @@ def resolve_template(requested, tok):
 
 
 # Conversations on which our templates and their look-alikes differ: ChatML's default system turn (SmolLM2's
-# inserts one), a given system turn, the newline after a non-final assistant turn and none after the final one
-# (Tulu 3's), where eos goes, a bos before everything (OLMo 2's Tulu), the generation prompt.
+# inserts one when the first message is not a system message, whatever comes later), a given system turn, the
+# newline after a non-final assistant turn and none after the final one (Tulu 3's), where eos goes, a bos before
+# everything (OLMo 2's Tulu), content kept as it is (no trimming), the generation prompt.
 TEMPLATE_PROBES = [
     ([{"role": "user", "content": "Hi"}], True),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
       {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
       {"role": "assistant", "content": "6"}], False),
+    ([{"role": "user", "content": "  Spaced out \n\n"}, {"role": "system", "content": " Later. "},
+      {"role": "assistant", "content": "\n ok  "}], False),
 ]
 
 
 def _render_jinja(template, messages, add_generation_prompt, tok):
     """A saved jinja chat template rendered as transformers' apply_chat_template renders it: a sandboxed jinja2
-    environment (jinja2 comes with torch) that trims the whitespace around blocks, given the special tokens."""
+    environment (jinja2 comes with torch) that trims the whitespace around blocks, with transformers' extras
+    (raise_exception, strftime_now, a tojson that keeps non-ASCII text, the {% generation %} tag that marks
+    assistant text, tools and documents given as None) and the special tokens."""
+    import datetime
+
     import jinja2.ext
     import jinja2.sandbox
+
+    class GenerationTag(jinja2.ext.Extension):  # {% generation %}...{% endgeneration %}: renders its body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
+                                                       extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     tokens = {name: getattr(tok, name) for name in ("bos_token", "eos_token", "pad_token")
               if getattr(tok, name) is not None}
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            tools=None, documents=None, **tokens)
 
 
 def template_name(chat_template, tok):

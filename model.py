@@ -270,6 +270,12 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
 
 
+def swiglu(gate_up):
+    """SwiGLU of the fused gate and up projections [..., 2 x intermediate]: silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -277,8 +283,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
@@ -290,6 +295,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask):
+        # generate() runs this computation as forward_cached, over the weights: a change here goes there too
+        # (test_forward_cached_computes_what_the_blocks_compute holds the two equal)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -401,6 +408,9 @@ class Transformer(nn.Module):
             model = cls(config)
         expected = {k: v.shape for k, v in to_hf_state(model.state_dict(), config).items()}
         tensors, where = {}, {}
+        absent = sorted(f for f in files if not os.path.isfile(os.path.join(path, f)))
+        if absent:
+            raise CheckpointError(f"{index_path}: lists shards that are not in {path}: {', '.join(absent)}")
         for file in sorted(files):
             try:
                 shard = safe_open(os.path.join(path, file), framework="pt", device=str(device))
@@ -437,7 +447,7 @@ class Transformer(nn.Module):
             raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
 
         model.load_state_dict(from_hf_state(tensors), strict=True, assign=True)
-        model._init_rope()
+        model._init_rope()  # the tables were made on the meta device: again, on the weights' device and dtype
         return model.eval()
 
     def save_pretrained(self, path, tokenizer=None):
@@ -542,20 +552,16 @@ class KVCache:
     ones and padding only to padding (which keeps every attention row non-empty, hence free of NaNs).
     """
 
-    def __init__(self, config, batch_size, max_len, dtype, device):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, config, pad, max_len, dtype):
+        """pad [B]: row b's prompt is left padded by pad[b] slots (to the longest prompt's length)."""
+        shape = (config.num_layers, pad.size(0), config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=pad.device)
         self.pos = 0
-        self.left_pad(torch.zeros(batch_size, dtype=torch.long, device=device))
-
-    def left_pad(self, pad):
-        """Mark the first pad[b] slots of row b as padding (prompts are left padded to a common length)."""
-        slots = torch.arange(self.k.size(3), device=self.k.device)
-        self.valid = slots[None, :] >= pad[:, None]
+        self.valid = torch.arange(max_len, device=pad.device)[None, :] >= pad[:, None]
         # A decoded token is real, so it sees exactly the real slots: one additive bias for every layer and step
         # (float, so SDPA need not convert a boolean mask in each layer).
-        self.decode_bias = torch.zeros(self.valid.shape, dtype=self.k.dtype, device=self.k.device)
+        self.decode_bias = torch.zeros(self.valid.shape, dtype=dtype, device=pad.device)
         self.decode_bias.masked_fill_(~self.valid, float("-inf"))
 
     def attention_mask(self, start, T):
@@ -577,11 +583,13 @@ def layer_weights(model):
 
 
 def forward_cached(model, weights, input_ids, position_ids, cache):
-    """Transformer.forward for generate: input_ids [B, T] at position_ids [B, T] attend to the cache's filled slots
-    and to each other, store their keys and values from slot cache.pos on, and give the final normed hidden states
-    [B, T, H]. The blocks' computation (Block, Attention and MLP's forwards), written over the weights of
-    layer_weights(model): at one token a step, nn.Module calls and parameter lookups took about 14% of a CPU
-    decoding step. So hooks on the blocks, and blocks compiled for training, play no part in generation."""
+    """Transformer.forward for generate, written over the layers' weights (layer_weights) rather than through the
+    modules: at one token a step, nn.Module calls and parameter lookups took about 14% of a CPU decoding step. The
+    same computation as Block.forward (test_forward_cached_computes_what_the_blocks_compute checks it); hooks on
+    the blocks, and blocks compiled for training, are therefore not run in generation.
+
+    input_ids [B, T] at position_ids [B, T] attend to the cache's filled slots and to each other, their keys and
+    values are stored from slot cache.pos on, and the final normed hidden states [B, T, H] come back."""
     c = model.config
     B, T = input_ids.shape
     start, end = cache.pos, cache.pos + T
@@ -595,8 +603,7 @@ def forward_cached(model, weights, input_ids, position_ids, cache):
         v_cache[:, :, start:end] = v
         y = attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
         x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), o)
-        gate, up = F.linear(rms_norm(x, post_norm, c.rms_norm_eps), gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, down)
+        x = x + F.linear(swiglu(F.linear(rms_norm(x, post_norm, c.rms_norm_eps), gate_up)), down)
     cache.pos = end
     return model.norm(x)
 
@@ -604,7 +611,8 @@ def forward_cached(model, weights, input_ids, position_ids, cache):
 @dataclass
 class Generation:
     tokens: list = field(default_factory=list)    # new token ids per row, up to and including a stop token
-    logprobs: list = field(default_factory=list)  # log-prob of each returned token (at the sampling temperature)
+    logprobs: list = field(default_factory=list)  # log-prob of each returned token (at the sampling temperature;
+    #                                               1 when greedy)
     stopped: list = field(default_factory=list)   # whether the row ended on a stop token
 
 
@@ -625,7 +633,8 @@ def filter_logits(logits, top_k, top_p):
 
 
 def sample(logits, temperature, top_k, top_p, generator):
-    """logits [B, V] fp32 -> (token [B], its log-prob [B] under softmax(logits / T), before any filtering)."""
+    """logits [B, V] fp32 -> (token [B], its log-prob [B] under softmax(logits / T), before any filtering; T = 1
+    when greedy)."""
     if temperature == 0.0:
         logp = torch.log_softmax(logits, dim=-1)
         token = logits.argmax(dim=-1)
@@ -676,8 +685,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     # weights (RLVR's rollouts: bf16 compute) storing them in it gives the same tokens in half the memory. (With
     # 16-bit weights of the other kind, they are rounded once, to the autocast dtype, instead of twice.)
     cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-    cache = KVCache(model.config, B, P + max_new_tokens, cache_dtype, device)
-    cache.left_pad(P - lens)
+    cache = KVCache(model.config, P - lens, P + max_new_tokens, cache_dtype)
     positions = (torch.arange(P, device=device)[None, :] - (P - lens)[:, None]).clamp(min=0)
 
     tokens, logprobs = [], []

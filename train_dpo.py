@@ -148,10 +148,10 @@ def collate_pairs(pairs, indices, pad_id):
 class RewardModel(nn.Module):
     """Backbone + score head at each sequence's last real token (right padding: position length - 1)."""
 
-    def __init__(self, config, backbone=None):
+    def __init__(self, backbone):
         super().__init__()
-        self.config = config
-        self.backbone = backbone if backbone is not None else Transformer(config)
+        self.config = config = backbone.config
+        self.backbone = backbone
         if self.backbone.lm_head is not None:  # unused by the reward; frozen so DDP does not wait for its grad
             self.backbone.lm_head.requires_grad_(False)
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
@@ -175,7 +175,7 @@ class RewardModel(nn.Module):
 
 def build_model(cfg, d):
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device="cpu")
-    model = RewardModel(policy.config, policy) if cfg.objective == "reward_model" else policy
+    model = RewardModel(policy) if cfg.objective == "reward_model" else policy
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     return model.to(d.device)
 

@@ -129,7 +129,7 @@ def grpo_advantages(rewards, norm="std", eps=1e-8):
     if norm == "std":
         adv = adv / (std + eps)
     elif norm != "center":
-        raise common.ConfigError(f"advantage_norm={norm!r}: expected std or center")
+        raise ValueError(f"advantage_norm={norm!r}: expected std or center")
     return adv, (rewards != rewards[:, :1]).any(dim=1)
 
 
@@ -399,7 +399,8 @@ def check_config(cfg, d):
         raise common.ConfigError(f"value_model={cfg.value_model}: only --algo=ppo has a value model")
     if cfg.loss_reduction not in ("token", "sequence"):
         raise common.ConfigError(f"loss_reduction={cfg.loss_reduction!r}: expected token or sequence")
-    grpo_advantages(torch.zeros(1, 2), cfg.advantage_norm)  # a bad advantage_norm fails now, not after a rollout
+    if cfg.advantage_norm not in ("std", "center"):  # now, not after the first rollout
+        raise common.ConfigError(f"advantage_norm={cfg.advantage_norm!r}: expected std or center")
 
 
 def main(argv=None):
@@ -476,8 +477,10 @@ def main(argv=None):
                       ", ".join(f"{k[len('eval_acc_'):]} {v:.3f}" for k, v in acc.items()))
         return acc
 
-    # (a resumed run's start was evaluated and logged by the run it continues)
-    start_acc = evaluate() if step == 0 else logged_start_accuracy(logger.path) if d.is_main else {}
+    if step == 0:
+        start_acc = evaluate()
+    else:  # a resumed run's start was evaluated and logged by the run it continues
+        start_acc = logged_start_accuracy(logger.path) if d.is_main else {}
     end_acc = {}  # the last step's, evaluated before its checkpoint: a resume from it does not log it again
     bar = common.progress_bar(total_steps, step, d.is_main and cfg.progress, f"rlvr-{cfg.algo}")
     while step < total_steps:
@@ -542,10 +545,9 @@ def main(argv=None):
                                   cfg.min_lr_ratio)
                 common.set_lr(optimizer, lr)
                 update += 1
-                tokens, rows = common.all_reduce_sum(torch.stack([mask[mb].sum().double(),
-                                                                  torch.tensor(len(mb), dtype=torch.float64,
-                                                                               device=d.device)]))
-                if tokens.item() == 0:
+                global_tokens, global_rows = common.all_reduce_sum(torch.stack([
+                    mask[mb].sum().double(), torch.tensor(len(mb), dtype=torch.float64, device=d.device)]))
+                if global_tokens.item() == 0:
                     # no rank kept a row here (every GRPO group had equal rewards): no step, or the zero gradients
                     # that sync_gradients fills in would still move the weights through weight decay and momentum
                     continue
@@ -558,15 +560,16 @@ def main(argv=None):
                         logp = token_logprobs(policy, ids[rb, :T], labels[rb, :T], cfg.temperature)
                         pg, clipped = policy_loss(logp, old_logp[rb, :T], a, cfg.clip_eps)
                         kl = k3_kl(logp, ref_logp[rb, :T])
+                        # (PPO's KL penalty is in its rewards already, token_rewards above)
                         loss_tok = pg + (cfg.beta * kl if cfg.algo == "grpo" and ref is not None else 0.0)
                         if value is not None:
                             vf, vclip = value_loss(value(ids[rb, :T]), old_values[rb, :T], returns[rb, :T],
                                                    cfg.value_clip)
                             loss_tok = loss_tok + cfg.value_coef * vf
                     if cfg.loss_reduction == "token":
-                        loss = (loss_tok * m).sum() / tokens
+                        loss = (loss_tok * m).sum() / global_tokens
                     else:
-                        loss = (loss_tok * m / m.sum(1, keepdim=True).clamp(min=1)).sum() / rows
+                        loss = (loss_tok * m / m.sum(1, keepdim=True).clamp(min=1)).sum() / global_rows
                     loss.backward()
                     with torch.no_grad():
                         part = [pg, clipped, kl] + ([vf, vclip] if value is not None else [0 * pg, 0 * pg])

@@ -57,7 +57,9 @@ def load_rows(cfg):
             raise common.ConfigError(f"--model={cfg.model} without --data: its tokenizer is not the demo's (demo_seed="
                                      f"{cfg.demo_seed}), so it cannot train on the built-in synthetic data; pass the "
                                      f"data to train on")
-    if not cfg.template:  # the one the model was saved with (SFT trains a template in: another one is no news)
+    # --template= takes the one the model was saved with; another one is not warned about, unlike in DPO and RLVR,
+    # since SFT is where a template is trained in
+    if not cfg.template:
         cfg.template = data.resolve_template("", tok)
     return tok, train_rows, eval_rows
 
@@ -207,6 +209,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
+        # per trained token under either loss_reduction, like the held-out loss (what sum optimises is scaled)
         train_loss = common.all_reduce_sum(loss_sum).item() / max(n_trained, 1.0)
         speed = meter.stop(n_processed)  # after the loss's .item(): the step's GPU work is done
         if step % cfg.log_every == 0 or step == total_steps:

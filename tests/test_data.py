@@ -599,8 +599,25 @@ LOOK_ALIKES = {
         "+ eos_token }}", "+ eos_token + '\\n' }}"),
     "Llama 3's headers": "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
                          "\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}",
+    "ChatML trimming the content": SMOLLM2_HUB_TEMPLATE.replace("message['content']", "message['content'] | trim"),
+    "ChatML without the default system turn when any message is a system one": (
+        "{% set ns = namespace(system=false) %}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{% set ns.system = true %}{% endif %}{% endfor %}" + SMOLLM2_HUB_TEMPLATE.replace(
+            "{% if loop.first and messages[0]['role'] != 'system' %}", "{% if loop.first and not ns.system %}")),
     "a template that raises": "{{ raise_exception('no') }}",
 }
+# Written otherwise, rendered the same: with transformers' extras (the assistant mask's generation tag, the date,
+# tools) and whitespace control.
+SAME_AS_CHATML = [
+    SMOLLM2_HUB_TEMPLATE.replace(
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+        "{{'<|im_start|>' + message['role'] + '\n'}}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\n' }}"),
+    "{% set today = strftime_now('%Y-%m-%d') %}{% if tools is not none %}{{ tools | tojson }}{% endif %}"
+    + SMOLLM2_HUB_TEMPLATE,
+    "{%- for message in messages -%}\n  " + SMOLLM2_HUB_TEMPLATE.split("{% for message in messages %}")[1]
+    .replace("{% endfor %}", "\n{%- endfor -%}"),
+]
 
 
 def test_template_name_of_a_saved_chat_template_is_the_one_it_renders_like(demo_tok):
@@ -615,9 +632,11 @@ def test_template_name_of_a_saved_chat_template_is_the_one_it_renders_like(demo_
     assert data.template_name(None, demo_tok) is None
     for what, template in LOOK_ALIKES.items():
         assert data.template_name(template, demo_tok) is None, what
+    for template in SAME_AS_CHATML:
+        assert data.template_name(template, demo_tok) == "chatml", template
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=demo_tok._tk, bos_token=demo_tok.bos_token,
                                               eos_token=demo_tok.eos_token, pad_token=demo_tok.pad_token)
-    for template in [SMOLLM2_HUB_TEMPLATE, TULU3_HUB_TEMPLATE, *list(LOOK_ALIKES.values())[:-1]]:
+    for template in [SMOLLM2_HUB_TEMPLATE, TULU3_HUB_TEMPLATE, *list(LOOK_ALIKES.values())[:-1], *SAME_AS_CHATML]:
         for messages, add_generation_prompt in data.TEMPLATE_PROBES:
             assert data._render_jinja(template, messages, add_generation_prompt, demo_tok) == hf.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -159,8 +159,7 @@ def test_lm_head_runs_in_the_autocast_dtype_for_policy_and_reference(tiny, monke
 
 def test_reward_model_loss_is_bradley_terry_at_last_token(tiny):
     torch.manual_seed(0)
-    rm = train_dpo.RewardModel(Transformer.from_pretrained(tiny.model_dir).config,
-                               Transformer.from_pretrained(tiny.model_dir))
+    rm = train_dpo.RewardModel(Transformer.from_pretrained(tiny.model_dir))
     batch = tiny_batch(tiny)
     loss, _ = train_dpo.pair_loss(rm, batch, None, train_dpo.DPOConfig(objective="reward_model"))
     hidden = rm.backbone(batch["input_ids"], return_hidden=True)
@@ -461,7 +460,7 @@ def test_reward_model_beats_chance_and_saves_value_head(tiny, tmp_path):
     backbone = Transformer.from_pretrained(str(run / "final"))
     assert head["score.weight"].shape == (1, backbone.config.hidden_size)
     # the documented readout reproduces the trained reward model's scores
-    rm = train_dpo.RewardModel(backbone.config, Transformer.from_pretrained(str(run / "final")))
+    rm = train_dpo.RewardModel(Transformer.from_pretrained(str(run / "final")))
     rm.score.weight.data.copy_(head["score.weight"])
     batch = tiny_batch(tiny)
     hidden = backbone(batch["input_ids"], return_hidden=True)

@@ -475,7 +475,10 @@ def test_use_chat_template_flag(model_dir, tmp_path, monkeypatch):
 def test_an_out_that_cannot_be_written_is_refused_before_evaluating(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "evaluate_tasks", lambda *a, **k: pytest.fail("evaluated before checking --out"))
     (tmp_path / "a_file").write_text("")
-    for out, said in ((tmp_path / "a_file" / "results.json", "cannot make its folder"), (tmp_path, "a folder")):
+    # (as root every folder is writable: os.access stands in for a folder this user may not write)
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("read_only"))
+    for out, said in ((tmp_path / "a_file" / "results.json", "cannot make its folder"), (tmp_path, "a folder"),
+                      (tmp_path / "read_only" / "results.json", f"{tmp_path / 'read_only'} is not writable")):
         with pytest.raises(common.ConfigError, match=f"--out={out}: {said}"):
             ev.main([f"--model={model_dir}", "--tasks=gsm8k", f"--data_dir={FIXTURES}", "--limit=1", f"--out={out}"])
 

@@ -341,7 +341,7 @@ def test_forward_cached_computes_what_the_blocks_compute(tiny):
     gives the same bits as forward under the same mask, and each decoded token the hidden state forward gives it."""
     import model as model_module
     ids = torch.tensor([[5, 17, 33, 9, 2, 44], [61, 7, 80, 3, 11, 12]])
-    cache = model_module.KVCache(tiny.config, 2, 9, torch.float32, "cpu")
+    cache = model_module.KVCache(tiny.config, torch.zeros(2, dtype=torch.long), 9, torch.float32)
     weights = model_module.layer_weights(tiny)
     with torch.no_grad():
         full = tiny(torch.cat([ids, ids[:, :3]], dim=1), doc_ids=torch.zeros(2, 9, dtype=torch.long),
@@ -513,9 +513,9 @@ def test_kv_cache_takes_the_autocast_dtype_with_the_same_generation(tiny, monkey
     made, forced = [], {}
 
     class RecordingCache(model_module.KVCache):
-        def __init__(self, config, batch_size, max_len, dtype, device):
+        def __init__(self, config, pad, max_len, dtype):
             made.append(dtype)
-            super().__init__(config, batch_size, max_len, forced.get("dtype", dtype), device)
+            super().__init__(config, pad, max_len, forced.get("dtype", dtype))
 
     monkeypatch.setattr(model_module, "KVCache", RecordingCache)
     with torch.autocast("cpu", dtype=torch.bfloat16):

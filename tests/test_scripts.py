@@ -356,6 +356,7 @@ def test_demo_curves_skip_rows_without_a_step_or_a_value_and_a_stage_depends_on_
     ("train_sft.py", ["--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
     ("train_dpo.py", ["--model=MODEL", "--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
     ("train_rlvr.py", ["--template=ChatML"], "error: --template=ChatML: expected tulu or chatml"),
+    ("train_rlvr.py", ["--advantage_norm=zscore"], "error: advantage_norm='zscore': expected std or center"),
     ("eval.py", ["--model=/no/such/folder"], "error: no model at /no/such/folder"),
     # the demo presets' settings (SFT: lr 4e-3 for a tiny model trained from scratch) on real data: a preset is needed
     ("train_sft.py", ["--data=rows.jsonl"], "error: --data=rows.jsonl without --config: the settings "
@@ -405,6 +406,14 @@ def model_folder_mistakes(root, write_tiny_demo_model):
                     os.replace(folder / name, folder / inner / name)
         return change
 
+    def lose_a_shard(folder):  # the weights as shard 1 of 2 in an index, shard 2 missing
+        from safetensors import safe_open
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            names = list(f.keys())
+        os.replace(folder / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+        index = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
     run = copy("run", move_into("final"))
     (run / "config.json").write_text(json.dumps({"lr": 1e-3}))  # a trainer's settings
     return {
@@ -420,13 +429,15 @@ def model_folder_mistakes(root, write_tiny_demo_model):
         "tokenizer.json": (copy("tokenizer", lambda f: (f / "tokenizer.json").write_text("{not json")),
                            "tokenizer.json: not a readable tokenizer"),
         "eos": (copy("eos", edit_json("tokenizer_config.json", eos_token="</s>")),
-                "eos: tokenizer: eos_token '</s>' is not in the vocabulary"),
+                "eos: eos_token '</s>' is not in the vocabulary"),
         "run folder": (run, f"{run}: a run folder; its trained model is {run / 'final'}"),
         "cache root": (copy("models--org--name", move_into("snapshots/0123abc")),
                        "in a Hugging Face cache folder the model is"),
         "pickle": (copy("pickle", lambda f: os.replace(f / "model.safetensors", f / "pytorch_model.bin")),
                    "(pytorch_model.bin is there: PyTorch pickles are not read"),
         "a file": (good / "model.safetensors", "model.safetensors: a file, not a folder"),
+        "a shard": (copy("shard", lose_a_shard), "model.safetensors.index.json: lists shards that are not in "
+                    f"{root / 'shard'}: model-00002-of-00002.safetensors"),
     }
 
 
