@@ -1009,6 +1009,11 @@ def progress_bar(total, initial, enabled, desc):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
+# A reward model's score head, beside its backbone's HF files: train_dpo.py --objective=reward_model writes it,
+# train_rlvr.py --algo=ppo reads it as the value model's starting head.
+VALUE_HEAD = "value_head.safetensors"
+
+
 def save_final(run_dir, model, tokenizer=None):
     """HF layout in run_dir/final (loads with transformers' AutoModelForCausalLM). Every rank calls it.
 

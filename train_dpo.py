@@ -51,7 +51,6 @@ import nanotulu_kernels as kernels
 from model import CheckpointError, Transformer
 
 DEMO_MODEL = "runs/sft_demo/final"
-VALUE_HEAD = "value_head.safetensors"
 IGNORE = data.IGNORE_INDEX
 
 
@@ -170,7 +169,8 @@ class RewardModel(nn.Module):
     def save_pretrained(self, path, tokenizer=None):
         self.backbone.save_pretrained(path, tokenizer=tokenizer)
         save_file({"score.weight": self.score.weight.detach().float().cpu().contiguous()},
-                  os.path.join(path, VALUE_HEAD), metadata={"format": "pt", "readout": "hidden @ score.weight.T"})
+                  os.path.join(path, common.VALUE_HEAD),
+                  metadata={"format": "pt", "readout": "hidden @ score.weight.T"})
 
 
 def build_model(cfg, d):
@@ -445,7 +445,7 @@ def main(argv=None):
                                           "start_weights": weights})
     bar.close()
     path = common.save_final(cfg.run_dir, model, tok)
-    common.print0(f"saved {path}" + (f" (+ {VALUE_HEAD})" if cfg.objective == "reward_model" else ""))
+    common.print0(f"saved {path}" + (f" (+ {common.VALUE_HEAD})" if cfg.objective == "reward_model" else ""))
     common.teardown_distributed()
     return cfg
 

@@ -54,8 +54,6 @@ import nanotulu_kernels as kernels
 import verifiers
 from model import CheckpointError, Transformer, generate
 
-VALUE_HEAD = "value_head.safetensors"  # written beside the backbone by train_dpo.py --objective=reward_model
-
 
 @dataclass
 class RLVRConfig(common.TrainConfig):
@@ -213,10 +211,10 @@ def build_value_model(cfg, policy):
     if not cfg.value_model:
         # no reward model: start from the policy's features; a zero head makes every initial value 0
         return ValueModel(copy.deepcopy(policy), torch.zeros(1, policy.config.hidden_size))
-    head_path = os.path.join(cfg.value_model, VALUE_HEAD)
+    head_path = os.path.join(cfg.value_model, common.VALUE_HEAD)
     if not os.path.isfile(head_path):
-        raise FileNotFoundError(f"value_model={cfg.value_model}: no {VALUE_HEAD} (train a reward model with "
-                                f"train_dpo.py --objective=reward_model, or leave value_model empty)")
+        raise FileNotFoundError(f"value_model={cfg.value_model}: no {common.VALUE_HEAD} (train a reward model "
+                                f"with train_dpo.py --objective=reward_model, or leave value_model empty)")
     backbone = Transformer.from_pretrained(cfg.value_model, dtype=torch.float32)
     if backbone.config.vocab_size != policy.config.vocab_size:
         raise CheckpointError(f"value_model={cfg.value_model}: vocab_size {backbone.config.vocab_size} differs from "

@@ -456,7 +456,7 @@ def test_reward_model_beats_chance_and_saves_value_head(tiny, tmp_path):
     evals = [m for m in metrics(run) if "eval_accuracy" in m]
     assert evals[-1]["step"] == 32
     assert evals[-1]["eval_accuracy"] >= 0.7  # 64 held-out pairs: chance is 0.5
-    head = load_file(run / "final" / train_dpo.VALUE_HEAD)
+    head = load_file(run / "final" / common.VALUE_HEAD)
     backbone = Transformer.from_pretrained(str(run / "final"))
     assert head["score.weight"].shape == (1, backbone.config.hidden_size)
     # the documented readout reproduces the trained reward model's scores

@@ -194,7 +194,7 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     rm = tmp_path / "rm"
     shutil.copytree(tiny.model_dir, rm)
     weight = torch.randn(1, tiny.model.config.hidden_size)
-    save_file({"score.weight": weight}, str(rm / train_rlvr.VALUE_HEAD))
+    save_file({"score.weight": weight}, str(rm / common.VALUE_HEAD))
     cfg = train_rlvr.RLVRConfig(value_model=str(rm))
     value = train_rlvr.build_value_model(cfg, tiny.model)
     ids = torch.randint(1, tiny.tok.vocab_size, (2, 5))
@@ -202,13 +202,13 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     # without a reward model: a copy of the policy whose zero head starts every value at 0
     fresh = train_rlvr.build_value_model(train_rlvr.RLVRConfig(), tiny.model)
     assert torch.equal(fresh(ids), torch.zeros(2, 5))
-    save_file({"v_head.weight": weight}, str(rm / train_rlvr.VALUE_HEAD))
+    save_file({"v_head.weight": weight}, str(rm / common.VALUE_HEAD))
     with pytest.raises(ValueError, match=r"value_head.safetensors: no score.weight tensor \(holds \['v_head.weight'\]"):
         train_rlvr.build_value_model(cfg, tiny.model)
-    (rm / train_rlvr.VALUE_HEAD).write_bytes(b"\x01")  # cut short
+    (rm / common.VALUE_HEAD).write_bytes(b"\x01")  # cut short
     with pytest.raises(ValueError, match=r"value_head.safetensors: not a readable safetensors file"):
         train_rlvr.build_value_model(cfg, tiny.model)
-    os.remove(rm / train_rlvr.VALUE_HEAD)
+    os.remove(rm / common.VALUE_HEAD)
     with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
         train_rlvr.build_value_model(cfg, tiny.model)
 
