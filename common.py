@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model import model_folder_problem
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: a dataclass, JSON presets, --key=value overrides
@@ -147,7 +149,6 @@ def refuse_unused(cfg, names, why):
 def check_folder(cfg, name, hint=""):
     """A model folder named by --name that is not there, or not a model folder (model.model_folder_problem), is an
     error saying so, before anything tries to read it; `hint` is added when there is nothing at all."""
-    from model import model_folder_problem
     path = getattr(cfg, name)
     problem = path and model_folder_problem(path)
     if problem:

@@ -78,11 +78,11 @@ def _saved_chat_template(folder, tok_config):
         named = {t.get("name"): t.get("template") for t in saved if isinstance(t, dict)}
         if not isinstance(named.get("default"), str):
             raise DataError(where, f"chat_template lists the templates {sorted(map(str, named))}, none of them a "
-                             "string named 'default'")
+                            "string named 'default'")
         saved = named["default"]
     if saved is not None and not isinstance(saved, str):
         raise DataError(where, f"chat_template must be a jinja string or a list of {{name, template}}, got "
-                         f"{type(saved).__name__}")
+                        f"{type(saved).__name__}")
     return saved
 
 
@@ -165,7 +165,7 @@ class Tokenizer:
             if token_id is not None:
                 if not isinstance(token_id, int) or isinstance(token_id, bool) or tk.id_to_token(token_id) is None:
                     raise DataError(os.path.join(folder, 'generation_config.json'), f"{name}_id = {token_id!r} "
-                                     "is not a token id of the tokenizer")
+                                    "is not a token id of the tokenizer")
                 return tk.id_to_token(token_id)
             return "<|endoftext|>" if name != "pad_token" and tk.token_to_id("<|endoftext|>") is not None else None
 
@@ -373,7 +373,7 @@ def check_vocab(tok, vocab_size, where):
     """A token id past the embedding table fails deep inside the model (a device-side assert on GPU): say so here."""
     if tok.vocab_size > vocab_size:
         raise DataError(where, f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{vocab_size}; they must come from the same snapshot")
+                        f"{vocab_size}; they must come from the same snapshot")
 
 
 def check_template_name(requested):

@@ -67,8 +67,8 @@ class ModelConfig:
             if d.get(key):
                 raise CheckpointError(f"{where}: key {key!r} = true is not supported (this model has no biases)")
         if d.get("attention_dropout", 0.0):
-            raise CheckpointError(f"{where}: key 'attention_dropout' = {d['attention_dropout']}; attention dropout is not "
-                             "supported (transformers would apply it in training, this model never does)")
+            raise CheckpointError(f"{where}: key 'attention_dropout' = {d['attention_dropout']}; attention dropout is "
+                                  "not supported (transformers would apply it in training, this model never does)")
         if d.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: key 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
         # transformers 5 reads rope_scaling, when set, as the older name of rope_parameters, and either may carry the
@@ -80,7 +80,7 @@ class ModelConfig:
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type != "default":
             raise CheckpointError(f"{where}: key {rope_key!r} has rope type {rope_type!r}; only 'default' rope is "
-                             "supported")
+                                  "supported")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
@@ -92,16 +92,17 @@ class ModelConfig:
                 raise CheckpointError(f"{where}: key {key!r} = {value!r} must be a positive integer")
         top_theta, rope_theta = d.get("rope_theta"), rope.get("rope_theta")
         if top_theta is not None and rope_theta is not None and top_theta != rope_theta:
-            raise CheckpointError(f"{where}: key 'rope_theta' = {top_theta!r} and {rope_key}.rope_theta = {rope_theta!r} "
-                             "disagree (transformers 4 reads the first, 5 the second): fix config.json to the theta the "
-                             "checkpoint was trained with")
+            raise CheckpointError(f"{where}: key 'rope_theta' = {top_theta!r} and {rope_key}.rope_theta = "
+                                  f"{rope_theta!r} disagree (transformers 4 reads the first, 5 the second): fix "
+                                  "config.json to the theta the checkpoint was trained with")
 
         def positive_number(key, value):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise CheckpointError(f"{where}: key {key!r} = {value!r} must be a positive number")
             return float(value)
         if not isinstance(d.get("tie_word_embeddings", False), bool):
-            raise CheckpointError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or false")
+            raise CheckpointError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or "
+                                  "false")
         for key in ("bos_token_id", "eos_token_id"):
             ids = d.get(key)
             if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
@@ -422,7 +423,7 @@ class Transformer(nn.Module):
                         continue
                     if name in where or (weight_map is not None and weight_map.get(name) != file):
                         raise CheckpointError(f"{path}: tensor {name} is in {file}, but "
-                                         + (f"also in {where[name]}" if name in where else
+                                              + (f"also in {where[name]}" if name in where else
                                             f"{index_path} puts it in {weight_map.get(name)}"))
                     tensors[name], where[name] = f.get_tensor(name).to(dtype), file
         listed_nowhere = sorted(n for n in weight_map or () if n not in where and not n.endswith("rotary_emb.inv_freq"))
@@ -434,8 +435,8 @@ class Transformer(nn.Module):
             head = tensors.pop("lm_head.weight")
             emb = tensors.get("model.embed_tokens.weight")
             if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
-                raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight ({where['lm_head.weight']})"
-                                 " differs from model.embed_tokens.weight")
+                raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight "
+                                      f"({where['lm_head.weight']}) differs from model.embed_tokens.weight")
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [f"{k}: checkpoint {tuple(tensors[k].shape)} ({where[k]}) vs model {tuple(expected[k])}"
@@ -486,7 +487,8 @@ def model_folder_problem(path):
         return f"a run folder; its trained model is {os.path.join(path, 'final')}"
     if not os.path.isfile(os.path.join(path, "config.json")):
         snapshots = os.path.join(path, "snapshots")
-        hint = f"; in a Hugging Face cache folder the model is {snapshots}/<revision>" if os.path.isdir(snapshots) else ""
+        hint = f"; in a Hugging Face cache folder the model is {snapshots}/<revision>" \
+            if os.path.isdir(snapshots) else ""
         return f"no config.json, so not a Hugging Face model folder{hint}"
     return None
 
