@@ -149,13 +149,14 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone):
         super().__init__()
-        self.config = config = backbone.config
+        self.config = backbone.config
         self.backbone = backbone
-        if self.backbone.lm_head is not None:  # unused by the reward; frozen so DDP does not wait for its grad
-            self.backbone.lm_head.requires_grad_(False)
-        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        if backbone.lm_head is not None:  # unused by the reward; frozen so DDP does not wait for its grad
+            backbone.lm_head.requires_grad_(False)
+        H = backbone.config.hidden_size
+        self.score = nn.Linear(H, 1, bias=False)
         # open-instruct / TRL initialise the head with std 1/sqrt(H+1): initial rewards near 0 for any H
-        nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+        nn.init.normal_(self.score.weight, std=1 / math.sqrt(H + 1))
 
     @property
     def layers(self):  # common.wrap_model shards per transformer block
