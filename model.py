@@ -613,8 +613,8 @@ def forward_cached(model, weights, input_ids, position_ids, cache):
 @dataclass
 class Generation:
     tokens: list = field(default_factory=list)    # new token ids per row, up to and including a stop token
-    logprobs: list = field(default_factory=list)  # log-prob of each returned token (at the sampling temperature;
-    #                                               1 when greedy)
+    logprobs: list = field(default_factory=list)  # log-prob of each returned token, at the sampling temperature
+    #                                               (at temperature 1 when greedy)
     stopped: list = field(default_factory=list)   # whether the row ended on a stop token
 
 

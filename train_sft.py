@@ -51,12 +51,13 @@ def load_rows(cfg):
         demo = data.make_demo_data(cfg.demo_seed)
         train_rows, eval_rows = demo["sft_train"], demo["sft_heldout"]
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
-        # The demo data comes with its own tokenizer, which only a model trained on the demo fits: another model's
-        # embeddings would train on other token ids.
-        if cfg.model and data.Tokenizer.from_pretrained(cfg.model).fingerprint() != tok.fingerprint():
-            raise common.ConfigError(f"--model={cfg.model} without --data: its tokenizer is not the demo's (demo_seed="
-                                     f"{cfg.demo_seed}), so it cannot train on the built-in synthetic data; pass the "
-                                     f"data to train on")
+        if cfg.model:  # trained further on the demo: its tokenizer must be the demo's (and its template is its own)
+            saved = data.Tokenizer.from_pretrained(cfg.model)
+            if saved.fingerprint() != tok.fingerprint():  # another model's embeddings would see other token ids
+                raise common.ConfigError(f"--model={cfg.model} without --data: its tokenizer is not the demo's "
+                                         f"(demo_seed={cfg.demo_seed}), so it cannot train on the built-in synthetic "
+                                         f"data; pass the data to train on")
+            tok = saved
     # --template= takes the one the model was saved with; another one is not warned about, unlike in DPO and RLVR,
     # since SFT is where a template is trained in
     if not cfg.template:

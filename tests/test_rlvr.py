@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import common
 import data
 import train_rlvr
-from model import Transformer
+from model import CheckpointError, Transformer
 from multirank import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,10 +203,11 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     fresh = train_rlvr.build_value_model(train_rlvr.RLVRConfig(), tiny.model)
     assert torch.equal(fresh(ids), torch.zeros(2, 5))
     save_file({"v_head.weight": weight}, str(rm / common.VALUE_HEAD))
-    with pytest.raises(ValueError, match=r"value_head.safetensors: no score.weight tensor \(holds \['v_head.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"value_head.safetensors: no score.weight tensor \(holds "
+                                              r"\['v_head.weight'\]"):
         train_rlvr.build_value_model(cfg, tiny.model)
     (rm / common.VALUE_HEAD).write_bytes(b"\x01")  # cut short
-    with pytest.raises(ValueError, match=r"value_head.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"value_head.safetensors: not a readable safetensors file"):
         train_rlvr.build_value_model(cfg, tiny.model)
     os.remove(rm / common.VALUE_HEAD)
     with pytest.raises(FileNotFoundError, match="value_head.safetensors"):

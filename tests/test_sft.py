@@ -90,13 +90,23 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
 
 def test_a_model_trained_on_the_demo_trains_further_on_it(demo_sft_model, tmp_path):
     """What the refusal to resume a finished run suggests (a new run from its final/), for the demo too: a model
-    whose tokenizer is the demo's continues on the demo data."""
+    whose tokenizer is the demo's continues on the demo data, from its weights and, with --template=, in its own
+    template (here chatml, where the demo's is tulu)."""
+    import shutil
+
     from safetensors.torch import load_file
-    train_sft.main([f"--model={demo_sft_model}", f"--run_dir={tmp_path}", "--max_steps=2", "--progress=false",
-                    "--cache_dir=", "--eval_every=0"])
-    before = load_file(f"{demo_sft_model}/model.safetensors")
-    after = load_file(tmp_path / "final" / "model.safetensors")
+    start = tmp_path / "start"
+    shutil.copytree(demo_sft_model, start)
+    config = json.loads((start / "tokenizer_config.json").read_text())
+    (start / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": data.CHATML_TEMPLATE}))
+    train_sft.main([f"--model={start}", f"--run_dir={tmp_path / 'run'}", "--max_steps=1", "--lr=1e-7",
+                    "--warmup_ratio=0", "--template=", "--progress=false", "--cache_dir=", "--eval_every=0"])
+    before, after = load_file(start / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    for k in before:  # one step of lr 1e-7 from the given weights, not from a fresh initialisation
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-5)
+    saved = json.loads((tmp_path / "run" / "final" / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == data.CHATML_TEMPLATE
 
 
 def test_a_loss_reduction_other_than_mean_or_sum_is_refused(setup):
