@@ -463,19 +463,16 @@ def template_name(chat_template, tok):
     neither (a ChatML without SmolLM2's default system turn, say, on which ours would train something else)."""
     if chat_template in CHAT_TEMPLATES:
         return chat_template
-    for name, jinja in CHAT_TEMPLATES.items():
-        if chat_template == jinja:
-            return name
     if not chat_template:
         return None
+    try:
+        theirs = [_render_jinja(chat_template, messages, generation, tok) for messages, generation in TEMPLATE_PROBES]
+    except Exception:  # a template that cannot render these conversations is not one of ours
+        return None
     for name in CHAT_TEMPLATES:
-        try:
-            if all(_render_jinja(chat_template, messages, add_generation_prompt, tok)
-                   == _render_text(messages, name, tok.eos_token, add_generation_prompt)
-                   for messages, add_generation_prompt in TEMPLATE_PROBES):
-                return name
-        except Exception:  # a template that cannot render these conversations is not one of ours
-            return None
+        if theirs == [_render_text(messages, name, tok.eos_token, generation) for messages, generation in
+                      TEMPLATE_PROBES]:
+            return name
     return None
 
 
