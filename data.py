@@ -127,7 +127,8 @@ class Tokenizer:
     def from_pretrained(cls, path, bos_token=None, eos_token=None, pad_token=None):
         """Load tokenizer.json from a folder (or the file itself). Special tokens come from, in order: the arguments,
         tokenizer_config.json and special_tokens_map.json (in transformers' order, below), generation_config.json
-        (ids), then '<|endoftext|>'."""
+        (ids), then '<|endoftext|>' for eos; a bos that none of them names is None, as in transformers (a template's
+        {{ bos_token }} renders nothing)."""
         if not path:
             raise FileNotFoundError("tokenizer: no folder given (pass --model=PATH, or --tokenizer=PATH)")
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -167,7 +168,7 @@ class Tokenizer:
                     raise DataError(os.path.join(folder, 'generation_config.json'), f"{name}_id = {token_id!r} "
                                     "is not a token id of the tokenizer")
                 return tk.id_to_token(token_id)
-            return "<|endoftext|>" if name != "pad_token" and tk.token_to_id("<|endoftext|>") is not None else None
+            return "<|endoftext|>" if name == "eos_token" and tk.token_to_id("<|endoftext|>") is not None else None
 
         eos = resolve("eos_token", eos_token)
         if eos is None:
@@ -201,11 +202,24 @@ class Tokenizer:
     def token_to_id(self, token):
         return self._tk.token_to_id(token)
 
+    def same_ids(self, other):
+        """Whether both turn text into the same token ids (the same tokenizer.json), whatever their bos, eos and pad."""
+        return self._tk.to_str() == other._tk.to_str()
+
     def fingerprint(self):
         """Hash of everything that changes token ids or rendered text (the cache keys use it)."""
         h = hashlib.sha256(self._tk.to_str().encode())
         h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token]).encode())
         return h.hexdigest()
+
+    def use_chat_template(self, template):
+        """Record the template (a name or jinja) a model is trained with: save_pretrained writes it. A ChatML model
+        ends its turns with <|im_end|>, which becomes its eos, as in SmolLM2-Instruct's files, so that tools that stop
+        at the tokenizer's eos (TRL, lm-eval) stop at the end of a turn; pad keeps its token."""
+        self.chat_template = template
+        im_end = self.token_to_id("<|im_end|>")
+        if im_end is not None and template_name(template, self) == "chatml":
+            self.eos_token, self.eos_id = "<|im_end|>", im_end
 
     def end_of_turn_ids(self):
         """Ids that end an assistant turn under this tokenizer's chat template: the eos ids a saved model's
@@ -363,10 +377,8 @@ def _render_text(messages, template, eos_token, add_generation_prompt):
 
 def stop_token_ids(tok, template):
     """Token ids that end an assistant turn under `template` (for generation)."""
-    ids = [tok.eos_id]
-    if template == "chatml" and tok.token_to_id("<|im_end|>") is not None:
-        ids.insert(0, tok.token_to_id("<|im_end|>"))
-    return ids
+    im_end = tok.token_to_id("<|im_end|>")
+    return [im_end, tok.eos_id] if template == "chatml" and im_end not in (None, tok.eos_id) else [tok.eos_id]
 
 
 def check_vocab(tok, vocab_size, where):

@@ -457,14 +457,16 @@ class Transformer(nn.Module):
         os.makedirs(path, exist_ok=True)
         dtype = self.embed_tokens.weight.dtype
         config = self.config.to_hf_dict(dtype)
-        if tokenizer is not None:  # as in the snapshots: transformers' config carries the pad id too
+        eos = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
+        if tokenizer is not None:  # a data.Tokenizer: as in the snapshots, config.json carries the pad id too
             config["pad_token_id"] = tokenizer.pad_id
+            if tokenizer.eos_id not in eos:  # the tokenizer's eos is the model's (ChatML's <|im_end|>: see data.py)
+                config["eos_token_id"], eos = tokenizer.eos_id, [tokenizer.eos_id]
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
-        if tokenizer is not None:  # a data.Tokenizer: generation also stops at its template's end of turn
-            eos = generation["eos_token_id"]
-            eos = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *tokenizer.end_of_turn_ids()]))
+        generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": config["eos_token_id"]}
+        if tokenizer is not None:  # generation also stops at its template's end of turn
+            eos = list(dict.fromkeys([*eos, *tokenizer.end_of_turn_ids()]))
             # and pads with the tokenizer's pad token (transformers would fall back to eos, with a warning)
             generation.update(eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=tokenizer.pad_id)
         with open(os.path.join(path, "generation_config.json"), "w") as f:

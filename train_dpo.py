@@ -359,7 +359,7 @@ def main(argv=None):
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     cfg.template = data.resolve_template(cfg.template, tok)
-    tok.chat_template = cfg.template  # final/ records the template the pairs were rendered with
+    tok.use_chat_template(cfg.template)  # final/ records the template the pairs were rendered with
     raw = build_model(cfg, d)
     data.check_vocab(tok, raw.config.vocab_size, cfg.tokenizer or cfg.model)
     weights = common.weights_digest(raw)  # before wrapping, which shards in place

@@ -423,7 +423,7 @@ def main(argv=None):
 
     tok = data.Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     template = data.resolve_template(cfg.template, tok)
-    tok.chat_template = template  # final/ records the template the policy was trained with
+    tok.use_chat_template(template)  # final/ records the template the policy was trained with
     stop_ids = data.stop_token_ids(tok, template)
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
     data.check_vocab(tok, policy.config.vocab_size, cfg.tokenizer or cfg.model)

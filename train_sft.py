@@ -53,7 +53,7 @@ def load_rows(cfg):
         tok = data.build_demo_tokenizer(demo)  # all splits, so DPO / RLVR text later is covered too
         if cfg.model:  # trained further on the demo: its tokenizer must be the demo's (and its template is its own)
             saved = data.Tokenizer.from_pretrained(cfg.model)
-            if saved.fingerprint() != tok.fingerprint():  # another model's embeddings would see other token ids
+            if not saved.same_ids(tok):  # another model's embeddings would see other token ids
                 raise common.ConfigError(f"--model={cfg.model} without --data: its tokenizer is not the demo's "
                                          f"(demo_seed={cfg.demo_seed}), so it cannot train on the built-in synthetic "
                                          f"data; pass the data to train on")
@@ -225,7 +225,7 @@ def main(argv=None):
             common.save_checkpoint(cfg.run_dir, step, model, optimizer, keep=cfg.keep_checkpoints,
                                    extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg)})
     bar.close()
-    tok.chat_template = cfg.template  # written into tokenizer_config.json, so transformers users get it too
+    tok.use_chat_template(cfg.template)  # written into tokenizer_config.json, so transformers users get it too
     path = common.save_final(cfg.run_dir, model, tok)
     common.print0(f"saved {path}")
     common.teardown_distributed()

@@ -751,15 +751,41 @@ def test_broken_tokenizer_files_are_named(tok_dir, tmp_path):
 
 @pytest.mark.parametrize("template", ["tulu", "chatml"])
 def test_a_saved_model_stops_at_its_templates_end_of_turn_in_transformers(demo_tok, tmp_path, template):
-    from transformers import GenerationConfig
+    """A model trained in ChatML names <|im_end|> as its eos in tokenizer_config.json, config.json and
+    generation_config.json, as SmolLM2-Instruct's files do, so tools that stop at the tokenizer's eos (TRL, lm-eval)
+    stop at the end of a turn too; pad keeps its token. Tulu's turns end with eos, which stays."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from model import ModelConfig, Transformer
     tok = copy.copy(demo_tok)
-    tok.chat_template = template
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(str(tmp_path), tokenizer=tok)
-    im_end = tok.token_to_id("<|im_end|>")
-    expected = 0 if template == "tulu" else [0, im_end]  # eos first, then ChatML's end of turn
-    assert GenerationConfig.from_pretrained(str(tmp_path)).eos_token_id == expected
+    tok.use_chat_template(template)
+    Transformer(ModelConfig.from_preset("tiny", eos_token_id=0)).save_pretrained(str(tmp_path), tokenizer=tok)
+    end = 0 if template == "tulu" else tok.token_to_id("<|im_end|>")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.eos_token_id, hf.pad_token_id) == (end, 0)
+    assert AutoConfig.from_pretrained(str(tmp_path)).eos_token_id == end
+    assert GenerationConfig.from_pretrained(str(tmp_path)).eos_token_id == end
+    reloaded = data.Tokenizer.from_pretrained(str(tmp_path))
+    assert data.stop_token_ids(reloaded, template) == data.stop_token_ids(tok, template) == [end]
+    assert data.stop_token_ids(demo_tok, "chatml") == [tok.token_to_id("<|im_end|>"), 0]  # before: both end a turn
+
+
+def test_a_bos_that_no_file_names_is_none_as_in_transformers(tok_dir, tmp_path):
+    """A template's {{ bos_token }} then renders nothing, as transformers renders it, and OLMo 2's Tulu (a bos first)
+    is tulu for such a tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    template = LOOK_ALIKES["OLMo 2's Tulu, with a bos first"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                                 "chat_template": template}))
+    ours, hf = data.Tokenizer.from_pretrained(str(tmp_path)), PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert ours.bos_token is None and ours.bos_id is None and hf.bos_token is None
+    for messages in CONVERSATIONS:
+        assert data._render_jinja(template, messages, False, ours) == hf.apply_chat_template(messages, tokenize=False)
+    assert data.template_name(template, ours) == "tulu"
+    ours.save_pretrained(str(tmp_path / "saved"))
+    assert data.Tokenizer.from_pretrained(str(tmp_path / "saved")).bos_token is None
+    assert PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved")).bos_token is None
 
 
 def test_sft_rows_cut_at_max_seq_len_are_reported(demo, demo_tok, caplog):

@@ -91,14 +91,15 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
 def test_a_model_trained_on_the_demo_trains_further_on_it(demo_sft_model, tmp_path):
     """What the refusal to resume a finished run suggests (a new run from its final/), for the demo too: a model
     whose tokenizer is the demo's continues on the demo data, from its weights and, with --template=, in its own
-    template (here chatml, where the demo's is tulu)."""
+    template (here chatml, where the demo's is tulu, with the eos <|im_end|> that SFT in chatml saves)."""
     import shutil
 
     from safetensors.torch import load_file
     start = tmp_path / "start"
     shutil.copytree(demo_sft_model, start)
     config = json.loads((start / "tokenizer_config.json").read_text())
-    (start / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": data.CHATML_TEMPLATE}))
+    (start / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": data.CHATML_TEMPLATE,
+                                                            "eos_token": "<|im_end|>"}))
     train_sft.main([f"--model={start}", f"--run_dir={tmp_path / 'run'}", "--max_steps=1", "--lr=1e-7",
                     "--warmup_ratio=0", "--template=", "--progress=false", "--cache_dir=", "--eval_every=0"])
     before, after = load_file(start / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
@@ -106,7 +107,7 @@ def test_a_model_trained_on_the_demo_trains_further_on_it(demo_sft_model, tmp_pa
     for k in before:  # one step of lr 1e-7 from the given weights, not from a fresh initialisation
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-5)
     saved = json.loads((tmp_path / "run" / "final" / "tokenizer_config.json").read_text())
-    assert saved["chat_template"] == data.CHATML_TEMPLATE
+    assert (saved["chat_template"], saved["eos_token"]) == (data.CHATML_TEMPLATE, "<|im_end|>")
 
 
 def test_a_loss_reduction_other_than_mean_or_sum_is_refused(setup):
@@ -336,6 +337,10 @@ def test_an_empty_template_trains_in_the_one_the_model_was_saved_with(setup, tmp
                               max_seq_len=256))  # (ChatML adds SmolLM2's default system prompt)
     final = data.Tokenizer.from_pretrained(str(setup / "saved_template" / "final"))
     assert data.template_name(final.chat_template, final) == "chatml"
+    # a base model moved to ChatML ends with <|im_end|>: its eos from now on, as in SmolLM2-Instruct's files
+    im_end = final.token_to_id("<|im_end|>")
+    assert (final.eos_id, final.pad_token) == (im_end, tok.pad_token) and tok.eos_id != im_end
+    assert json.load(open(setup / "saved_template" / "final" / "config.json"))["eos_token_id"] == im_end
     assert json.load(open(setup / "saved_template" / "config.json"))["template"] == "chatml"  # what ran, not ""
 
 
