@@ -182,15 +182,15 @@ def main(argv=None):
     model.train()
     while step < total_steps:
         meter.start()
-        micro = []
-        for _ in range(cfg.grad_accum):
-            chosen = [train_items[i] for i in sampler.next_batch(cfg.batch_size)]
-            micro.append({k: v.to(d.device) for k, v in collate(chosen, tok.pad_id).items()})
-        # the denominator is known before any backward: count trained tokens over all micro-batches and ranks
+        micro = [collate([train_items[i] for i in sampler.next_batch(cfg.batch_size)], tok.pad_id)
+                 for _ in range(cfg.grad_accum)]
+        # the denominator is known before any backward: count trained tokens over all micro-batches and ranks (on
+        # the host, before the batches move to the device, so that counting waits for no copy)
         counts = torch.tensor([sum((b["labels"] != data.IGNORE_INDEX).sum().item() for b in micro),
                                sum(b["input_ids"].numel() for b in micro)], dtype=torch.float64, device=d.device)
         common.all_reduce_sum(counts)
         n_trained, n_processed = counts.tolist()
+        micro = [{k: v.to(d.device) for k, v in b.items()} for b in micro]
         # mean: per trained token. sum: open-instruct's sum loss sums token losses within a micro-batch and
         # averages over micro-batches; with its per-device batch of 1 that is the sum per sequence, which is
         # what we divide by, so that it too does not depend on how the global batch is split (hence no packing).
