@@ -812,12 +812,14 @@ def weights_digest(model):
     return h.hexdigest()
 
 
-def check_resume(cfg, start_weights=None):
+def check_resume(cfg, start_weights=None, data_digest=None):
     """-> (the checkpoint a --resume continues from, its state.pt header), or (None, None) when there is none;
     refused unless every rank sees the same one and it was trained with this run's settings. `start_weights`: the
     weights_digest of the model the run started from, where it matters after step 0 (DPO's and RLVR's reference is
-    that model, rebuilt from --model on resume), checked against the one the checkpoint recorded. maybe_resume
-    calls it; DPO calls it first as well, so that a refused resume has not tokenized and run the reference pass."""
+    that model, rebuilt from --model on resume), checked against the one the checkpoint recorded; `data_digest`:
+    the training rows' (data.Rows.fingerprint), likewise, since --data names files that may have changed since.
+    maybe_resume calls it; DPO calls it first as well (without the data, not yet tokenized), so that a refused
+    resume has not tokenized and run the reference pass."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     # Only rank 0 writes checkpoints. A node that cannot see its run_dir would start over with other weights and
     # other steps, or resume from what another run left there, and the ranks' collectives would stop matching (a
@@ -855,20 +857,28 @@ def check_resume(cfg, start_weights=None):
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "
                           f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
                           f"reference must be that starting model: put it back, or start a new run")
+    if data_digest is not None and extra.get("data_digest", data_digest) != data_digest:
+        raise ConfigError(f"--resume: the training rows (--data={cfg.data or 'the demo'}) are not the ones the run in "
+                          f"{cfg.run_dir} trained on (rows edited, added or removed, or another tokenizer): put "
+                          f"them back, or start a new run")
     return path, header
 
 
-def maybe_resume(cfg, model, optimizer, sampler, start_weights=None):
+def maybe_resume(cfg, model, optimizer, sampler, start_weights=None, data_digest=None):
     """With --resume and a checkpoint in run_dir (see check_resume): restore model, optimizer, RNG and the
-    sampler's state, and return the step to continue from; otherwise 0."""
-    path, _ = check_resume(cfg, start_weights)
+    sampler's state, and return the step to continue from; otherwise 0. Checkpoints save `data_digest` in their
+    extra as "data_digest"."""
+    path, _ = check_resume(cfg, start_weights, data_digest)
     if not path:
         if cfg.resume:
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"
                    + ("" if cfg.checkpoint_every else " (and --checkpoint_every=0 writes none)"))
         return 0
     state = load_checkpoint(path, model, optimizer)
-    sampler.load_state_dict(state["extra"]["sampler"])
+    try:
+        sampler.load_state_dict(state["extra"]["sampler"])
+    except ValueError as e:  # a checkpoint with no data digest: another number of rows still says so
+        raise ConfigError(f"--resume: {path}: {e}") from None
     if int(os.environ.get("RANK", 0)) == 0:  # a kill may have come between a save and its prune
         prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
     print0(f"resumed from step {state['step']} ({path})")

@@ -619,8 +619,10 @@ def read_rows(spec):
 
 
 class Rows(list):
-    """A list of normalised rows that remembers how many bad rows were skipped to build it."""
+    """A list of normalised rows that remembers how many bad rows were skipped to build it; tokenized rows also
+    carry a digest of what made them (data, tokenizer, template, length), which a resumed run checks."""
     num_skipped = 0
+    fingerprint = None
 
 
 def _load(spec, normalize, kind, skip_bad):
@@ -811,7 +813,8 @@ def _tokenize_preference_chunk(args):
     return out
 
 
-def _fingerprint_rows(rows, keys):
+def fingerprint_rows(rows, keys):
+    """A digest of the rows' values under `keys`, in order: the cache keys, and what a resume checks it trains on."""
     h = hashlib.sha256()
     for row in rows:
         h.update(json.dumps([row[k] for k in keys], sort_keys=True, ensure_ascii=False).encode())
@@ -879,12 +882,16 @@ def _save_npz(path, **arrays):
     write_atomic(path, write)
 
 
+def _digest(parts):
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
 def _tokenize_cached(kind, fn, rows, key_parts, extra, tok, cache_dir, num_workers, progress):
     """Run fn over rows (in parallel) to sequences of (ids, mask), or load them from cache_dir. Returns the list of
     (ids int32, mask uint8)."""
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps([CACHE_VERSION, kind] + list(key_parts)).encode()).hexdigest()[:24]
+        key = _digest([CACHE_VERSION, kind, *key_parts])[:24]
         path = os.path.join(cache_dir, f"{kind}-{key}.npz")
         if os.path.exists(path):
             try:
@@ -917,11 +924,11 @@ def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=N
     `split` ("train", "held-out") names the rows in the warnings."""
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {template!r} (expected one of {', '.join(CHAT_TEMPLATES)})")
-    key = (_fingerprint_rows(rows, ["messages"]), tok.fingerprint(), template, max_seq_len)
+    key = (fingerprint_rows(rows, ["messages"]), tok.fingerprint(), template, max_seq_len)
     seqs = _tokenize_cached("sft", _tokenize_sft_chunk, rows, key, (template, max_seq_len), tok, cache_dir,
                             num_workers or _default_workers(), progress)
     out = Rows(s for s in seqs if s[1].any())
-    out.num_skipped = len(seqs) - len(out)
+    out.num_skipped, out.fingerprint = len(seqs) - len(out), _digest(key)
     what = f"{split} SFT rows".lstrip()
     if out.num_skipped:
         log.warning(f"dropped {out.num_skipped} {what} with no trained token within max_seq_len={max_seq_len}")
@@ -944,7 +951,7 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {template!r} (expected one of {', '.join(CHAT_TEMPLATES)})")
-    key = (_fingerprint_rows(rows, ["prompt", "chosen", "rejected"]), tok.fingerprint(), template, max_seq_len,
+    key = (fingerprint_rows(rows, ["prompt", "chosen", "rejected"]), tok.fingerprint(), template, max_seq_len,
            truncation)
     seqs = _tokenize_cached("pref", _tokenize_preference_chunk, rows, key, (template, max_seq_len, truncation),
                             tok, cache_dir, num_workers or _default_workers(), progress)
@@ -952,7 +959,7 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
     for c, r in zip(seqs[0::2], seqs[1::2]):
         if len(c[0]):
             out.append({"chosen": c, "rejected": r})
-    out.num_skipped = len(seqs) // 2 - len(out)
+    out.num_skipped, out.fingerprint = len(seqs) // 2 - len(out), _digest(key)
     what = f"{split} preference pairs".lstrip()
     if out.num_skipped:
         log.warning(f"dropped {out.num_skipped} {what} longer than {max_seq_len} tokens " +

@@ -445,6 +445,24 @@ def test_resume_refuses_another_starting_model_seed_or_effective_batch(tmp_path)
         common.maybe_resume(fewer_ranks, model, opt, sampler)
 
 
+def test_resume_refuses_other_training_rows_with_an_error_line(tmp_path):
+    """--data names files: rows edited in place (the same count) or added since the checkpoint are refused, by the
+    digest the checkpoint recorded; a checkpoint that recorded none still refuses another number of rows."""
+    from data import EpochSampler
+    model, sampler = Tiny(), EpochSampler(8, seed=0)
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true", "--data=rows/*.parquet"])
+    extra = {"sampler": sampler.state_dict(), "config": common.config_dict(cfg)}
+    common.save_checkpoint(str(tmp_path), 3, model, None, extra={**extra, "data_digest": "abc"}, keep=1)
+    with pytest.raises(common.ConfigError, match=r"--resume: the training rows \(--data=rows/\*.parquet\) are not "
+                                                 r"the ones the run in .* trained on"):
+        common.maybe_resume(cfg, model, None, sampler, data_digest="abd")
+    assert common.maybe_resume(cfg, model, None, sampler, data_digest="abc") == 3
+    common.save_checkpoint(str(tmp_path), 4, model, None, extra=extra, keep=1)
+    with pytest.raises(common.ConfigError, match=r"--resume: .*step_0000004: EpochSampler.load_state_dict: checkpoint "
+                                                 r"has num_items=8, this run has 9"):
+        common.maybe_resume(cfg, model, None, EpochSampler(9, seed=0), data_digest="abd")
+
+
 def test_resume_refuses_a_checkpoint_whose_config_lacks_a_setting_of_this_run(tmp_path):
     # a setting the checkpoint never recorded cannot be known to match
     from data import EpochSampler

@@ -290,6 +290,20 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_run(setup):
     assert_same_run(full, crashed, rtol=1e-6, atol=1e-7)
 
 
+def test_a_resume_on_rows_edited_in_place_is_refused(setup):
+    """--data names a file: edited since the checkpoint, with as many rows, it is not what the run trained on."""
+    rows = setup / "rows_edited_later.jsonl"
+    shutil.copy(setup / "train.jsonl", rows)
+    train_sft.main(args(setup, "edited", data=rows, max_steps=2, checkpoint_every=1, batch_size=2))
+    shutil.rmtree(setup / "edited" / "final")
+    edited = [json.loads(line) for line in open(rows)]
+    edited[0]["messages"][-1]["content"] += " (edited)"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in edited))
+    with pytest.raises(common.ConfigError, match=r"--resume: the training rows \(--data=\S*rows_edited_later.jsonl\) "
+                                                 r"are not the ones the run in \S*edited trained on"):
+        train_sft.main(args(setup, "edited", data=rows, max_steps=2, checkpoint_every=1, batch_size=2, resume=True))
+
+
 def test_final_save_loads_in_transformers_with_equal_logits(setup):
     from transformers import AutoModelForCausalLM
     train_sft.main(args(setup, "hf", max_steps=2))
