@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,9 +257,14 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
 # -----------------------------------------------------------------------------
 # One micro-batch: the loss and its statistics
 
+# pair_loss's statistics, each a sum over pairs (accuracy: chosen reward > rejected; policy_accuracy: chosen mean
+# response log-prob > rejected, as eval.py's pref_acc). One tensor carries them, so that micro-batches add up and one
+# all-reduce sums them over ranks; PairStats(*tensor.tolist()) reads them back by name.
+PairStats = namedtuple("PairStats", "loss rewards_chosen rewards_rejected accuracy policy_accuracy pairs")
+
+
 def pair_loss(model, batch, ref, cfg):
-    """-> (loss: mean over the B pairs, stats [6]: sums over pairs of loss, chosen reward, rejected reward,
-    reward accuracy, policy accuracy (mean response log-prob of chosen > rejected, as eval.py's pref_acc), B).
+    """-> (loss: mean over the B pairs, stats: the PairStats sums as one float64 tensor).
     ref: [B, 2] summed reference log-probs (DPO) or None (reward model, simpo)."""
     B = batch["input_ids"].shape[0] // 2
     if cfg.objective == "reward_model":
@@ -280,18 +286,21 @@ def pair_loss(model, batch, ref, cfg):
         loss, chosen, rejected = out.loss, out.chosen_rewards, out.rejected_rewards
         n = (batch["labels"] != IGNORE).sum(1).clamp(min=1)
         policy_acc = (out.chosen_logps.detach() / n[:B] > out.rejected_logps.detach() / n[B:]).sum()
-    stats = torch.stack([loss.detach() * B, chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
-                         policy_acc.to(chosen.device), torch.tensor(float(B), device=chosen.device)])
-    return loss, stats.double()
+    stats = PairStats(loss=loss.detach() * B, rewards_chosen=chosen.sum(), rewards_rejected=rejected.sum(),
+                      accuracy=(chosen > rejected).sum(), policy_accuracy=policy_acc.to(chosen.device),
+                      pairs=torch.tensor(float(B), device=chosen.device))
+    return loss, torch.stack(stats).double()
 
 
 def summarize(stats, objective="dpo"):
-    n = max(stats[5].item(), 1.0)
-    rc, rr = stats[1].item() / n, stats[2].item() / n
-    out = {"loss": stats[0].item() / n, "rewards_chosen": rc, "rewards_rejected": rr, "margins": rc - rr,
-           "accuracy": stats[3].item() / n}
+    """The per-pair means of a summed PairStats tensor, and the reward margin."""
+    s = PairStats(*stats.tolist())
+    n = max(s.pairs, 1.0)
+    rc, rr = s.rewards_chosen / n, s.rewards_rejected / n
+    out = {"loss": s.loss / n, "rewards_chosen": rc, "rewards_rejected": rr, "margins": rc - rr,
+           "accuracy": s.accuracy / n}
     if objective == "dpo":
-        out["policy_accuracy"] = stats[4].item() / n
+        out["policy_accuracy"] = s.policy_accuracy / n
     return out
 
 
@@ -312,7 +321,7 @@ class Reference:
 def evaluate(model, pairs, reference, cfg, pad_id, d):
     """Held-out loss, rewards and accuracies over all pairs (each rank takes every world_size-th pair)."""
     model.eval()
-    totals = torch.zeros(6, dtype=torch.float64, device=d.device)
+    totals = torch.zeros(len(PairStats._fields), dtype=torch.float64, device=d.device)
     mine = list(range(d.rank, len(pairs), d.world_size))
     # every rank runs the same number of forwards (FSDP gathers weights in each); a rank out of pairs runs a
     # throwaway batch
@@ -416,7 +425,7 @@ def main(argv=None):
     while step < total_steps:
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_ratio, cfg.min_lr_ratio)
         common.set_lr(optimizer, lr)
-        totals = torch.zeros(6, dtype=torch.float64, device=d.device)
+        totals = torch.zeros(len(PairStats._fields), dtype=torch.float64, device=d.device)
         for i in range(cfg.grad_accum):
             idx = sampler.next_batch(cfg.batch_size)
             batch = {k: v.to(d.device) for k, v in collate_pairs(train_pairs, idx, tok.pad_id).items()}
