@@ -386,7 +386,6 @@ def main(argv=None):
     # The reference is the initial policy computed the way the policy computes (FSDP2 under bf16 computes with
     # bf16 parameters, unlike autocast over fp32 ones), so that at step 0 every reward is 0: exactly with a live
     # reference, up to float rounding with the cached one (computed in other batches, so with other padding).
-    reference = eval_reference = Reference()
     if live:
         if sharded:  # sharded alike (never DDP: it has nothing to train)
             frozen = common.wrap_model(frozen, d, fsdp=True, precision=cfg.precision)
@@ -394,8 +393,10 @@ def main(argv=None):
     elif has_reference:  # the wrapped model before any update (FSDP2 wraps in place; DDP's wrapper adds nothing here)
         policy = common.unwrap(model)
         reference = Reference(reference_logps(policy, weights, train_pairs, cfg, d, tok.pad_id, "train"))
-        if eval_pairs:
-            eval_reference = Reference(reference_logps(policy, weights, eval_pairs, cfg, d, tok.pad_id, "held-out"))
+        eval_reference = Reference(reference_logps(policy, weights, eval_pairs, cfg, d, tok.pad_id, "held-out")) \
+            if eval_pairs else None  # (no held-out pairs: no evaluation, and no reference pass for them)
+    else:  # the reward model and simpo read no reference
+        reference = eval_reference = Reference()
     raw.train()
     sampler = data.EpochSampler(len(train_pairs), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     step_items = cfg.batch_size * cfg.grad_accum * d.world_size
