@@ -41,11 +41,11 @@ import json
 import math
 import os
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import common
@@ -335,16 +335,13 @@ def collate_rollouts(samples, pad_id, device):
     return ids.to(device), labels.to(device)
 
 
-def over_micro_batches(fn, ids, labels, lengths, batch_size):
-    """fn(ids, labels) -> [rows, T] over micro-batches of batch_size rows of a right-padded rollout, each cut to
-    its longest row (`lengths`: prompt + response), so no padding past it is computed; the results padded back with
-    zeros to the rollout's width and concatenated."""
-    outs = []
-    for i in range(0, len(ids), batch_size):
-        T = max(lengths[i:i + batch_size])
-        rows = slice(i, i + batch_size)
-        outs.append(F.pad(fn(ids[rows, :T], labels[rows, :T]), (0, ids.shape[1] - T)))
-    return torch.cat(outs)
+def micro_batches(rows, lengths, batch_size):
+    """(rows[i:i + batch_size], T) for each micro-batch of `rows` (indices of right-padded rollout rows, on the
+    device), T the length of its longest row (lengths: prompt + response of each rollout row): the columns from T on
+    are padding in every row of the micro-batch, so they are not computed."""
+    host = rows.tolist()  # one device sync for all the micro-batches
+    for i in range(0, len(host), batch_size):
+        yield rows[i:i + batch_size], max(lengths[j] for j in host[i:i + batch_size])
 
 
 @torch.no_grad()
@@ -369,6 +366,21 @@ def heldout_accuracy(policy, tok, rows, cfg, stop_ids, d):
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
+
+# A step's sums, read back by name; each set is one float64 tensor, which one all-reduce sums over ranks.
+# The rollout's (kl and kl_k3 are over the rows trained on, as open-instruct's grpo_fast measures them):
+StepSums = namedtuple("StepSums", "reward rollouts response_tokens non_stop kl kl_k3 zero_std_groups trained_rows "
+                      "trained_tokens")
+# The update's, over the response tokens of every micro-batch it ran:
+UpdateSums = namedtuple("UpdateSums", "pg_loss clip_frac kl_k3 vf_loss vf_clip_frac tokens")
+
+
+def summed(sums, device):
+    """A namedtuple of this rank's sums (tensors or numbers) -> the same namedtuple of floats, summed over ranks:
+    one all-reduce of one float64 tensor, one host copy."""
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in sums])
+    return type(sums)(*common.all_reduce_sum(total).tolist())
+
 
 def check_config(cfg, d):
     if cfg.algo not in ("grpo", "ppo"):
@@ -489,43 +501,38 @@ def main(argv=None):
         t_gen = time.perf_counter() - t0
         ids, labels = collate_rollouts(samples, tok.pad_id, d.device)
         mask = (labels != data.IGNORE_INDEX).float()
+        lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
         rewards = torch.tensor([s["reward"] for s in samples], device=d.device)
-        stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # zero-std groups, trained rows, trained tokens
         if cfg.algo == "grpo":  # from the rewards alone: the passes below leave out the groups dropped here
             adv_seq, keep = grpo_advantages(rewards.view(-1, cfg.num_samples), cfg.advantage_norm, cfg.adv_eps)
-            adv = adv_seq.view(-1, 1) * mask
             trained_groups = keep if cfg.skip_equal_groups else torch.ones_like(keep)
             rows_kept = trained_groups.repeat_interleave(cfg.num_samples).nonzero().squeeze(1)
-            stats[0] = (~keep).sum()
         else:
             rows_kept = torch.arange(len(samples), device=d.device)
 
         # The no-grad quantities the update compares against, for the rows it trains on only (0 elsewhere). In
         # micro-batches of batch_size rows, as the update runs: one forward over a whole rollout can run out of memory
-        # at the recipes' rollout sizes. Each is cut after its longest row (the padding after it would be computed for
-        # nothing) and padded back with zeros to the rollout's width.
-        kept = rows_kept.tolist()
-        kept_lengths = [len(samples[i]["prompt_ids"]) + len(samples[i]["response_ids"]) for i in kept]
-        kept_ids, kept_labels = ids[rows_kept], labels[rows_kept]
-
+        # at the recipes' rollout sizes.
         def passes(fn):
             out = torch.zeros_like(mask)
-            if kept:  # .float(): the value head gives bf16 under autocast, and an indexed write takes one dtype
-                out[rows_kept] = over_micro_batches(fn, kept_ids, kept_labels, kept_lengths, cfg.batch_size).float()
+            for rb, T in micro_batches(rows_kept, lengths, cfg.batch_size):
+                # .float(): the value head gives bf16 under autocast, and an indexed write takes one dtype
+                out[rb, :T] = fn(ids[rb, :T], labels[rb, :T]).float()
             return out * mask
         with torch.no_grad(), common.autocast(d.device, cfg.precision):
             old_logp = passes(lambda x, y: token_logprobs(policy, x, y, cfg.temperature))
             ref_logp = passes(lambda x, y: token_logprobs(ref, x, y, cfg.temperature)) if ref is not None else old_logp
             old_values = passes(lambda x, y: value(x)) if value is not None else None
-        if cfg.algo == "grpo":
-            returns = None
+
+        # The advantage of every response token (0 elsewhere), and PPO's value targets
+        if cfg.algo == "grpo":  # the response's group-normalised reward, on each of its tokens
+            adv, returns = adv_seq.view(-1, 1) * mask, None
         else:
             # score at the last response token, KL penalty on every token (Tulu 3 / open-instruct PPO)
             last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)
             token_rewards = -cfg.beta * (old_logp - ref_logp) + rewards[:, None] * last
             adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = masked_whiten(adv, mask)
-        stats[1], stats[2] = len(rows_kept), mask[rows_kept].sum()
 
         # ---- update: ppo_epochs passes, each split into num_minibatches optimizer steps
         t1 = time.perf_counter()
@@ -534,7 +541,7 @@ def main(argv=None):
         updates = cfg.ppo_epochs * cfg.num_minibatches
         update = step * updates
         trained.train()
-        sums = torch.zeros(6, dtype=torch.float64, device=d.device)  # pg, clipped, k3, vf, vf clipped, tokens
+        sums = torch.zeros(len(UpdateSums._fields), dtype=torch.float64, device=d.device)
         grad_norm = value_grad_norm = 0.0  # stay 0 when no group carried a signal and nothing was updated
         for _ in range(cfg.ppo_epochs):
             order = rows_kept[torch.randperm(len(rows_kept), device=d.device)]
@@ -549,10 +556,7 @@ def main(argv=None):
                     # no rank kept a row here (every GRPO group had equal rewards): no step, or the zero gradients
                     # that sync_gradients fills in would still move the weights through weight decay and momentum
                     continue
-                for i in range(0, len(mb), cfg.batch_size):
-                    rb = mb[i:i + cfg.batch_size]
-                    # up to the last response token (mask column c labels token c + 1): no padding computed
-                    T = int(mask[rb].nonzero()[:, 1].max()) + 2
+                for rb, T in micro_batches(mb, lengths, cfg.batch_size):
                     m, a = mask[rb, :T], adv[rb, :T]
                     with common.autocast(d.device, cfg.precision):
                         logp = token_logprobs(policy, ids[rb, :T], labels[rb, :T], cfg.temperature)
@@ -570,8 +574,11 @@ def main(argv=None):
                         loss = (loss_tok * m / m.sum(1, keepdim=True).clamp(min=1)).sum() / global_rows
                     loss.backward()
                     with torch.no_grad():
-                        part = [pg, clipped, kl] + ([vf, vclip] if value is not None else [0 * pg, 0 * pg])
-                        sums += torch.stack([(x * m).sum() for x in part] + [m.sum()]).double()
+                        if value is None:  # no value loss: its sums stay 0
+                            vf = vclip = torch.zeros_like(pg)
+                        sums += torch.stack(UpdateSums(
+                            pg_loss=(pg * m).sum(), clip_frac=(clipped * m).sum(), kl_k3=(kl * m).sum(),
+                            vf_loss=(vf * m).sum(), vf_clip_frac=(vclip * m).sum(), tokens=m.sum())).double()
                 sync_gradients(params, d)
                 grad_norm = common.clip_grad(policy, cfg.grad_clip)
                 if value is not None:
@@ -586,27 +593,26 @@ def main(argv=None):
         for s in samples:
             per_ds[datasets.index(s["dataset"])] += torch.tensor([s["verified"], 1.0], dtype=torch.float64,
                                                                  device=d.device)
-        lengths = mask.sum(1)
-        roll = torch.tensor([rewards.sum(), len(samples), lengths.sum(),
-                             sum(not s["stopped"] for s in samples),
-                             (old_logp - ref_logp).sum(), k3_kl(old_logp, ref_logp).mul(mask).sum()],
-                            dtype=torch.float64, device=d.device)
-        for t in (per_ds, roll, stats, sums):
-            common.all_reduce_sum(t)
-        n, toks, upd = roll[1].item(), roll[2].item(), max(sums[5].item(), 1.0)
-        trained_toks = stats[2].item()  # the KL is measured on the rows trained on, as open-instruct's grpo_fast does
-        record = {"step": step, "lr": lr, "rollouts": int(n), "reward": roll[0].item() / n,
+        common.all_reduce_sum(per_ds)
+        r = summed(StepSums(reward=rewards.sum(), rollouts=len(samples), response_tokens=mask.sum(1).sum(),
+                            non_stop=sum(not s["stopped"] for s in samples), kl=(old_logp - ref_logp).sum(),
+                            kl_k3=k3_kl(old_logp, ref_logp).mul(mask).sum(),
+                            zero_std_groups=(~keep).sum() if cfg.algo == "grpo" else 0,
+                            trained_rows=len(rows_kept), trained_tokens=mask[rows_kept].sum()), d.device)
+        u = UpdateSums(*common.all_reduce_sum(sums).tolist())
+        n, toks, upd, trained_toks = r.rollouts, r.response_tokens, max(u.tokens, 1.0), r.trained_tokens
+        record = {"step": step, "lr": lr, "rollouts": int(n), "reward": r.reward / n,
                   "acc": per_ds[:, 0].sum().item() / n,
                   **{f"acc_{name}": (c / t if t else None) for name, (c, t) in zip(datasets, per_ds.tolist())},
-                  "response_len": toks / n, "non_stop": roll[3].item() / n,
-                  "kl": roll[4].item() / trained_toks if trained_toks else None,
-                  "kl_k3": roll[5].item() / trained_toks if trained_toks else None,
-                  "pg_loss": sums[0].item() / upd, "clip_frac": sums[1].item() / upd, "grad_norm": grad_norm,
+                  "response_len": toks / n, "non_stop": r.non_stop / n,
+                  "kl": r.kl / trained_toks if trained_toks else None,
+                  "kl_k3": r.kl_k3 / trained_toks if trained_toks else None,
+                  "pg_loss": u.pg_loss / upd, "clip_frac": u.clip_frac / upd, "grad_norm": grad_norm,
                   "gen_s": t_gen, "learn_s": t_learn, "gen_tok_per_s": toks / max(t_gen, 1e-9)}
         if cfg.algo == "grpo":
-            record.update(zero_std_groups=int(stats[0].item()), trained_seqs=int(stats[1].item()))
+            record.update(zero_std_groups=int(r.zero_std_groups), trained_seqs=int(r.trained_rows))
         else:
-            record.update(vf_loss=sums[3].item() / upd, vf_clip_frac=sums[4].item() / upd,
+            record.update(vf_loss=u.vf_loss / upd, vf_clip_frac=u.vf_clip_frac / upd,
                           value_grad_norm=value_grad_norm)
         if step % cfg.log_every == 0 or step == total_steps:
             logger.log(record)

@@ -236,27 +236,25 @@ def test_collate_puts_response_tokens_in_label_layout():
     assert labels.tolist() == [[-100, -100, 8, 0, -100], [9, 10, 11, -100, -100]]
 
 
-def test_rollout_passes_compute_each_micro_batch_only_up_to_its_longest_row(tiny):
-    """The no-grad log-probs over a rollout: micro-batches of batch_size rows, each cut after its longest row, give
-    what one pass over the whole right-padded rollout gives."""
+def test_micro_batches_compute_each_only_up_to_its_longest_row(tiny):
+    """The passes over a rollout (the no-grad ones and the update's) run micro-batches of batch_size of the given
+    rows, each cut after its longest row: together they give what one pass over the whole right-padded rollout
+    gives."""
     torch.manual_seed(2)
     samples = [{"prompt_ids": torch.randint(1, tiny.tok.vocab_size, (p,)).tolist(),
                 "response_ids": torch.randint(1, tiny.tok.vocab_size, (r,)).tolist()}
                for p, r in ((4, 3), (6, 9), (3, 2), (5, 1), (7, 4))]
     ids, labels = train_rlvr.collate_rollouts(samples, pad_id=0, device="cpu")
     lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
-    widths = []
-
-    def logprobs(chunk_ids, chunk_labels):
-        widths.append(chunk_ids.shape[1])
-        return train_rlvr.token_logprobs(tiny.model, chunk_ids, chunk_labels)
+    batches = list(train_rlvr.micro_batches(torch.tensor([3, 1, 4, 0, 2]), lengths, batch_size=2))
+    assert [(rows.tolist(), T) for rows, T in batches] == [([3, 1], 15), ([4, 0], 11), ([2], 5)]
+    chunked = torch.zeros(ids.shape)
     with torch.no_grad():
-        chunked = train_rlvr.over_micro_batches(logprobs, ids, labels, lengths, batch_size=2)
+        for rows, T in batches:
+            chunked[rows, :T] = train_rlvr.token_logprobs(tiny.model, ids[rows, :T], labels[rows, :T])
         whole = train_rlvr.token_logprobs(tiny.model, ids, labels)
-    assert widths == [15, 6, 11] and chunked.shape == ids.shape
     mask = labels != -100
     torch.testing.assert_close(chunked * mask, whole * mask, rtol=1e-5, atol=1e-6)
-    assert (chunked[~mask] == 0).all()
 
 
 # ----------------------------------------------------------------------------------------------------------
