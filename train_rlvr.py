@@ -440,6 +440,7 @@ def main(argv=None):
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32).to(d.device)
     data.check_vocab(tok, policy.config.vocab_size, cfg.tokenizer or cfg.model)
     train_rows, eval_rows = load_prompts(cfg, tok, template, policy.config.max_position_embeddings)
+    rows_digest = data.fingerprint_rows(train_rows, ["prompt_ids", "ground_truth", "dataset"])
     per_rank = cfg.prompts_per_step // d.world_size
     sampler = data.EpochSampler(len(train_rows), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     total_steps = common.total_steps_for(cfg, len(train_rows), cfg.prompts_per_step)
@@ -462,7 +463,7 @@ def main(argv=None):
     optimizer = common.build_optimizer(trained, cfg, d.device)
     params = [p for p in trained.parameters() if p.requires_grad]
 
-    step = common.maybe_resume(cfg, trained, optimizer, sampler, start_weights=start_weights)
+    step = common.maybe_resume(cfg, trained, optimizer, sampler, start_weights=start_weights, data_digest=rows_digest)
     # (the template resolved for config.json only: checkpoints keep --template as given, so older ones resume)
     common.write_run_config(cfg, template=template)
     if cfg.resume and d.is_main:  # samples logged after the checkpoint (all of them, when none was reached) are redone
@@ -630,7 +631,7 @@ def main(argv=None):
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
             common.save_checkpoint(cfg.run_dir, step, trained, optimizer, keep=cfg.keep_checkpoints,
                                    extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg),
-                                          "start_weights": start_weights})
+                                          "start_weights": start_weights, "data_digest": rows_digest})
     bar.close()
     for k in end_acc:
         if k in start_acc:

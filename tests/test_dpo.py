@@ -331,6 +331,23 @@ def test_a_refused_resume_stops_before_tokenizing_and_the_reference_pass(tiny, t
         train_dpo.main(args + ["--resume"])
 
 
+def test_pairs_edited_in_place_or_too_few_for_a_step_are_refused_before_the_reference_pass(tiny, tmp_path,
+                                                                                           monkeypatch):
+    pairs = [train_dpo.normalize_demo(r) for r in tiny.demo["pref_train"][:32]]
+    rows = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    args = args_for(tiny, tmp_path / "run", "--checkpoint_every=1", "--max_steps=2", data_file=rows)
+    train_dpo.main(args)
+    shutil.rmtree(tmp_path / "run" / "final")
+    pairs[5]["chosen"][0]["content"] += " (edited)"  # as many pairs, in the same file
+    write_jsonl(rows, pairs)
+    monkeypatch.setattr(train_dpo, "reference_logps", lambda *a: pytest.fail("the reference pass ran first"))
+    with pytest.raises(common.ConfigError, match=r"--resume: the training rows \(--data=\S*pairs.jsonl\) are not "):
+        train_dpo.main(args + ["--resume"])
+    # Tulu 3's batch of 128 pairs from 32
+    with pytest.raises(common.ConfigError, match=r"the data has 32 items, fewer than one optimizer step takes"):
+        train_dpo.main(args_for(tiny, tmp_path / "big", "--max_steps=0", "--total_batch_size=128", data_file=rows))
+
+
 def test_resume_refuses_a_starting_model_retrained_since(tiny, tmp_path, retrain_in_place):
     """The reference log-probs come from --model, recomputed on resume: retrained weights at the same path would
     silently give the rest of the run another reference."""

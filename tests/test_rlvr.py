@@ -50,6 +50,19 @@ def args_for(tiny, run_dir, *extra):
             "--apply_non_stop_penalty=false", *extra]
 
 
+def test_a_resume_on_prompts_edited_in_place_is_refused(tiny, tmp_path):
+    rows = list(tiny.demo["rlvr_train"])
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    args = args_for(tiny, tmp_path / "run", f"--data={tmp_path / 'prompts.jsonl'}", "--checkpoint_every=1",
+                    "--eval_data=", "--max_steps=1")
+    train_rlvr.main(args)
+    shutil.rmtree(tmp_path / "run" / "final")
+    rows[3], rows[4] = rows[4], rows[3]  # the same rows, in another order: another run
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    with pytest.raises(common.ConfigError, match=r"--resume: the training rows \(--data=\S*prompts.jsonl\) are not"):
+        train_rlvr.main(args + ["--resume=true"])
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
