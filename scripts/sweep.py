@@ -108,6 +108,12 @@ def evaluate(args, final, run_dir):
     return {k: scores[k] for k in DEMO_METRICS}
 
 
+def trainer_options(passthrough):
+    """--key=value options -> {key: value}, a repeated key's last value winning as in the trainers: the same options
+    in another order make the same point."""
+    return dict((key.replace("-", "_"), value) for key, value in (p[2:].split("=", 1) for p in passthrough))
+
+
 def point_settings(args, lr, batch, passthrough):
     """Everything that decides a point's numbers: a stored result counts only under the same settings. The preset
     and the data files count by what they hold (the preset's values; each file's size and modification time), so
@@ -118,7 +124,8 @@ def point_settings(args, lr, batch, passthrough):
     with open(args.config) as f:
         preset = json.load(f)
     files = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in data.data_files(args.data)] if args.data else []
-    return {"lr": lr, "batch": batch, "trainer_options": passthrough, "preset": preset, "data_files": files,
+    return {"lr": lr, "batch": batch, "trainer_options": trainer_options(passthrough), "preset": preset,
+            "data_files": files,
             **{k: getattr(args, k) for k in keys}}
 
 
@@ -142,6 +149,8 @@ def run_point(args, lr, batch, ratio, passthrough):
         old = result.get("settings", {})
         if not settings["eval_data_dir"]:  # demo points: eval_tasks is not used (earlier sweeps stored its default)
             old.pop("eval_tasks", None)
+        if isinstance(old.get("trainer_options"), list):  # earlier sweeps stored them as given
+            old["trainer_options"] = trainer_options(old["trainer_options"])
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise SystemExit(f"{result_path}: this point was run with other settings (stored, now): {diff}; "

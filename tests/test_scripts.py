@@ -303,12 +303,18 @@ def test_sweep_point_reruns_only_failed_points_with_retry_failed_and_refuses_oth
     outcome["train"] = "eval_error"
     failed = sweep.run_point(args, 1e-3, 4, 2.5e-4, [])
     assert failed["status"] == "failed" and "ValueError in evaluation" in failed["error"]
-    # the trainer's options and the evaluation's settings decide the stored numbers too
+    # the trainer's options and the evaluation's settings decide the stored numbers too; their order does not
     with pytest.raises(SystemExit, match="other settings"):
         sweep.run_point(args, 1e-3, 2, 5e-4, ["--max_steps=3"])
     args.eval_limit = 0
     with pytest.raises(SystemExit, match="other settings"):
         sweep.run_point(args, *point)
+    # the same options in another order, or a repeated one whose last value is the same, make the same point
+    outcome["train"] = "ok"
+    assert sweep.run_point(args, 2e-3, 2, 1e-3, ["--max-steps=3", "--beta=1"])["status"] == "ok"
+    runs = len(trained)
+    assert sweep.run_point(args, 2e-3, 2, 1e-3, ["--beta=1", "--max_steps=2", "--max_steps=3"])["status"] == "ok"
+    assert len(trained) == runs
 
 
 def test_sweep_launches_torchrun_and_passes_the_eval_limit_to_eval_py(tmp_path, monkeypatch):
