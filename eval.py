@@ -677,17 +677,24 @@ def evaluate_demo(model, tok, data, template="tulu", limit=None, batch_size=16, 
     return run_demo_eval(model, tok, data, template, limit, batch_size, max_new_tokens)[0]
 
 
-def demo_seed_of(model_path):
-    """-> (the demo_seed a model was trained on, the run config.json that records it), from the run folder holding
-    the model (a trainer's RUN/final), so that its held-out split is the one held out; (0, None), the trainers'
-    default, when there is none."""
-    run_config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+def run_config_of(model_path):
+    """-> (the config.json of the trainer run whose final model is model_path (RUN/final), its path), or ({}, None)
+    where there is no run folder around the model (or not a trainer's config)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
     try:
-        with open(run_config) as f:
-            seed = json.load(f).get("demo_seed")
-    except (OSError, ValueError, AttributeError):  # no run folder around the model (or not a trainer's config)
-        return 0, None
-    return (seed, run_config) if isinstance(seed, int) else (0, None)
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}, None
+    return (config, path) if isinstance(config, dict) else ({}, None)
+
+
+def demo_seed_of(model_path):
+    """-> (the demo_seed a model was trained on, the run config.json that records it), so that its held-out split is
+    the one held out; (0, None), the trainers' default, when there is none."""
+    config, path = run_config_of(model_path)
+    seed = config.get("demo_seed")
+    return (seed, path) if isinstance(seed, int) else (0, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -747,6 +754,11 @@ def main(argv=None):
                 + f"; choose from {','.join(TASKS)}")
     if args.tasks is not None and args.data_dir is None:  # else a real model would be scored on the toy task
         p.error("--tasks needs --data_dir, the benchmark files (without it eval.py scores the synthetic demo task)")
+    trained_on, run_config = run_config_of(args.model)
+    if args.data_dir is None and args.demo_seed is None and trained_on.get("data"):
+        raise common.ConfigError(f"--model={args.model} was trained on --data={trained_on['data']} ({run_config}), "
+                                 f"not on the synthetic demo task that eval.py scores without --data_dir: pass "
+                                 f"--data_dir, the benchmark files (or --demo_seed=N for the demo task anyway)")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

@@ -769,3 +769,15 @@ def test_the_demo_evaluation_takes_the_split_of_the_run_that_trained_the_model_a
     assert f"{final} has no saved chat template: prompts use tulu (--template chooses)" in capsys.readouterr().out
     assert ev.main([f"--model={final}", f"--out={out}", "--template=tulu"])["template"] == "tulu"
     assert "has no saved chat template" not in capsys.readouterr().out
+
+
+def test_a_model_trained_on_real_data_is_not_scored_on_the_demo_task_unless_asked(model_dir, tmp_path, monkeypatch):
+    shutil.copytree(model_dir, tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"demo_seed": 0, "data": "mixture/*.parquet"}))
+    final, out = str(tmp_path / "run" / "final"), str(tmp_path / "eval.json")
+    with pytest.raises(common.ConfigError, match=r"--model=\S+ was trained on --data=mixture/\*.parquet \(\S+"
+                                                 r"config.json\), not on the synthetic demo task .* pass --data_dir"):
+        ev.main([f"--model={final}", f"--out={out}"])
+    monkeypatch.setattr(ev, "run_demo_eval", lambda *a, **k: ({f"{t}_{m}": 0 for t in ("arith", "constraint", "pref")
+                                                               for m in ("acc", "n")}, {}))
+    assert ev.main([f"--model={final}", f"--out={out}", "--demo_seed=0"])["mode"] == "demo"
