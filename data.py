@@ -494,11 +494,35 @@ def template_name(chat_template, tok):
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def split_names(files):
+    """The dataset splits that hub-style file names say they hold: 'train' for train.jsonl or
+    train-00000-of-00004.parquet, 'test_prefs' for UltraFeedback's test_prefs-00000-of-00001.parquet; names that
+    start with no split word (rows.jsonl, training_data.jsonl) say nothing."""
+    names = set()
+    for f in files:
+        stem = re.sub(r"-\d+-of-\d+$", "", os.path.basename(f).split(".")[0])
+        if re.match(r"(train|test|validation|valid|dev|eval)(?![a-z])", stem):
+            names.add(stem)
+    return sorted(names)
+
+
 def data_files(spec):
-    """The data files of spec (a file, a folder, a glob, or a list of those), sorted; DataError if none."""
+    """The data files of spec (a file, a folder, a glob, or a list of those), sorted; DataError if none, or if a
+    folder or a glob takes the files of several splits (a hub dataset's train and test shards), which read as one
+    would train on the test split."""
     if isinstance(spec, (list, tuple)):
         return [f for s in spec for f in data_files(s)]
     spec = os.fspath(spec)
+    files = _data_files(spec)
+    splits = split_names(files)
+    if len(splits) > 1:
+        one = next((s for s in splits if s.startswith("train")), splits[0])
+        raise DataError(spec, f"holds the files of {len(splits)} splits ({', '.join(splits)}), which would be read as "
+                              f"one: name one split's files, e.g. {os.path.join(os.path.dirname(files[0]), one)}[-.]*")
+    return files
+
+
+def _data_files(spec):
     if os.path.isdir(spec):
         names = sorted(os.listdir(spec))
         files = [os.path.join(spec, f) for f in names if f.endswith(DATA_SUFFIXES)]

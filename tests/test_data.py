@@ -315,6 +315,27 @@ def test_readers_jsonl_json_parquet_folder_glob(tmp_path):
         data.load_sft_rows(str(tmp_path / "nothing*.jsonl"))
 
 
+def test_a_folder_or_glob_with_the_files_of_several_splits_is_refused(tmp_path):
+    """A hub dataset's folder holds every split (gsm8k/main: train and test shards; UltraFeedback: train_prefs,
+    test_prefs, train_sft, ...): read as one, a run would train on its test split, and decontamination would count
+    the few-shot train rows as benchmark rows."""
+    row = json.dumps(SFT_ROWS[0]) + "\n"
+    for name in ("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "test-00000-of-00001.jsonl",
+                 "notes.jsonl", "training_data.jsonl"):
+        (tmp_path / "gsm8k" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "gsm8k" / name).write_text(row)
+    for spec in (tmp_path / "gsm8k", tmp_path / "gsm8k" / "*.jsonl"):
+        with pytest.raises(DataError, match=r"gsm8k\S*: holds the files of 2 splits \(test, train\), which would be read "
+                                            r"as one: name one split's files, e.g. \S+/gsm8k/train\[-.\]\*"):
+            data.load_sft_rows(str(spec))
+    assert len(data.load_sft_rows(str(tmp_path / "gsm8k" / "train[-.]*"))) == 2  # the suggested glob
+    (tmp_path / "gsm8k" / "test-00000-of-00001.jsonl").unlink()  # one split, and names that say none: read whole
+    assert len(data.load_sft_rows(str(tmp_path / "gsm8k"))) == 4
+    assert data.split_names(["d/train_prefs-00000-of-00001.parquet", "d/test_prefs-00000-of-00001.parquet",
+                             "validation.jsonl", "evaluation.json", "dev.jsonl"]) == \
+        ["dev", "test_prefs", "train_prefs", "validation"]
+
+
 def test_sft_bad_rows_each_name_file_line_and_problem():
     path = os.path.join(FIXTURES, "sft_bad.jsonl")
     expected = {2: "missing 'messages'", 3: "unknown role 'robot'", 4: "non-string content", 5: "empty list",
