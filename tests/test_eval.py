@@ -595,8 +595,9 @@ def test_missing_data_file_names_the_expected_path(loaded, tmp_path):
             ev.evaluate_tasks(model, tok, [task], str(tmp_path))
 
 
-def test_the_hub_names_of_the_ifeval_and_gsm8k_files_are_found(loaded, tmp_path):
-    """google/IFEval ships ifeval_input_data.jsonl; openai/gsm8k keeps its parquet shards under main/."""
+def test_the_hub_names_of_the_ifeval_gsm8k_and_mmlu_pro_files_are_found(loaded, tmp_path):
+    """google/IFEval ships ifeval_input_data.jsonl; openai/gsm8k keeps its parquet shards under main/, TIGER-Lab/MMLU-Pro
+    under data/."""
     model, tok = loaded
     (tmp_path / "ifeval").mkdir()
     shutil.copy(os.path.join(FIXTURES, "ifeval", "train.jsonl"), tmp_path / "ifeval" / "ifeval_input_data.jsonl")
@@ -606,8 +607,11 @@ def test_the_hub_names_of_the_ifeval_and_gsm8k_files_are_found(loaded, tmp_path)
     for split in ("test", "train"):
         rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "gsm8k", f"{split}.jsonl"))]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm8k" / "main" / f"{split}-00000-of-00001.parquet")
-    got = ev.evaluate_tasks(model, tok, ["ifeval", "gsm8k"], str(tmp_path), limit=2, max_new_tokens=4)
-    want = ev.evaluate_tasks(model, tok, ["ifeval", "gsm8k"], FIXTURES, limit=2, max_new_tokens=4)
+    (tmp_path / "mmlu_pro" / "data").mkdir(parents=True)
+    shutil.copy(os.path.join(FIXTURES, "mmlu_pro", "test.parquet"),
+                tmp_path / "mmlu_pro" / "data" / "test-00000-of-00001.parquet")
+    got = ev.evaluate_tasks(model, tok, ["ifeval", "gsm8k", "mmlu_pro"], str(tmp_path), limit=2, max_new_tokens=4)
+    want = ev.evaluate_tasks(model, tok, ["ifeval", "gsm8k", "mmlu_pro"], FIXTURES, limit=2, max_new_tokens=4)
     def without_ids(results):  # the id names the file and line the example came from
         return {t: [{k: v for k, v in e.items() if k != "id"} for e in r["examples"]] for t, r in results.items()}
     assert without_ids(got) == without_ids(want) and len(got["gsm8k"]["examples"]) == 2
