@@ -75,11 +75,13 @@ def train_command(args, run_dir, lr, batch, passthrough):
     launcher = [sys.executable]
     if args.nproc_per_node > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
-    # --overwrite: a point is only trained again when it has no result or failed (--retry_failed)
+    # --overwrite: a point is only trained again when it has no result or failed (--retry_failed); --resume: from
+    # its last checkpoint, where it has one (an interrupted point of a preset that checkpoints), else from the start
     # --lr_bs_ratio=0: the grid's lr is the one trained with, whatever ratio a preset sets (a command-line --lr
     # turns a preset's ratio off already; this says so in the command)
     cmd = launcher + [os.path.join(ROOT, TRAINERS[args.stage]), f"--run_dir={run_dir}", f"--lr={lr!r}",
-                      "--lr_bs_ratio=0", f"--total_batch_size={batch}", f"--seed={args.seed}", "--overwrite=true"]
+                      "--lr_bs_ratio=0", f"--total_batch_size={batch}", f"--seed={args.seed}", "--overwrite=true",
+                      "--resume=true"]
     if args.config:
         cmd.insert(len(launcher) + 1, f"--config={args.config}")
     for key in ("model", "data"):

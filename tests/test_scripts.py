@@ -6,6 +6,7 @@ import csv
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,6 +170,25 @@ def test_a_sweep_point_counts_its_preset_and_data_by_content_and_runs_the_grids_
     cfg = common.parse_config(train_sft.SFTConfig, cmd[cmd.index(f"--config={preset}"):])
     common.resolve_batch(cfg, 1)
     assert cfg.lr == 1e-3
+
+
+def test_an_interrupted_sweep_point_continues_from_its_last_checkpoint(tmp_path, monkeypatch, write_tiny_demo_model):
+    demo, _, _ = write_tiny_demo_model(tmp_path)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in demo["sft_train"][:16]))
+    args = argparse.Namespace(stage="sft", config=os.path.join(ROOT, "configs", "sft_demo.json"),
+                              model=str(tmp_path / "model"), data=str(rows), seed=0, eval_tasks="arc",
+                              eval_data_dir="evals", eval_limit=0, nproc_per_node=1, retry_failed=False,
+                              out=str(tmp_path / "sweep"))
+    monkeypatch.setattr(sweep, "evaluate", lambda *a: {"arc": 0.5})
+    point = (1e-3, 4, 2.5e-4, ["--batch_size=4", "--max_steps=3", "--checkpoint_every=1", "--keep_checkpoints=3",
+                               "--cache_dir="])
+    assert sweep.run_point(args, *point)["status"] == "ok"
+    run = tmp_path / "sweep" / sweep.point_name(1e-3, 4)
+    for killed in ("final", "checkpoints/step_0000003", "sweep_point.json"):  # killed during step 3
+        shutil.rmtree(run / killed) if (run / killed).is_dir() else (run / killed).unlink()
+    assert sweep.run_point(args, *point)["status"] == "ok"
+    assert "resumed from step 2" in (run / "train.log").read_text()
 
 
 @pytest.mark.parametrize("flags, why", [
