@@ -137,7 +137,10 @@ def why_training_failed(run_dir):
     with open(path, errors="replace") as log:
         lines = [line.strip() for line in log if line.strip()]
     said = [line for line in lines if re.match(r"(rank \d+ of this node: )?error: |\w+(Error|Exception): ", line)]
-    return f"{(said or lines or ['no output'])[-1]} (log: {path})"
+    last = (said or lines or ['no output'])[-1]
+    # an interrupted point whose checkpoints were trained otherwise (the preset or an option changed since)
+    hint = f"; delete {run_dir} to train this point from the start" if "error: --resume:" in last else ""
+    return f"{last} (log: {path}){hint}"
 
 
 def run_point(args, lr, batch, ratio, passthrough):
@@ -167,7 +170,9 @@ def run_point(args, lr, batch, ratio, passthrough):
     t0 = time.perf_counter()
     phase = f"training (log: {os.path.join(run_dir, 'train.log')})"
     try:
-        with open(os.path.join(run_dir, "train.log"), "w") as log:
+        with open(os.path.join(run_dir, "train.log"), "a") as log:  # after an interrupted attempt's, if any
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+            log.flush()
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         result["train_seconds"] = round(time.perf_counter() - t0, 1)
         phase = "evaluation (its output is above)"

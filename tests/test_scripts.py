@@ -188,7 +188,8 @@ def test_an_interrupted_sweep_point_continues_from_its_last_checkpoint(tmp_path,
     for killed in ("final", "checkpoints/step_0000003", "sweep_point.json"):  # killed during step 3
         shutil.rmtree(run / killed) if (run / killed).is_dir() else (run / killed).unlink()
     assert sweep.run_point(args, *point)["status"] == "ok"
-    assert "resumed from step 2" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "resumed from step 2" in log and log.count("\n--- ") == 1  # both attempts' output
 
 
 @pytest.mark.parametrize("flags, why", [
@@ -511,6 +512,9 @@ def test_a_failed_point_says_the_trainers_own_error_even_under_torchrun(tmp_path
                                         "============================================================\n")
     assert sweep.why_training_failed(str(tmp_path)) == (f"error: --lr=abc: not a number (log: "
                                                          f"{tmp_path / 'train.log'})")
+    # an interrupted point resumed under other settings: the refusal, and how to start the point over
+    (tmp_path / "train.log").write_text("error: --resume: step_0000002 was trained with other settings (...)\n")
+    assert sweep.why_training_failed(str(tmp_path)).endswith(f"; delete {tmp_path} to train this point from the start")
 
 
 def test_a_demo_point_stored_with_the_old_eval_tasks_default_is_reused(tmp_path, capsys):
