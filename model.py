@@ -461,7 +461,9 @@ class Transformer(nn.Module):
         if tokenizer is not None:  # a data.Tokenizer: as in the snapshots, config.json carries the pad id too
             config["pad_token_id"] = tokenizer.pad_id
             if tokenizer.eos_id not in eos:  # the tokenizer's eos is the model's (ChatML's <|im_end|>: see data.py)
-                config["eos_token_id"], eos = tokenizer.eos_id, [tokenizer.eos_id]
+                listed = isinstance(config["eos_token_id"], list)  # a list keeps the others after it
+                eos = [tokenizer.eos_id, *eos]
+                config["eos_token_id"] = eos if listed else tokenizer.eos_id
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": config["eos_token_id"]}

@@ -497,6 +497,11 @@ def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids_a
     assert generation["eos_token_id"] == [0, 5, im_end] and generation["pad_token_id"] == tok.pad_id
     assert json.loads((tmp_path / "m" / "config.json").read_text())["pad_token_id"] == tok.pad_id
     assert Transformer.from_pretrained(str(tmp_path / "m")).config.eos_token_id == [0, 5]
+    # trained in ChatML, <|im_end|> is the eos: first in the list, which keeps the others
+    tok.use_chat_template("chatml")
+    model.save_pretrained(str(tmp_path / "chatml"), tokenizer=tok)
+    assert json.loads((tmp_path / "chatml" / "config.json").read_text())["eos_token_id"] == [im_end, 0, 5]
+    assert json.loads((tmp_path / "chatml" / "generation_config.json").read_text())["eos_token_id"] == [im_end, 0, 5]
 
 
 def test_to_hf_state_splits_fused_projections(tiny):
