@@ -47,7 +47,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     """Fields every trainer has. Trainers subclass it (@dataclass) and add their own."""
     run_dir: str = "runs/default"
-    model: str = ""                 # HF folder to start from ('': SFT builds the demo model, RLVR takes the demo's)
+    model: str = ""                 # HF folder to start from ('': SFT builds the demo model; DPO, RLVR: the demo's)
     tokenizer: str = ""             # tokenizer folder ('' = the model folder)
     data: str = ""                  # file / folder / glob ('' = the built-in synthetic demo data)
     seed: int = 0
@@ -817,7 +817,7 @@ def check_resume(cfg, start_weights=None, data_digest=None):
     refused unless every rank sees the same one and it was trained with this run's settings. `start_weights`: the
     weights_digest of the model the run started from, where it matters after step 0 (DPO's and RLVR's reference is
     that model, rebuilt from --model on resume), checked against the one the checkpoint recorded; `data_digest`:
-    the training rows' (data.Rows.fingerprint), likewise, since --data names files that may have changed since.
+    the training rows' (data.Rows.digest), likewise, since --data names files that may have changed since.
     maybe_resume calls it; DPO calls it first as well (without the data, not yet tokenized), so that a refused
     resume has not tokenized and run the reference pass."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
@@ -852,15 +852,21 @@ def check_resume(cfg, start_weights=None, data_digest=None):
             if os.path.isdir(final) else ""
         raise ConfigError(f"--resume: {path} was trained with other settings ({diff}); resume with the same ones, "
                           f"or start a new run{further}")
+    # Every rank refuses alike, or the others would go on into collectives and hang: nodes that read their own
+    # copies of --model or --data may disagree.
+    if dist.is_initialized() and len(set(_gather((start_weights, data_digest)))) > 1:
+        raise ConfigError(f"--resume: the ranks do not all read the same --model weights and training rows; with "
+                          f"several nodes, every node must read the same files")
     # after the settings, which name a changed --model (or beta) for what it is
     if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "
                           f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
                           f"reference must be that starting model: put it back, or start a new run")
     if data_digest is not None and extra.get("data_digest", data_digest) != data_digest:
-        raise ConfigError(f"--resume: the training rows (--data={cfg.data or 'the demo'}) are not the ones the run in "
-                          f"{cfg.run_dir} trained on (rows edited, added or removed, or another tokenizer): put "
-                          f"them back, or start a new run")
+        rows = f"--data={cfg.data}" if cfg.data else "the demo's"
+        raise ConfigError(f"--resume: the training rows ({rows}) are not the ones the run in {cfg.run_dir} trained on "
+                          f"(rows edited, added, removed or reordered, or another tokenizer): put them back, or start "
+                          f"a new run")
     return path, header
 
 

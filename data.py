@@ -376,9 +376,12 @@ def _render_text(messages, template, eos_token, add_generation_prompt):
 
 
 def stop_token_ids(tok, template):
-    """Token ids that end an assistant turn under `template` (for generation)."""
+    """Token ids that end an assistant turn under `template` (for generation): eos, and for ChatML <|im_end|> first
+    (its eos once trained in ChatML: see Tokenizer.use_chat_template) and <|endoftext|>, the eos before that."""
     im_end = tok.token_to_id("<|im_end|>")
-    return [im_end, tok.eos_id] if template == "chatml" and im_end not in (None, tok.eos_id) else [tok.eos_id]
+    if template != "chatml" or im_end is None:
+        return [tok.eos_id]
+    return list(dict.fromkeys(i for i in (im_end, tok.eos_id, tok.token_to_id("<|endoftext|>")) if i is not None))
 
 
 def check_vocab(tok, vocab_size, where):
@@ -403,7 +406,9 @@ def resolve_template(requested, tok):
     saved = template_name(tok.chat_template, tok)
     if requested:
         if saved and requested != saved:
-            log.warning(f"the model was saved with the {saved} chat template; using {requested} (--template)")
+            # a model trained in ChatML keeps <|im_end|> as its eos, which tulu then ends its turns with
+            eos = f" (whose turns end with this tokenizer's eos, {tok.eos_token})" if requested == "tulu" else ""
+            log.warning(f"the model was saved with the {saved} chat template; using {requested}{eos} (--template)")
         return requested
     if tok.chat_template and saved is None:
         messages, add_generation_prompt = TEMPLATE_PROBES[0]
@@ -495,14 +500,15 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def split_names(files):
-    """The dataset splits that hub-style file names say they hold: 'train' for train.jsonl or
-    train-00000-of-00004.parquet, 'test_prefs' for UltraFeedback's test_prefs-00000-of-00001.parquet; names that
-    start with no split word (rows.jsonl, training_data.jsonl) say nothing."""
+    """The dataset splits that hub-style file names say they hold: 'train' for train.jsonl, train_1.jsonl or
+    train-00000-of-00004.parquet, 'test_prefs' for UltraFeedback's test_prefs-00000-of-00001.parquet, 'train_sft' for
+    ultrachat_200k's train_sft-00000-of-00003-a3ecf92756993583.parquet; names that start with no split word
+    (rows.jsonl, training_data.jsonl) say nothing."""
     names = set()
     for f in files:
-        stem = re.sub(r"-\d+-of-\d+$", "", os.path.basename(f).split(".")[0])
-        if re.match(r"(train|test|validation|valid|dev|eval)(?![a-z])", stem):
-            names.add(stem)
+        split = re.match(r"(?:train|test|validation|valid|dev|eval)(?:_[a-z]+)*(?=[-_.\d]|$)", os.path.basename(f))
+        if split:
+            names.add(split.group())
     return sorted(names)
 
 
@@ -646,7 +652,7 @@ class Rows(list):
     """A list of normalised rows that remembers how many bad rows were skipped to build it; tokenized rows also
     carry a digest of what made them (data, tokenizer, template, length), which a resumed run checks."""
     num_skipped = 0
-    fingerprint = None
+    digest = None
 
 
 def _load(spec, normalize, kind, skip_bad):
@@ -952,7 +958,7 @@ def tokenize_sft(rows, tok, template, max_seq_len, cache_dir=None, num_workers=N
     seqs = _tokenize_cached("sft", _tokenize_sft_chunk, rows, key, (template, max_seq_len), tok, cache_dir,
                             num_workers or _default_workers(), progress)
     out = Rows(s for s in seqs if s[1].any())
-    out.num_skipped, out.fingerprint = len(seqs) - len(out), _digest(key)
+    out.num_skipped, out.digest = len(seqs) - len(out), _digest(key)
     what = f"{split} SFT rows".lstrip()
     if out.num_skipped:
         log.warning(f"dropped {out.num_skipped} {what} with no trained token within max_seq_len={max_seq_len}")
@@ -983,7 +989,7 @@ def tokenize_preference(rows, tok, template, max_seq_len, truncation="left", cac
     for c, r in zip(seqs[0::2], seqs[1::2]):
         if len(c[0]):
             out.append({"chosen": c, "rejected": r})
-    out.num_skipped, out.fingerprint = len(seqs) // 2 - len(out), _digest(key)
+    out.num_skipped, out.digest = len(seqs) // 2 - len(out), _digest(key)
     what = f"{split} preference pairs".lstrip()
     if out.num_skipped:
         log.warning(f"dropped {out.num_skipped} {what} longer than {max_seq_len} tokens " +

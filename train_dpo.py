@@ -374,7 +374,7 @@ def main(argv=None):
     weights = common.weights_digest(raw)  # before wrapping, which shards in place
     common.check_resume(cfg, start_weights=weights)  # a refused resume, before tokenizing and the reference pass
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
-    common.check_resume(cfg, start_weights=weights, data_digest=train_pairs.fingerprint)  # the rows, now known
+    common.check_resume(cfg, start_weights=weights, data_digest=train_pairs.digest)  # the rows, now known
     step_items = cfg.batch_size * cfg.grad_accum * d.world_size
     total_steps = common.total_steps_for(cfg, len(train_pairs), step_items)  # too few pairs: before the reference
     common.check_positions(max(len(p[k][0]) for p in train_pairs + eval_pairs for k in ("chosen", "rejected")), raw,
@@ -405,7 +405,7 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, cfg, d.device)
 
     step = common.maybe_resume(cfg, model, optimizer, sampler, start_weights=weights,
-                               data_digest=train_pairs.fingerprint)
+                               data_digest=train_pairs.digest)
     common.write_run_config(cfg)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     what = "reward model (Bradley-Terry)" if cfg.objective == "reward_model" else \
@@ -455,7 +455,7 @@ def main(argv=None):
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
             common.save_checkpoint(cfg.run_dir, step, model, optimizer, keep=cfg.keep_checkpoints,
                                    extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg),
-                                          "start_weights": weights, "data_digest": train_pairs.fingerprint})
+                                          "start_weights": weights, "data_digest": train_pairs.digest})
     bar.close()
     path = common.save_final(cfg.run_dir, model, tok)
     common.print0(f"saved {path}" + (f" (+ {common.VALUE_HEAD})" if cfg.objective == "reward_model" else ""))

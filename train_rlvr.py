@@ -372,7 +372,7 @@ def heldout_accuracy(policy, tok, rows, cfg, stop_ids, d):
 StepSums = namedtuple("StepSums", "reward rollouts response_tokens non_stop kl kl_k3 zero_std_groups trained_rows "
                       "trained_tokens")
 # The update's, over the response tokens of every micro-batch it ran:
-UpdateSums = namedtuple("UpdateSums", "pg_loss clip_frac kl_k3 vf_loss vf_clip_frac tokens")
+UpdateSums = namedtuple("UpdateSums", "pg_loss clip_frac vf_loss vf_clip_frac tokens")
 
 
 def summed(sums, device):
@@ -578,7 +578,7 @@ def main(argv=None):
                         if value is None:  # no value loss: its sums stay 0
                             vf = vclip = torch.zeros_like(pg)
                         sums += torch.stack(UpdateSums(
-                            pg_loss=(pg * m).sum(), clip_frac=(clipped * m).sum(), kl_k3=(kl * m).sum(),
+                            pg_loss=(pg * m).sum(), clip_frac=(clipped * m).sum(),
                             vf_loss=(vf * m).sum(), vf_clip_frac=(vclip * m).sum(), tokens=m.sum())).double()
                 sync_gradients(params, d)
                 grad_norm = common.clip_grad(policy, cfg.grad_clip)

@@ -161,7 +161,7 @@ def main(argv=None):
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
     optimizer = common.build_optimizer(model, cfg, d.device)
 
-    step = common.maybe_resume(cfg, model, optimizer, sampler, data_digest=train_examples.fingerprint)
+    step = common.maybe_resume(cfg, model, optimizer, sampler, data_digest=train_examples.digest)
     common.write_run_config(cfg)
     logger = common.MetricsLogger(cfg.run_dir, enabled=d.is_main, resume_step=step if cfg.resume else None)
     common.print0(f"{len(train_examples)} train examples in {len(train_items)} rows, {len(eval_examples)} held out; "
@@ -224,7 +224,7 @@ def main(argv=None):
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
             common.save_checkpoint(cfg.run_dir, step, model, optimizer, keep=cfg.keep_checkpoints,
                                    extra={"sampler": sampler.state_dict(), "config": common.config_dict(cfg),
-                                          "data_digest": train_examples.fingerprint})
+                                          "data_digest": train_examples.digest})
     bar.close()
     tok.use_chat_template(cfg.template)  # written into tokenizer_config.json, so transformers users get it too
     path = common.save_final(cfg.run_dir, model, tok)

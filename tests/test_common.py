@@ -1010,9 +1010,14 @@ NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
     d = common.setup_distributed("cpu")
     # each rank on a node of its own, with a run_dir of its own at the same path
     run_dir = os.path.join(sys.argv[2], f"node{d.rank}")
+    rows = "rows"
     if sys.argv[3] == "rank0_saved":  # only rank 0 sees the checkpoint rank 0 wrote
         if d.rank == 0:
             os.makedirs(os.path.join(run_dir, "checkpoints", "step_0000004"))
+    elif sys.argv[3] == "other_rows":  # one shared run_dir, but each node reads its own copy of --data
+        run_dir, rows = os.path.join(sys.argv[2], "shared"), f"rows of node {d.rank}"
+        model = torch.nn.Linear(2, 2)
+        common.save_checkpoint(run_dir, 4, model, None, extra={"sampler": {}, "data_digest": "rows of node 0"})
     else:  # each node holds a step_0000004 that a run of its own wrote, each rank as rank 0 of that run
         os.environ["RANK"] = "0"
         model = torch.nn.Linear(2, 2)
@@ -1020,7 +1025,7 @@ NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
         os.environ["RANK"] = str(d.rank)
     cfg = common.parse_config(common.TrainConfig, [f"--run_dir={run_dir}", "--resume=true"])
     try:
-        common.maybe_resume(cfg, None, None, None)
+        common.maybe_resume(cfg, None, None, None, data_digest=rows)
     except common.ConfigError as e:
         print(f"rank {d.rank} refused: {e}", flush=True)
     common.teardown_distributed()
@@ -1028,15 +1033,19 @@ NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("case,refusal", [
-    ("rank0_saved", r"the ranks see different checkpoints .*rank 0: step_0000004, rank 1: none\)"),
-    ("two_runs", r"the ranks' .*node{rank}/checkpoints/step_0000004 were written by different runs .*"),
+    ("rank0_saved", r"the ranks see different checkpoints .*rank 0: step_0000004, rank 1: none\); with several nodes, "
+                    r"run_dir must be on a filesystem they all share"),
+    ("two_runs", r"the ranks' .*node{rank}/checkpoints/step_0000004 were written by different runs .*; with several "
+                 r"nodes, run_dir must be on a filesystem they all share"),
+    ("other_rows", r"the ranks do not all read the same --model weights and training rows; with several nodes, every "
+                   r"node must read the same files"),
 ])
 def test_resume_refuses_when_the_ranks_see_different_checkpoints(tmp_path, case, refusal):
     """Several nodes without a shared run_dir: rank 0 would resume at step 4 and rank 1 start at 0 (or from what
-    another run left at the same path), and their collectives would stop matching; every rank refuses instead."""
+    another run left at the same path), and their collectives would stop matching; every rank refuses instead. So
+    with a shared run_dir and a --data each node reads a copy of: rank 0 would resume and rank 1 refuse."""
     script = tmp_path / "node_local.py"
     script.write_text(NODE_LOCAL_RUN_DIRS)
     out = torchrun(str(script), [ROOT, tmp_path, case], timeout=120)
     for rank in (0, 1):
-        assert re.search(rf"rank {rank} refused: --resume: " + refusal.replace("{rank}", str(rank)) +
-                         "; with several nodes, run_dir must be on a filesystem they all share", out), out
+        assert re.search(rf"rank {rank} refused: --resume: " + refusal.replace("{rank}", str(rank)), out), out

@@ -334,6 +334,10 @@ def test_a_folder_or_glob_with_the_files_of_several_splits_is_refused(tmp_path):
     assert data.split_names(["d/train_prefs-00000-of-00001.parquet", "d/test_prefs-00000-of-00001.parquet",
                              "validation.jsonl", "evaluation.json", "dev.jsonl"]) == \
         ["dev", "test_prefs", "train_prefs", "validation"]
+    # one split each: ultrachat_200k's hashed shards, shards without a count, a user's numbered files
+    for one in (["train_sft-00000-of-00003-a3ecf92756993583.parquet", "train_sft-00001-of-00003-0a1f.parquet"],
+                ["train-00000.parquet", "train-00001.parquet"], ["train_1.jsonl", "train_2.jsonl", "rows.jsonl"]):
+        assert len(data.split_names(one)) == 1, one
 
 
 def test_sft_bad_rows_each_name_file_line_and_problem():
@@ -665,11 +669,13 @@ def test_template_name_of_a_saved_chat_template_is_the_one_it_renders_like(demo_
 
 def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok, caplog):
     tok = copy.copy(demo_tok)
-    tok.chat_template = data.CHATML_TEMPLATE
+    tok.use_chat_template(data.CHATML_TEMPLATE)
     assert data.resolve_template("", tok) == "chatml"
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         assert data.resolve_template("tulu", tok) == "tulu"
-    assert "saved with the chatml chat template; using tulu" in caplog.text
+    # (trained in ChatML, its eos is <|im_end|>, which tulu's turns then end with)
+    assert "saved with the chatml chat template; using tulu (whose turns end with this tokenizer's eos, <|im_end|>)" \
+        in caplog.text
     tok.chat_template = None
     assert data.resolve_template("", tok) == "tulu"
     tok.chat_template = LOOK_ALIKES["ChatML without SmolLM2's default system turn"]
@@ -785,10 +791,12 @@ def test_a_saved_model_stops_at_its_templates_end_of_turn_in_transformers(demo_t
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     assert (hf.eos_token_id, hf.pad_token_id) == (end, 0)
     assert AutoConfig.from_pretrained(str(tmp_path)).eos_token_id == end
-    assert GenerationConfig.from_pretrained(str(tmp_path)).eos_token_id == end
+    # generation stops at <|endoftext|> too, the eos before, as it did before the model was trained in ChatML
+    stops = [0] if template == "tulu" else [end, 0]
+    assert GenerationConfig.from_pretrained(str(tmp_path)).eos_token_id == (stops if len(stops) > 1 else stops[0])
     reloaded = data.Tokenizer.from_pretrained(str(tmp_path))
-    assert data.stop_token_ids(reloaded, template) == data.stop_token_ids(tok, template) == [end]
-    assert data.stop_token_ids(demo_tok, "chatml") == [tok.token_to_id("<|im_end|>"), 0]  # before: both end a turn
+    assert data.stop_token_ids(reloaded, template) == data.stop_token_ids(tok, template) == \
+        data.stop_token_ids(demo_tok, template) == stops
 
 
 def test_a_bos_that_no_file_names_is_none_as_in_transformers(tok_dir, tmp_path):

@@ -50,7 +50,7 @@ def args_for(tiny, run_dir, *extra):
             "--apply_non_stop_penalty=false", *extra]
 
 
-def test_a_resume_on_prompts_edited_in_place_is_refused(tiny, tmp_path):
+def test_a_resume_on_prompts_reordered_in_place_is_refused(tiny, tmp_path):
     rows = list(tiny.demo["rlvr_train"])
     write_jsonl(tmp_path / "prompts.jsonl", rows)
     args = args_for(tiny, tmp_path / "run", f"--data={tmp_path / 'prompts.jsonl'}", "--checkpoint_every=1",
