@@ -842,6 +842,12 @@ def check_resume(cfg, start_weights=None, data_digest=None):
     now = config_dict(cfg)
     changed = {k: (saved.get(k), v) for k, v in now.items()
                if saved is not None and k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    # Every rank refuses alike, or the others would go on into collectives and hang: nodes that read their own
+    # copies of --model or --data may disagree on the settings resolved from them (the template), on the starting
+    # weights or on the rows.
+    if dist.is_initialized() and len(set(_gather((tuple(sorted(changed)), start_weights, data_digest)))) > 1:
+        raise ConfigError(f"--resume: the ranks do not resume alike (their settings resolved from --model, its weights "
+                          f"or the training rows differ); with several nodes, every node must read the same files")
     if changed:
         diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
         if changed.get("total_batch_size", (0,))[0]:  # recorded even where the command line gave grad_accum
@@ -852,11 +858,6 @@ def check_resume(cfg, start_weights=None, data_digest=None):
             if os.path.isdir(final) else ""
         raise ConfigError(f"--resume: {path} was trained with other settings ({diff}); resume with the same ones, "
                           f"or start a new run{further}")
-    # Every rank refuses alike, or the others would go on into collectives and hang: nodes that read their own
-    # copies of --model or --data may disagree.
-    if dist.is_initialized() and len(set(_gather((start_weights, data_digest)))) > 1:
-        raise ConfigError(f"--resume: the ranks do not all read the same --model weights and training rows; with "
-                          f"several nodes, every node must read the same files")
     # after the settings, which name a changed --model (or beta) for what it is
     if start_weights is not None and extra.get("start_weights", start_weights) != start_weights:
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "

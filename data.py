@@ -499,17 +499,24 @@ def template_name(chat_template, tok):
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+# A split is the word a hub file name starts with; UltraFeedback's and ultrachat's suffixes name splits of their own
+# (train_prefs, test_sft, ...), while a user's train_math.jsonl and train_code.jsonl are parts of one.
+_SPLIT = re.compile(r"(train|test|validation|valid|dev|eval)(_(?:prefs|sft|gen))?(?=[-_.\d]|$)", re.IGNORECASE)
+
+
 def split_names(files):
-    """The dataset splits that hub-style file names say they hold: 'train' for train.jsonl, train_1.jsonl or
-    train-00000-of-00004.parquet, 'test_prefs' for UltraFeedback's test_prefs-00000-of-00001.parquet, 'train_sft' for
-    ultrachat_200k's train_sft-00000-of-00003-a3ecf92756993583.parquet; names that start with no split word
-    (rows.jsonl, training_data.jsonl) say nothing."""
-    names = set()
+    """{split: its files} for the files whose names say which dataset split they hold: 'train' for train.jsonl,
+    train_1.jsonl or train-00000-of-00004.parquet, 'test_prefs' for UltraFeedback's test_prefs-00000-of-00001.parquet,
+    'train_sft' for ultrachat_200k's train_sft-00000-of-00003-a3ecf92756993583.parquet, and the folder's for the
+    hub's parquet export (default/test/0000.parquet). Names that start with no split word (rows.jsonl,
+    training_data.jsonl) say nothing."""
+    splits = {}
     for f in files:
-        split = re.match(r"(?:train|test|validation|valid|dev|eval)(?:_[a-z]+)*(?=[-_.\d]|$)", os.path.basename(f))
-        if split:
-            names.add(split.group())
-    return sorted(names)
+        name = os.path.basename(f)
+        said = _SPLIT.match(name) or (re.match(r"\d+\.", name) and _SPLIT.match(os.path.basename(os.path.dirname(f))))
+        if said:
+            splits.setdefault(said.group().lower(), []).append(f)
+    return splits
 
 
 def data_files(spec):
@@ -522,9 +529,11 @@ def data_files(spec):
     files = _data_files(spec)
     splits = split_names(files)
     if len(splits) > 1:
-        one = next((s for s in splits if s.startswith("train")), splits[0])
-        raise DataError(spec, f"holds the files of {len(splits)} splits ({', '.join(splits)}), which would be read as "
-                              f"one: name one split's files, e.g. {os.path.join(os.path.dirname(files[0]), one)}[-.]*")
+        one = min(splits, key=lambda s: (not s.startswith("train"), s))  # a train split, as an example
+        some = ", ".join(splits[one][:3]) + (f" and {len(splits[one]) - 3} more" if len(splits[one]) > 3 else "")
+        raise DataError(spec, f"holds the files of {len(splits)} splits ({', '.join(sorted(splits))}), which would be "
+                              f"read as one: name one split's files (a file, or a glob that takes only them; {one}: "
+                              f"{some})")
     return files
 
 

@@ -19,7 +19,7 @@ would be; paths are relative to --data_dir:
                                                        question, choices{text,label}, answerKey  (allenai/ai2_arc)
     hellaswag  hellaswag/validation                    ctx_a, ctx_b, activity_label, endings, label  (Rowan/hellaswag)
     piqa       piqa/validation                         goal, sol1, sol2, label  (ybisk/piqa)
-    mmlu_pro   mmlu_pro/test (or mmlu_pro/data/test)    question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
+    mmlu_pro   mmlu_pro/test (or mmlu_pro/data/test)   question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
 
 How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README

@@ -131,15 +131,21 @@ def point_settings(args, lr, batch, passthrough):
             **{k: getattr(args, k) for k in keys}}
 
 
+ATTEMPT = "--- attempt "  # train.log's line before each attempt at a point
+
+
 def why_training_failed(run_dir):
     """The trainer's own error line from its log (under torchrun, above torchrun's report), and where the log is."""
     path = os.path.join(run_dir, "train.log")
     with open(path, errors="replace") as log:
         lines = [line.strip() for line in log if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT)]
+    lines = lines[starts[-1] + 1 if starts else 0:]  # the last attempt's (the log keeps every attempt's)
     said = [line for line in lines if re.match(r"(rank \d+ of this node: )?error: |\w+(Error|Exception): ", line)]
     last = (said or lines or ['no output'])[-1]
     # an interrupted point whose checkpoints were trained otherwise (the preset or an option changed since)
-    hint = f"; delete {run_dir} to train this point from the start" if "error: --resume:" in last else ""
+    hint = f"; delete {run_dir} to train this point from the start" if re.search(
+        r"error: --resume: .*(trained with other settings|is not the one the run|are not the ones the run)", last) else ""
     return f"{last} (log: {path}){hint}"
 
 
@@ -171,7 +177,8 @@ def run_point(args, lr, batch, ratio, passthrough):
     phase = f"training (log: {os.path.join(run_dir, 'train.log')})"
     try:
         with open(os.path.join(run_dir, "train.log"), "a") as log:  # after an interrupted attempt's, if any
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+            # (on a line of its own: a killed attempt may have left its last line unfinished)
+            log.write(f"\n{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
             log.flush()
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         result["train_seconds"] = round(time.perf_counter() - t0, 1)

@@ -1037,8 +1037,8 @@ NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
                     r"run_dir must be on a filesystem they all share"),
     ("two_runs", r"the ranks' .*node{rank}/checkpoints/step_0000004 were written by different runs .*; with several "
                  r"nodes, run_dir must be on a filesystem they all share"),
-    ("other_rows", r"the ranks do not all read the same --model weights and training rows; with several nodes, every "
-                   r"node must read the same files"),
+    ("other_rows", r"the ranks do not resume alike \(their settings resolved from --model, its weights or the "
+                   r"training rows differ\); with several nodes, every node must read the same files"),
 ])
 def test_resume_refuses_when_the_ranks_see_different_checkpoints(tmp_path, case, refusal):
     """Several nodes without a shared run_dir: rank 0 would resume at step 4 and rank 1 start at 0 (or from what

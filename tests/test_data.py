@@ -326,17 +326,21 @@ def test_a_folder_or_glob_with_the_files_of_several_splits_is_refused(tmp_path):
         (tmp_path / "gsm8k" / name).write_text(row)
     for spec in (tmp_path / "gsm8k", tmp_path / "gsm8k" / "*.jsonl"):
         with pytest.raises(DataError, match=r"gsm8k\S*: holds the files of 2 splits \(test, train\), which would be read "
-                                            r"as one: name one split's files, e.g. \S+/gsm8k/train\[-.\]\*"):
+                                            r"as one: name one split's files \(a file, or a glob that takes only them; "
+                                            r"train: \S+/train-00000-of-00002.jsonl, \S+/train-00001-of-00002.jsonl\)"):
             data.load_sft_rows(str(spec))
-    assert len(data.load_sft_rows(str(tmp_path / "gsm8k" / "train[-.]*"))) == 2  # the suggested glob
+    assert len(data.load_sft_rows(str(tmp_path / "gsm8k" / "train-*"))) == 2
     (tmp_path / "gsm8k" / "test-00000-of-00001.jsonl").unlink()  # one split, and names that say none: read whole
     assert len(data.load_sft_rows(str(tmp_path / "gsm8k"))) == 4
-    assert data.split_names(["d/train_prefs-00000-of-00001.parquet", "d/test_prefs-00000-of-00001.parquet",
-                             "validation.jsonl", "evaluation.json", "dev.jsonl"]) == \
-        ["dev", "test_prefs", "train_prefs", "validation"]
-    # one split each: ultrachat_200k's hashed shards, shards without a count, a user's numbered files
+    assert sorted(data.split_names(["d/train_prefs-00000-of-00001.parquet", "d/test_prefs-00000-of-00001.parquet",
+                                    "validation.jsonl", "evaluation.json", "Dev.jsonl", "train_gen.parquet"])) == \
+        ["dev", "test_prefs", "train_gen", "train_prefs", "validation"]
+    assert sorted(data.split_names(["default/train/0000.parquet", "default/test/0000.parquet"])) == ["test", "train"]
+    # one split each: ultrachat_200k's hashed shards, shards without a count, a user's numbered or named parts, a
+    # folder whose name starts with a split word
     for one in (["train_sft-00000-of-00003-a3ecf92756993583.parquet", "train_sft-00001-of-00003-0a1f.parquet"],
-                ["train-00000.parquet", "train-00001.parquet"], ["train_1.jsonl", "train_2.jsonl", "rows.jsonl"]):
+                ["train-00000.parquet", "train-00001.parquet"], ["train_1.jsonl", "train_2.jsonl", "rows.jsonl"],
+                ["train_math.jsonl", "train_code.jsonl"], ["test_run/train.jsonl", "test_run/rows.jsonl"]):
         assert len(data.split_names(one)) == 1, one
 
 

@@ -189,7 +189,7 @@ def test_an_interrupted_sweep_point_continues_from_its_last_checkpoint(tmp_path,
         shutil.rmtree(run / killed) if (run / killed).is_dir() else (run / killed).unlink()
     assert sweep.run_point(args, *point)["status"] == "ok"
     log = (run / "train.log").read_text()
-    assert "resumed from step 2" in log and log.count("\n--- ") == 1  # both attempts' output
+    assert "resumed from step 2" in log and log.count("\n--- attempt ") == 2  # both attempts' output
 
 
 @pytest.mark.parametrize("flags, why", [
@@ -513,8 +513,12 @@ def test_a_failed_point_says_the_trainers_own_error_even_under_torchrun(tmp_path
     assert sweep.why_training_failed(str(tmp_path)) == (f"error: --lr=abc: not a number (log: "
                                                          f"{tmp_path / 'train.log'})")
     # an interrupted point resumed under other settings: the refusal, and how to start the point over
-    (tmp_path / "train.log").write_text("error: --resume: step_0000002 was trained with other settings (...)\n")
+    refused = "--- attempt 1: ...\nerror: --resume: step_0000002 was trained with other settings (...)\n"
+    (tmp_path / "train.log").write_text(refused)
     assert sweep.why_training_failed(str(tmp_path)).endswith(f"; delete {tmp_path} to train this point from the start")
+    # then retried with the settings put back, killed without a word: not the first attempt's refusal
+    (tmp_path / "train.log").write_text(refused + "--- attempt 2: ...\nresumed from step 2\nstep 3: loss 1.2\n")
+    assert sweep.why_training_failed(str(tmp_path)) == f"step 3: loss 1.2 (log: {tmp_path / 'train.log'})"
 
 
 def test_a_demo_point_stored_with_the_old_eval_tasks_default_is_reused(tmp_path, capsys):
