@@ -93,7 +93,8 @@ _SETTINGS_WE_WRITE = {"bos_token", "eos_token", "pad_token", "chat_template"}
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens a chat model needs (bos, eos, pad)."""
 
-    def __init__(self, tk, bos_token, eos_token, pad_token=None, chat_template=None, settings=None):
+    def __init__(self, tk, bos_token, eos_token, pad_token=None, chat_template=None, settings=None,
+                 generation_eos_ids=()):
         # A tokenizer.json may carry truncation or padding settings (transformers writes them when a script asked for
         # them once); transformers applies them only to calls that ask, and so do we: never here.
         tk.no_truncation()
@@ -122,6 +123,9 @@ class Tokenizer:
         self.eos_id = tk.token_to_id(eos_token)
         self.pad_id = tk.token_to_id(self.pad_token)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        # The eos ids the snapshot's generation_config.json lists (Llama 3 style lists name several): transformers'
+        # generate stops at each of them, so ours does too (see stop_token_ids).
+        self.generation_eos_ids = [int(i) for i in generation_eos_ids]
 
     @classmethod
     def from_pretrained(cls, path, bos_token=None, eos_token=None, pad_token=None):
@@ -160,15 +164,19 @@ class Tokenizer:
                     if not isinstance(token, str):
                         raise DataError(os.path.join(folder, file), f"{name} = {token!r} must be a token string")
                     return token
-            token_id = gen_config.get(f"{name}_id")
-            if isinstance(token_id, list):  # generation_config may list several eos ids; the first is the main one
-                token_id = token_id[0] if token_id else None
-            if token_id is not None:
-                if not isinstance(token_id, int) or isinstance(token_id, bool) or tk.id_to_token(token_id) is None:
-                    raise DataError(os.path.join(folder, 'generation_config.json'), f"{name}_id = {token_id!r} "
-                                    "is not a token id of the tokenizer")
-                return tk.id_to_token(token_id)
+            token_ids = generation_ids(name)  # generation_config may list several eos ids; the first is the main one
+            if token_ids:
+                return tk.id_to_token(token_ids[0])
             return "<|endoftext|>" if name == "eos_token" and tk.token_to_id("<|endoftext|>") is not None else None
+
+        def generation_ids(name, config=gen_config, file="generation_config.json"):
+            token_ids = config.get(f"{name}_id")
+            token_ids = [] if token_ids is None else token_ids if isinstance(token_ids, list) else [token_ids]
+            for token_id in token_ids:
+                if not isinstance(token_id, int) or isinstance(token_id, bool) or tk.id_to_token(token_id) is None:
+                    raise DataError(os.path.join(folder, file), f"{name}_id = {token_id!r} is not a token id of the "
+                                    "tokenizer")
+            return token_ids
 
         eos = resolve("eos_token", eos_token)
         if eos is None:
@@ -182,7 +190,10 @@ class Tokenizer:
             settings["additional_special_tokens"] = [_token_str(t) for t in settings["additional_special_tokens"]]
         try:
             return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
-                       chat_template=_saved_chat_template(folder, tok_config), settings=settings)
+                       chat_template=_saved_chat_template(folder, tok_config), settings=settings,
+                       # without a generation_config.json transformers generates with config.json's eos ids
+                       generation_eos_ids=generation_ids("eos_token") if "eos_token_id" in gen_config else
+                       generation_ids("eos_token", _read_json(os.path.join(folder, "config.json")), "config.json"))
         except DataError:
             raise
         except ValueError as e:  # a special token missing from the vocabulary: say which folder named it
@@ -239,11 +250,12 @@ class Tokenizer:
 
     def __getstate__(self):  # picklable for the tokenization worker processes
         return {"json": self._tk.to_str(), "bos": self.bos_token, "eos": self.eos_token, "pad": self.pad_token,
-                "chat_template": self.chat_template, "settings": self.settings}
+                "chat_template": self.chat_template, "settings": self.settings,
+                "generation_eos_ids": self.generation_eos_ids}
 
     def __setstate__(self, state):
         self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["bos"], state["eos"], state["pad"],
-                      state["chat_template"], state["settings"])
+                      state["chat_template"], state["settings"], state["generation_eos_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,11 +389,12 @@ def _render_text(messages, template, eos_token, add_generation_prompt):
 
 def stop_token_ids(tok, template):
     """Token ids that end an assistant turn under `template` (for generation): eos, and for ChatML <|im_end|> first
-    (its eos once trained in ChatML: see Tokenizer.use_chat_template) and <|endoftext|>, the eos before that."""
+    (its eos once trained in ChatML: see Tokenizer.use_chat_template) and <|endoftext|>, the eos before that; then
+    the other eos ids the snapshot's generation_config.json lists, where transformers stops too."""
     im_end = tok.token_to_id("<|im_end|>")
-    if template != "chatml" or im_end is None:
-        return [tok.eos_id]
-    return list(dict.fromkeys(i for i in (im_end, tok.eos_id, tok.token_to_id("<|endoftext|>")) if i is not None))
+    ends = [im_end, tok.eos_id, tok.token_to_id("<|endoftext|>")] if template == "chatml" and im_end is not None \
+        else [tok.eos_id]
+    return list(dict.fromkeys(i for i in (*ends, *tok.generation_eos_ids) if i is not None))
 
 
 def check_vocab(tok, vocab_size, where):

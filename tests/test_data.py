@@ -74,6 +74,25 @@ def test_tokenizer_special_tokens_from_config_and_overrides(tok_dir, tmp_path):
         data.Tokenizer.from_pretrained(tok_dir, eos_token="<|nope|>")
 
 
+def test_generation_stops_at_every_eos_id_the_snapshot_lists_as_transformers_does(tok_dir, tmp_path):
+    """transformers' generate stops at each eos id of generation_config.json (of config.json where there is none):
+    so do the stop ids of our eval and RLVR, after the template's own."""
+    import pickle
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    shutil.copy(os.path.join(tok_dir, "tokenizer_config.json"), tmp_path / "tokenizer_config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [0, 5]}))
+    assert data.stop_token_ids(data.Tokenizer.from_pretrained(str(tmp_path)), "tulu") == [0, 5]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7, 3]}))
+    tok = data.Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.eos_id == 0
+    assert data.stop_token_ids(tok, "tulu") == [0, 7, 3]
+    assert data.stop_token_ids(tok, "chatml") == [tok.token_to_id("<|im_end|>"), 0, 7, 3]
+    assert data.stop_token_ids(pickle.loads(pickle.dumps(tok)), "tulu") == [0, 7, 3]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 10**9]}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id = 1000000000 is not a token id"):
+        data.Tokenizer.from_pretrained(str(tmp_path))
+
+
 def _added_tokens_decoder():
     return {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
                      "special": True} for i, t in enumerate(data.SPECIAL_TOKENS)}
