@@ -86,8 +86,11 @@ def _saved_chat_template(folder, tok_config):
     return saved
 
 
-# tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over)
-_SETTINGS_WE_WRITE = {"bos_token", "eos_token", "pad_token", "chat_template"}
+# tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over).
+# tokenizer_class is always PreTrainedTokenizerFast, which takes tokenizer.json whole in transformers 4 and 5: for a
+# snapshot's GPT2Tokenizer (SmolLM2's) transformers 5 builds a ByteLevel pre-tokenizer of its own and drops the
+# stored one's other steps (SmolLM2's splits digits one by one), so the ids would differ from those trained on.
+_SETTINGS_WE_WRITE = {"bos_token", "eos_token", "pad_token", "chat_template", "tokenizer_class"}
 
 
 class Tokenizer:
@@ -247,6 +250,10 @@ class Tokenizer:
             config["chat_template"] = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+        # transformers (and _saved_chat_template) read a chat_template.jinja before tokenizer_config.json's: one
+        # left in the folder by an earlier save would replace the template written above
+        if os.path.exists(os.path.join(path, "chat_template.jinja")):
+            os.remove(os.path.join(path, "chat_template.jinja"))
 
     def __getstate__(self):  # picklable for the tokenization worker processes
         return {"json": self._tk.to_str(), "bos": self.bos_token, "eos": self.eos_token, "pad": self.pad_token,

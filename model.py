@@ -618,7 +618,7 @@ def forward_cached(model, weights, input_ids, position_ids, cache):
 class Generation:
     tokens: list = field(default_factory=list)    # new token ids per row, up to and including a stop token
     logprobs: list = field(default_factory=list)  # log-prob of each returned token, at the sampling temperature
-    #                                               (at temperature 1 when greedy)
+    #                                               (1 when greedy) and before top-k / top-p filtering
     stopped: list = field(default_factory=list)   # whether the row ended on a stop token
 
 
@@ -660,12 +660,20 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
              generator=None, pad_token_id=0):
     """Continue each prompt (a list of token ids) by up to max_new_tokens; see Generation for the result."""
     B = len(prompts)
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # (`not >=` refuses a NaN too)
         raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got temperature="
                          f"{temperature}, top_p={top_p}, top_k={top_k}")
+    if not isinstance(stop_token_ids, (list, tuple)):
+        raise ValueError(f"generate: stop_token_ids must be a list of ids (or one list per prompt), got "
+                         f"{type(stop_token_ids).__name__}")
+    vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"generate: prompt {i} is empty")
+        if not isinstance(p, (list, tuple)) or len(p) == 0:
+            raise ValueError(f"generate: prompt {i} must be a non-empty list of token ids, got "
+                             f"{p if isinstance(p, (list, tuple)) else type(p).__name__}")
+        if not all(0 <= t < vocab for t in p):
+            raise ValueError(f"generate: prompt {i} has ids outside the vocabulary [0, {vocab}): "
+                             f"{sorted({t for t in p if not 0 <= t < vocab})[:5]}")
     lengths = [len(p) for p in prompts]
     P, limit = max(lengths), model.config.max_position_embeddings
     if P + max_new_tokens - 1 > limit:  # the last new token is sampled, never fed back, so it needs no position

@@ -144,7 +144,7 @@ def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     config = json.loads((saved / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == 8192 and config["unk_token"] == "<|endoftext|>"  # tokenizer_config wins
     assert config["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
-    assert config["tokenizer_class"] == "GPT2Tokenizer" and config["add_prefix_space"] is False
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["add_prefix_space"] is False
     assert config["eos_token"] == "<|im_end|>" and config["chat_template"] == data.CHAT_TEMPLATES["chatml"]
     hf = transformers.AutoTokenizer.from_pretrained(str(saved))
     assert hf.model_max_length == 8192 and hf.eos_token == "<|im_end|>"
@@ -152,6 +152,45 @@ def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     unpickled = pickle.loads(pickle.dumps(tok))  # the tokenization workers get them too
     assert unpickled.settings == tok.settings
     assert unpickled.chat_template == "chatml"
+
+
+def test_a_saved_tokenizer_splits_text_in_transformers_as_its_tokenizer_json_does(tmp_path):
+    """SmolLM2's tokenizer.json splits digits one by one before its ByteLevel step, and its tokenizer_config.json says
+    GPT2Tokenizer, for which transformers 5 builds a ByteLevel pre-tokenizer of its own and drops the Digits step. A
+    saved folder names PreTrainedTokenizerFast, so transformers tokenizes it as the model was trained."""
+    import transformers
+    snapshot, saved = tmp_path / "snapshot", tmp_path / "saved"
+    snapshot.mkdir()
+    tk = HFTokenizerCore(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["Sum:\n\n15 and  3 and 12345, said the assistant"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=data.SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(snapshot / "tokenizer.json"))
+    (snapshot / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "add_prefix_space": False,
+        "added_tokens_decoder": _added_tokens_decoder()}))
+    ours = data.Tokenizer.from_pretrained(str(snapshot))
+    ours.save_pretrained(str(saved))
+    hf = transformers.AutoTokenizer.from_pretrained(str(saved))
+    for text in ("Sum:\n\n15", "and  3", "12345 said"):
+        assert hf.encode(text, add_special_tokens=False) == ours.encode(text) == tk.encode(text).ids, text
+
+
+def test_saving_over_a_folder_replaces_its_chat_template_jinja(tok_dir, tmp_path):
+    """transformers reads chat_template.jinja before tokenizer_config.json's template: one left by an earlier save
+    would win over the template a save writes."""
+    import transformers
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text(data.CHAT_TEMPLATES["chatml"])
+    tok = data.Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.chat_template == data.CHAT_TEMPLATES["chatml"]
+    tok.chat_template = "tulu"
+    tok.save_pretrained(str(tmp_path))
+    assert data.Tokenizer.from_pretrained(str(tmp_path)).chat_template == data.TULU_TEMPLATE
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == data.TULU_TEMPLATE
 
 
 @pytest.mark.parametrize("template", ["tulu", "chatml"])

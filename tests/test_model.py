@@ -67,6 +67,7 @@ def test_smollm2_135m_shape_matches_transformers_and_round_trips(smol, tmp_path)
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
     with open(tmp_path / "ours" / "config.json") as f:
         assert json.load(f)["rope_theta"] == 100000.0
+    assert back.dtype == torch.float32
     with torch.no_grad():  # same weights and same code as the original: bit-identical
         assert torch.equal(back(ids).logits, hf(ids).logits)
 
@@ -462,10 +463,17 @@ def test_generate_leaves_the_training_mode_as_it_was_and_rejects_empty_prompt(ti
     tiny.eval()
     generate(tiny, [[1, 2]], max_new_tokens=2)
     assert not tiny.training
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(ValueError, match=r"prompt 1 must be a non-empty list of token ids, got \[\]"):
         generate(tiny, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0 must be a non-empty list of token ids, got Tensor"):
+        generate(tiny, [torch.tensor([1, 2])], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt 1 has ids outside the vocabulary \[0, 512\): \[-1, 512\]"):
+        generate(tiny, [[1], [512, 3, -1]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="stop_token_ids must be a list of ids .*, got int"):
+        generate(tiny, [[1]], max_new_tokens=2, stop_token_ids=5)
     # a negative temperature would sample the least likely tokens, top_p=0 drop every token
-    for bad in (dict(temperature=-1.0), dict(temperature=1.0, top_p=0.0), dict(temperature=1.0, top_k=-1)):
+    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=1.0, top_p=0.0),
+                dict(temperature=1.0, top_k=-1)):
         with pytest.raises(ValueError, match="temperature >= 0, 0 < top_p <= 1 and top_k >= 0"):
             generate(tiny, [[1]], max_new_tokens=2, **bad)
 
