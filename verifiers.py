@@ -1019,17 +1019,18 @@ LANGDETECT_CODES = set("af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi
 # What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
 # keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
 # A row no response could satisfy (a negative count, no options, _RLVR_SATISFIABLE below) is named at load too, not
-# trained on as a prompt that always scores 0.
+# trained on as a prompt that always scores 0; so is one that every response meets (no keywords to include or to
+# avoid, an empty end phrase or marker), which would reward whatever the policy writes.
 _RLVR_ARG_CHECKS = {"N": (lambda v: _is_count(v) and v >= 0, "a whole number >= 0"),
                     "i": (lambda v: _is_count(v) and v >= 1, "a whole number >= 1"),
-                    "keyword_list": (_is_str_list, "a list of strings"),
-                    "forbidden_words": (_is_str_list, "a list of strings"),
-                    "options": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings"),
+                    **{k: (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings")
+                       for k in ("keyword_list", "forbidden_words", "options")},
                     "language": (lambda v: isinstance(v, str) and v in LANGDETECT_CODES,
                                  "a language code langdetect returns"),
-                    **{k: (lambda v: isinstance(v, str), "a string")
+                    **{k: (lambda v: isinstance(v, str) and v != "", "a non-empty string")
                        for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
-                                 "original_prompt", "end_phrase", "quantifier")}}
+                                 "end_phrase")},
+                    **{k: (lambda v: isinstance(v, str), "a string") for k in ("original_prompt", "quantifier")}}
 _RLVR_SATISFIABLE = {"validate_paragraphs": (lambda a: a.get("i", 1) <= a.get("N", 1), "i must not exceed N"),
                      "verify_paragraph_count": (lambda a: a.get("N", 1) >= 1, "N must be at least 1")}
 
