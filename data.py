@@ -542,7 +542,7 @@ def split_names(files):
 def data_files(spec):
     """The data files of spec (a file, a folder, a glob, or a list of those), sorted; DataError if none, or if a
     folder or a glob takes the files of several splits (a hub dataset's train and test shards), which read as one
-    would train on the test split."""
+    would train on the test split, or one file in two formats (train.jsonl beside train.parquet)."""
     if isinstance(spec, (list, tuple)):
         return [f for s in spec for f in data_files(s)]
     spec = os.fspath(spec)
@@ -554,6 +554,13 @@ def data_files(spec):
         raise DataError(spec, f"holds the files of {len(splits)} splits ({', '.join(sorted(splits))}), which would be "
                               f"read as one: name one split's files (a file, or a glob that takes only them; {one}: "
                               f"{some})")
+    by_stem = {}
+    for f in files:
+        by_stem.setdefault(os.path.splitext(f)[0], []).append(f)
+    twice = next((same for same in by_stem.values() if len(same) > 1), None)
+    if twice:  # an export in two formats beside each other: read as one, every row would be trained on twice
+        raise DataError(spec, f"holds the same file in {len(twice)} formats ({', '.join(twice)}), which would be read "
+                              "as one: name one of them")
     return files
 
 
@@ -957,8 +964,8 @@ def _tokenize_cached(kind, fn, rows, key_parts, extra, tok, cache_dir, num_worke
                 with np.load(path) as z:
                     ids, mask, offsets = z["ids"], z["mask"], z["offsets"]
             except Exception as e:  # a disk that broke the file after its atomic write
-                raise RuntimeError(f"{path}: the cached tokenized {kind} data cannot be read ({type(e).__name__}: "
-                                   f"{e}); delete the file to tokenize again") from e
+                raise DataError(path, f"the cached tokenized {kind} data cannot be read ({type(e).__name__}: {e}); "
+                                "delete the file to tokenize again") from e
             log.info(f"loaded {len(offsets) - 1} tokenized {kind} sequences from {path}")
             return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
     seqs = _map_chunks(fn, rows, extra, tok, num_workers, progress, f"tokenizing {kind}")

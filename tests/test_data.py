@@ -402,6 +402,18 @@ def test_a_folder_or_glob_with_the_files_of_several_splits_is_refused(tmp_path):
         assert len(data.split_names(one)) == 1, one
 
 
+def test_a_folder_with_one_file_in_two_formats_is_refused(tmp_path):
+    """train.jsonl beside its parquet export: read as one, every row would be trained on twice."""
+    rows = SFT_ROWS[:2]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    for spec in (tmp_path, tmp_path / "train.*"):
+        with pytest.raises(DataError, match=r"holds the same file in 2 formats \(\S+/train.json, \S+/train.jsonl\), "
+                                            "which would be read as one: name one of them"):
+            data.load_sft_rows(str(spec))
+    assert len(data.load_sft_rows(str(tmp_path / "train.jsonl"))) == 2
+
+
 def test_sft_bad_rows_each_name_file_line_and_problem():
     path = os.path.join(FIXTURES, "sft_bad.jsonl")
     expected = {2: "missing 'messages'", 3: "unknown role 'robot'", 4: "non-string content", 5: "empty list",
@@ -660,7 +672,7 @@ def test_tokenize_sft_parallel_equals_render_and_cache_is_reused(demo, demo_tok,
     assert len(os.listdir(cache)) == 6 and not any(".tmp." in f for f in os.listdir(cache))
     # a cache file broken after it was written is named, with what to do
     (tmp_path / "cache" / files[0]).write_bytes(b"not a zip")
-    with pytest.raises(RuntimeError, match=rf"{files[0]}: the cached tokenized sft data cannot be read .*delete the "
+    with pytest.raises(DataError, match=rf"{files[0]}: the cached tokenized sft data cannot be read .*delete the "
                                            "file to tokenize again"):
         data.tokenize_sft(rows, demo_tok, "tulu", 64, cache_dir=cache, progress=False)
 
