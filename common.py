@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import model_folder_problem
+from model import CheckpointError, model_folder_problem
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,12 +708,13 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
 def prune_checkpoints(run_dir, keep):
     """Delete all but the newest `keep` checkpoints (0: keep all). Each is renamed out of the listing first, so a
     kill halfway through never leaves a half-deleted folder that looks like a checkpoint; the next prune finishes
-    what a killed one started."""
+    what a killed one started, and deletes what a killed save left (.tmp_step_* and .old_step_*, of a step that
+    the resumed run saves again or has passed: --checkpoint_every may change on resume)."""
     root = checkpoint_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         os.replace(old, os.path.join(root, f".deleting_{os.path.basename(old)}"))
     for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name.startswith(".deleting_"):
+        if name.startswith((".deleting_", ".tmp_step_", ".old_step_")):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -754,49 +755,59 @@ def _read_checkpoint_file(path, weights_only=False):
     private (writes to a loaded tensor never reach the file) and checkpoints are never rewritten in place, only
     replaced by renames, so a tensor still mapped from a pruned checkpoint keeps its values. Where the file cannot
     be mapped (a network filesystem without mmap) it is read whole, as before, rather than called damaged."""
+    folder = os.path.dirname(path)
+
+    def fallback():
+        ckpts = list_checkpoints(os.path.dirname(os.path.dirname(folder)))
+        older = ckpts[:ckpts.index(folder)] if folder in ckpts else []
+        return f"delete {folder} to resume from {older[-1]}" if older else "no earlier checkpoint is left"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing, so this checkpoint cannot resume training exactly")
+        raise CheckpointError(f"{path}: missing, so this checkpoint cannot resume training exactly: {fallback()}")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
         except Exception:
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
-        folder = os.path.dirname(path)
-        ckpts = list_checkpoints(os.path.dirname(os.path.dirname(folder)))
-        older = ckpts[:ckpts.index(folder)] if folder in ckpts else []
-        hint = f"delete {folder} to resume from {older[-1]}" if older else "no earlier checkpoint is left"
-        raise RuntimeError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or cut "
-                           f"short: {hint}") from e
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or cut "
+                              f"short: {fallback()}") from e
 
 
 def load_checkpoint(path, model, optimizer=None):
     """Restore model, optimizer and this rank's RNG state; returns {'step': int, 'extra': dict}."""
     model_sd = _read_checkpoint_file(os.path.join(path, "model.pt"), weights_only=True)
     optim_sd = _read_checkpoint_file(os.path.join(path, "optimizer.pt")) if optimizer is not None else None
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-            set_optimizer_state_dict
-        opts = StateDictOptions(full_state_dict=True)
-        _reshard(model)
-        set_model_state_dict(model, model_sd, options=opts)
-        if optim_sd is not None:
-            set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    else:
-        unwrap(model).load_state_dict(model_sd)
-        if optim_sd is not None:
-            optimizer.load_state_dict(optim_sd)
+    try:
+        if _is_fsdp(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+                set_optimizer_state_dict
+            opts = StateDictOptions(full_state_dict=True)
+            _reshard(model)
+            set_model_state_dict(model, model_sd, options=opts)
+            if optim_sd is not None:
+                set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        else:
+            unwrap(model).load_state_dict(model_sd)
+            if optim_sd is not None:
+                optimizer.load_state_dict(optim_sd)
+    except (RuntimeError, ValueError, KeyError) as e:  # other tensor names or shapes: --model changed in place
+        what = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: its weights do not fit the model built from --model, which is not the one "
+                              f"this run started from ({what[:300]}{' ...' if len(what) > 300 else ''})") from e
     state = _read_checkpoint_file(os.path.join(path, "state.pt"))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    _set_rng_state(state["rng"][rank % len(state["rng"])])
+    saved = state["rng"]  # one per rank that saved it
+    _set_rng_state(saved[rank % len(saved)])
+    if rank >= len(saved):  # resumed on more ranks: a stream of its own, seeded from that one, not a copy of it
+        seed_all((int(torch.randint(2**31, (1,))) + rank) % 2**32)  # (RLVR's ranks must sample different noise)
     return {"step": state["step"], "extra": state["extra"]}
 
 
 # What a resumed run may change: where its folder is, how it reports, checkpoints, splits its batch and runs, not
 # what it trains on or how (the effective batch is total_batch_size, which is compared).
 RESUMABLE_CHANGES = {"run_dir", "resume", "overwrite", "device", "progress", "log_every", "eval_every", "eval_data",
-                     "checkpoint_every", "keep_checkpoints", "cache_dir", "batch_size", "grad_accum", "fsdp",
-                     "compile", "gradient_checkpointing"}
+                     "eval_batch_size", "samples_per_step", "checkpoint_every", "keep_checkpoints", "cache_dir",
+                     "batch_size", "grad_accum", "fsdp", "compile", "gradient_checkpointing"}
 
 
 def weights_digest(model):

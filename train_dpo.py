@@ -222,11 +222,11 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
         try:
             table = load_file(path)["logps"]
         except Exception as e:  # a disk that broke the file after its atomic write
-            raise RuntimeError(f"{path}: the cached reference log-probs cannot be read ({type(e).__name__}: {e}); "
-                               "delete the file to compute them again") from e
+            raise data.DataError(path, f"the cached reference log-probs cannot be read ({type(e).__name__}: {e}); "
+                                 "delete the file to compute them again") from e
         if table.shape != (len(pairs), 2):
-            raise RuntimeError(f"{path}: holds a {list(table.shape)} table for {len(pairs)} pairs; delete the file "
-                               "to compute them again")
+            raise data.DataError(path, f"holds a {list(table.shape)} table for {len(pairs)} pairs; delete the file "
+                                 "to compute them again")
         return table
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=d.device)
     # Chunks of pairs of similar length, longest first: a chunk pads its 2 x ref_batch_size rows to the longest,

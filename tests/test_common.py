@@ -1,5 +1,6 @@
 """common.py: config parsing, batch / lr resolution, schedules, optimizer groups, checkpoints, run folder, the end
 of a multi-rank run."""
+import itertools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 
 import common
 import data
+from model import CheckpointError
 from multirank import ROOT, launch, torchrun
 
 
@@ -387,6 +389,15 @@ def test_each_rank_resumes_with_the_rng_state_it_saved(tmp_path, monkeypatch):
         common.load_checkpoint(common.latest_checkpoint(str(tmp_path)), model)
         got = (torch.rand(3), random.random(), np.random.rand())
         assert torch.equal(got[0], draws[rank][0]) and got[1:] == draws[rank][1:], f"rank {rank}"
+    # resumed on 4 ranks: ranks 2 and 3 have no saved state; each draws its own, the same at every resume
+    resumed = {}
+    for rank in (0, 1, 2, 3, 3):
+        world["rank"] = rank
+        common.load_checkpoint(common.latest_checkpoint(str(tmp_path)), model)
+        got = (torch.rand(3), random.random(), np.random.rand())
+        assert torch.equal(got[0], resumed.setdefault(rank, got)[0]) and got[1:] == resumed[rank][1:], rank
+    for a, b in itertools.combinations(range(4), 2):
+        assert not torch.equal(resumed[a][0], resumed[b][0]) and resumed[a][1:] != resumed[b][1:], (a, b)
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
@@ -475,13 +486,28 @@ def test_resume_refuses_a_checkpoint_whose_config_lacks_a_setting_of_this_run(tm
 
 
 def test_a_checkpoint_without_its_optimizer_state_does_not_resume_with_a_fresh_one(tmp_path):
+    """...and the error (reported as a line, not a traceback) names the checkpoint to fall back on."""
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        common.save_checkpoint(str(tmp_path), step, model, opt)
+    older, path = common.list_checkpoints(str(tmp_path))
+    os.remove(os.path.join(path, "optimizer.pt"))
+    with pytest.raises(CheckpointError, match="optimizer.pt: missing, .*" + re.escape(f"delete {path} to resume "
+                                                                                      f"from {older}")):
+        common.load_checkpoint(path, model, opt)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_an_error_naming_it(tmp_path):
+    """SFT rebuilds its model from --model on resume: a folder since replaced by another architecture."""
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())
     common.save_checkpoint(str(tmp_path), 1, model, opt)
     path = common.latest_checkpoint(str(tmp_path))
-    os.remove(os.path.join(path, "optimizer.pt"))
-    with pytest.raises(FileNotFoundError, match="optimizer.pt: missing"):
-        common.load_checkpoint(path, model, opt)
+    wider = torch.nn.Linear(4, 8)
+    with pytest.raises(CheckpointError, match=re.escape(path) + ": its weights do not fit the model built from "
+                                              "--model"):
+        common.load_checkpoint(path, wider, torch.optim.AdamW(wider.parameters()))
 
 
 @pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "state.pt"])
@@ -497,7 +523,7 @@ def test_a_checkpoint_file_cut_short_is_named_with_the_checkpoint_to_fall_back_o
     damaged = os.path.join(newest, name)
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) // 2)
-    with pytest.raises(RuntimeError, match=re.escape(f"{damaged}: cannot be read") + ".*" +
+    with pytest.raises(CheckpointError, match=re.escape(f"{damaged}: cannot be read") + ".*" +
                        re.escape(f"delete {newest} to resume from {older}")):
         common.maybe_resume(cfg, model, opt, sampler)
     shutil.rmtree(newest)  # what the message says to do
@@ -613,6 +639,19 @@ def test_a_kill_while_old_checkpoints_are_deleted_is_finished_by_the_resume(tmp_
     resumed = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--keep_checkpoints=2", "--resume=true"])
     assert common.maybe_resume(resumed, model, opt, sampler) == 4
     assert sorted(os.listdir(root)) == ["step_0000003", "step_0000004"]
+
+
+def test_the_next_save_deletes_what_a_killed_save_left(tmp_path):
+    """A save killed before its renames leaves a full-size .tmp_step_*; resumed with another --checkpoint_every, the
+    run never saves that step again, so the prune deletes it (and a .old_step_* from a kill between the renames)."""
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    common.save_checkpoint(str(tmp_path), 10, model, opt)
+    root = common.checkpoint_dir(str(tmp_path))
+    shutil.copytree(os.path.join(root, "step_0000010"), os.path.join(root, ".tmp_step_0000015"))
+    shutil.copytree(os.path.join(root, "step_0000010"), os.path.join(root, ".old_step_0000010"))
+    common.save_checkpoint(str(tmp_path), 14, model, opt, keep=1)
+    assert os.listdir(root) == ["step_0000014"]
 
 
 def test_interrupted_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):

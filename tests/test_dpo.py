@@ -176,7 +176,7 @@ def test_a_broken_cached_reference_table_is_named(tiny, tmp_path):
     train_dpo.main(args)
     table = next(p for p in cache.iterdir() if p.name.startswith("ref_logps-"))
     table.write_bytes(b"not safetensors")
-    with pytest.raises(RuntimeError, match=rf"{table.name}: the cached reference log-probs cannot be read .*delete "
+    with pytest.raises(data.DataError, match=rf"{table.name}: the cached reference log-probs cannot be read .*delete "
                                            "the file"):
         train_dpo.main(args + ["--overwrite"])
 

@@ -587,6 +587,16 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
         torch.testing.assert_close(weights[k], full_weights[k], rtol=0, atol=0, msg=k)
 
 
+def test_a_resume_may_change_how_many_samples_it_logs_and_its_held_out_batch(tiny, tmp_path):
+    run = tmp_path / "run"
+    args = args_for(tiny, run, "--checkpoint_every=1", "--max_steps=2", "--samples_per_step=2")
+    train_rlvr.main(args)
+    shutil.rmtree(run / "checkpoints" / "step_0000002")
+    shutil.rmtree(run / "final")
+    train_rlvr.main(args + ["--resume", "--samples_per_step=1", "--eval_batch_size=3"])
+    assert [r["step"] for r in read_jsonl(run / "samples.jsonl")] == [1, 1, 2]
+
+
 def test_a_resumed_run_compares_with_the_accuracy_it_started_from(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     args = args_for(tiny, run, "--checkpoint_every=1", "--keep_checkpoints=3")
