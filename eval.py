@@ -451,14 +451,21 @@ def gsm8k_few_shots(test, pool, seed, k=5):
 
 
 def task_gsm8k(ctx):
-    test = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0]))
+    test_path = require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0])
+    test = load_rows(test_path)
     train_path = find_split(ctx.data_dir, "gsm8k/train") or find_split(ctx.data_dir, "gsm8k/main/train")
     if train_path is not None:
         pool = load_rows(train_path)
     else:  # documented fallback: the first five test rows are the pool and are not scored
+        if len(test) <= 5:  # else every row is an example and qem 0 of none is reported
+            raise DataError(test_path, f"gsm8k: {len(test)} test rows and no gsm8k/train file under {ctx.data_dir}: "
+                                       f"the first 5 test rows are the few-shot examples, so no row is left to score "
+                                       f"(add gsm8k/train, or at least 6 test rows)")
         pool, test = test[:5], test[5:]
         print(f"gsm8k: no gsm8k/train file under {ctx.data_dir}, so the few-shot examples are the first 5 test rows, "
               f"which are not scored")
+    for where, row in pool:  # an example is shown to the model as its answer to copy: checked as a scored row is
+        field(row, "question", where), gsm8k_reference(field(row, "answer", where), where)
     shots = gsm8k_few_shots(test, pool, ctx.seed)
     if ctx.limit is not None:
         test, shots = test[:ctx.limit], shots[:ctx.limit]
@@ -474,9 +481,8 @@ def task_gsm8k(ctx):
     examples = [{"id": where, "question": row["question"], "output": out, "reference": ref,
                  "score": gsm8k_qem(out, row["answer"]), "score_last_number": verifiers.gsm8k(out, ref)}
                 for (where, row), out, ref in zip(test, outputs, refs)]
-    n = max(len(examples), 1)
-    metrics = {"qem": sum(e["score"] for e in examples) / n,
-               "last_number_acc": sum(e["score_last_number"] for e in examples) / n,
+    metrics = {"qem": sum(e["score"] for e in examples) / len(examples),
+               "last_number_acc": sum(e["score_last_number"] for e in examples) / len(examples),
                "n_shots": min(5, len(pool))}
     return {"metric": "qem", "value": metrics["qem"], "n": len(examples), "metrics": metrics, "examples": examples}
 

@@ -397,6 +397,33 @@ def test_gsm8k_without_train_file_uses_first_test_rows_as_shots_and_says_so(load
     assert "no gsm8k/train file" in capsys.readouterr().out
 
 
+def test_gsm8k_with_no_test_row_left_to_score_is_an_error_not_a_qem_of_0(loaded, tmp_path, monkeypatch):
+    """Without gsm8k/train the first 5 test rows are the examples: 5 rows or fewer left none to score, and the run
+    reported qem 0 over n 0."""
+    (tmp_path / "gsm8k").mkdir()
+    test = rows_of(os.path.join(FIXTURES, "gsm8k", "train.jsonl"))
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated with no row to score"))
+    for n_rows in (3, 5):
+        (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test[:n_rows]))
+        with pytest.raises(DataError, match=rf"test\.jsonl: gsm8k: {n_rows} test rows and no gsm8k/train file .*"
+                                            r"no row is left to score"):
+            ev.evaluate_tasks(*loaded, ["gsm8k"], str(tmp_path))
+
+
+def test_every_gsm8k_few_shot_row_is_checked_not_only_those_drawn(loaded, tmp_path, monkeypatch):
+    """With --limit=1 the first question's five examples leave train line 4 out (see lighteval_gsm8k_draws): a row
+    without an answer there went unnoticed until a longer run drew it."""
+    assert 3 not in lighteval_gsm8k_draws(3, 6, seed=42)[0]
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    path = tmp_path / "evals" / "gsm8k" / "train.jsonl"
+    rows = rows_of(path)
+    rows[3].pop("answer")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the examples"))
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))} line 4: missing field 'answer'"):
+        ev.evaluate_tasks(*loaded, ["gsm8k"], str(tmp_path / "evals"), limit=1)
+
+
 def test_gsm8k_draws_five_examples_per_question_as_lighteval_random_sampling_from_train(loaded, monkeypatch):
     """One Random(--seed) across the task: a fresh draw for each question, the same on every run of a seed."""
     model, tok = loaded
@@ -645,6 +672,7 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
 @pytest.mark.parametrize("task,split,edit,message", [
     ("gsm8k", "gsm8k/test.jsonl", lambda r: {**r, "answer": "so #### twelve"}, "gsm8k ground truth is not a number"),
     ("gsm8k", "gsm8k/train.jsonl", lambda r: {"q": r["question"], "answer": r["answer"]}, "question"),
+    ("gsm8k", "gsm8k/train.jsonl", lambda r: {**r, "answer": "12 eggs in all."}, "answer has no '#### <number>' line"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["punctuation:no_commas"]},
      "unknown instruction id 'punctuation:no_commas'"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["detectable_format:number_highlighted_sections"],
