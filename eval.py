@@ -493,6 +493,8 @@ def task_ifeval(ctx):
     for where, row in rows:
         for key in ("prompt", "instruction_id_list", "kwargs"):
             field(row, key, where)
+        if not row["instruction_id_list"]:  # all() of no check: a prompt-level pass for any output
+            raise DataError(where, "instruction_id_list is empty: no instruction to check the response against")
         # An unknown instruction or a malformed argument fails here, before any generation. Checked on a non-empty
         # response: an empty one follows nothing, so no check would even run.
         try:

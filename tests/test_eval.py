@@ -678,7 +678,9 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["detectable_format:number_highlighted_sections"],
                                                 "kwargs": ["two"]}, "AttributeError"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["keywords:existence"], "kwargs": [{}]},
-     "missing kwarg 'keywords'")])
+     "missing kwarg 'keywords'"),
+    ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": [], "kwargs": []},
+     "instruction_id_list is empty")])
 def test_a_bad_row_fails_before_any_generation_naming_its_line(loaded, tmp_path, monkeypatch, task, split, edit,
                                                                message):
     shutil.copytree(FIXTURES, tmp_path / "evals")
