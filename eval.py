@@ -798,6 +798,9 @@ def main(argv=None):
             seed, run_config = demo_seed_of(args.model)
             if run_config:
                 print(f"demo split of demo_seed={seed}, as {run_config} records (--demo_seed chooses)")
+            else:  # a model copied out of its run folder may have been trained on another seed's held-out rows
+                print(f"demo split of demo_seed={seed}, the trainers' default: no config.json of a run folder "
+                      f"holding {args.model} records the demo_seed it was trained on (--demo_seed=N sets it)")
         summary, examples = run_demo_eval(model, tok, make_demo_data(seed), template, args.limit,
                                           args.batch_size, args.max_new_tokens or 128)
         rows = [(k, "acc", summary[f"{k}_acc"], summary[f"{k}_n"]) for k in ("arith", "constraint", "pref")]

@@ -805,6 +805,22 @@ def test_the_demo_evaluation_takes_the_split_of_the_run_that_trained_the_model_a
     assert "has no saved chat template" not in capsys.readouterr().out
 
 
+def test_the_demo_evaluation_of_a_model_outside_a_run_folder_says_the_demo_seed_it_assumed(model_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Without a run config.json to read it from, seed 0's held-out split was scored and nothing said so: a model
+    trained on another seed partly trains on those rows."""
+    shutil.copytree(model_dir, tmp_path / "model")
+    monkeypatch.setattr(ev, "make_demo_data", lambda seed: {})
+    monkeypatch.setattr(ev, "run_demo_eval", lambda *a, **k: ({f"{t}_{m}": 0 for t in ("arith", "constraint", "pref")
+                                                               for m in ("acc", "n")}, {}))
+    model, out = str(tmp_path / "model"), str(tmp_path / "eval.json")
+    assert ev.main([f"--model={model}", f"--out={out}"])["demo_seed"] == 0
+    assert (f"demo split of demo_seed=0, the trainers' default: no config.json of a run folder holding {model} "
+            f"records the demo_seed it was trained on (--demo_seed=N sets it)") in capsys.readouterr().out
+    assert ev.main([f"--model={model}", f"--out={out}", "--demo_seed=0"])["demo_seed"] == 0  # chosen: nothing to say
+    assert "demo split of" not in capsys.readouterr().out
+
+
 def test_a_model_trained_on_real_data_is_not_scored_on_the_demo_task_unless_asked(model_dir, tmp_path, monkeypatch):
     shutil.copytree(model_dir, tmp_path / "run" / "final")
     (tmp_path / "run" / "config.json").write_text(json.dumps({"demo_seed": 0, "data": "mixture/*.parquet"}))
