@@ -13,7 +13,7 @@ Training rows may be SFT / RLVR rows (`messages`) or preference rows (`chosen`, 
 detected per row. Only user turns are read by default (--roles=user), as open-instruct's decontamination indexes
 only the prompts; --roles=all reads every turn (a plain-string `prompt` counts as a user turn, plain-string
 `chosen` / `rejected` as assistant turns). Eval files are read in each task's published format (see
-EVAL_FIELDS); other sets need --eval_field.
+EVAL_FIELDS); sets of other names need --eval_field, which a set named after a known task does not read.
 
 Why it is fast: only words that occur in some eval example can be part of a shared n-gram, so the vocabulary is
 built from the eval sets alone; a training word is one dict lookup (unknown words map to 0 and break the window),
@@ -99,11 +99,17 @@ def train_texts(row, where, roles=("user",)):
     raise DecontaminationError(f"{where}: row has neither 'messages' nor 'chosen'/'rejected' (keys: {sorted(row)})")
 
 
-def eval_fields(name, field=None):
-    """The task's published text fields; arc_easy / bbh_date_understanding etc. use their family's fields."""
+def task_family(name):
+    """The known task whose published fields an eval set of this name reads (arc_easy -> arc), or None."""
     if name in EVAL_FIELDS:
-        return EVAL_FIELDS[name]
-    family = max((k for k in EVAL_FIELDS if name.startswith(k + "_")), key=len, default=None)
+        return name
+    return max((k for k in EVAL_FIELDS if name.startswith(k + "_")), key=len, default=None)
+
+
+def eval_fields(name, field=None):
+    """The task's published text fields; arc_easy / bbh_date_understanding etc. use their family's fields. `field`
+    (--eval_field) is for eval sets of other names only."""
+    family = task_family(name)
     if family is not None:
         return EVAL_FIELDS[family]
     if field is not None:
@@ -304,7 +310,8 @@ def main(argv=None):
     p.add_argument("--train", required=True, help="training data: a jsonl/json/parquet file, folder or glob")
     p.add_argument("--eval", nargs="+", required=True, metavar="NAME=PATH",
                    help=f"eval sets; NAME picks the text fields ({', '.join(EVAL_FIELDS)}, or with a _suffix)")
-    p.add_argument("--eval_field", default=None, help="text field(s), comma separated, for eval sets of other names")
+    p.add_argument("--eval_field", default=None, help="text field(s), comma separated, for eval sets of other names "
+                                                      "(a set named after a known task reads that task's fields)")
     p.add_argument("--n", type=int, default=8, help="n-gram length in normalised words")
     p.add_argument("--roles", default="user", help="training turns to read: comma-separated roles, or all")
     p.add_argument("--batch_size", type=int, default=2048, help="training rows hashed per numpy batch")
@@ -317,7 +324,12 @@ def main(argv=None):
     unknown = sorted(set(roles or ()) - set(ROLES))
     if unknown:  # a misspelt role reads no text, and every row would pass as clean
         p.error(f"--roles: unknown {', '.join(map(repr, unknown))} (roles: {', '.join(ROLES)}, or all)")
-    eval_sets = {name: load_eval_set(name, spec, args.eval_field) for name, spec in parse_eval_args(args.eval).items()}
+    specs = parse_eval_args(args.eval)
+    if args.eval_field and all(task_family(name) for name in specs):  # it would be read by none of them
+        p.error(f"--eval_field={args.eval_field}: every --eval set is named after a known task, which reads its own "
+                f"field(s) (" + "; ".join(f"{name}: {','.join(eval_fields(name))}" for name in specs) + "); "
+                "--eval_field is for eval sets of other names (e.g. --eval mine=PATH)")
+    eval_sets = {name: load_eval_set(name, spec, args.eval_field) for name, spec in specs.items()}
     train_files = data_files(args.train)
     if args.out_clean and read_as_training_data(args.out_clean, args.train, train_files):
         p.error(f"--out_clean={args.out_clean} is, or would be, one of the --train={args.train} files: write the clean "

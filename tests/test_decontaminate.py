@@ -245,6 +245,17 @@ def test_eval_field_flag_lists_several_fields_and_blank_text_is_an_error(tmp_pat
         dc.load_eval_set("gsm8k", str(bad))
 
 
+def test_an_eval_field_no_eval_set_would_read_is_refused_not_ignored(capsys):
+    """--eval gsm8k=PATH --eval_field=answer read gsm8k's question and said nothing: a known task reads its own
+    fields, so --eval_field with only known tasks is a mistake."""
+    gsm8k, arc = (os.path.join(FIX, "eval", f"{name}.jsonl") for name in ("gsm8k", "arc"))
+    with pytest.raises(SystemExit):
+        dc.main([f"--train={TRAIN}", "--eval", f"gsm8k={gsm8k}", f"arc_easy={arc}", "--eval_field=answer",
+                 "--no_progress"])
+    assert ("--eval_field=answer: every --eval set is named after a known task, which reads its own field(s) "
+            "(gsm8k: question; arc_easy: question,choices)") in capsys.readouterr().err
+
+
 def test_eval_args_split_at_the_first_equals_and_refuse_a_set_given_twice():
     assert dc.parse_eval_args(["gsm8k=dir/a=b.jsonl"]) == {"gsm8k": "dir/a=b.jsonl"}
     with pytest.raises(dc.DecontaminationError, match="given twice"):
