@@ -305,6 +305,18 @@ def read_as_training_data(path, train, train_files):
     return glob.has_magic(train) and fnmatch.fnmatch(path, os.path.abspath(train))
 
 
+def output_problem(path):
+    """Why no file can be written at `path`, or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"its folder {folder} does not exist"
+    if os.path.isdir(path):
+        return "a folder, not a file"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} is not writable"
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", required=True, help="training data: a jsonl/json/parquet file, folder or glob")
@@ -324,6 +336,10 @@ def main(argv=None):
     unknown = sorted(set(roles or ()) - set(ROLES))
     if unknown:  # a misspelt role reads no text, and every row would pass as clean
         p.error(f"--roles: unknown {', '.join(map(repr, unknown))} (roles: {', '.join(ROLES)}, or all)")
+    for flag in ("out_clean", "report"):  # now, not once the scan is over (--report is written last)
+        path = getattr(args, flag)
+        if path and output_problem(path):
+            p.error(f"--{flag}={path}: {output_problem(path)}")
     specs = parse_eval_args(args.eval)
     if args.eval_field and all(task_family(name) for name in specs):  # it would be read by none of them
         p.error(f"--eval_field={args.eval_field}: every --eval set is named after a known task, which reads its own "

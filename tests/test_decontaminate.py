@@ -256,6 +256,23 @@ def test_an_eval_field_no_eval_set_would_read_is_refused_not_ignored(capsys):
             "(gsm8k: question; arc_easy: question,choices)") in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A --report in a missing folder failed with a traceback after the whole scan (minutes on real data)."""
+    monkeypatch.setattr(dc, "load_eval_set", lambda *a: pytest.fail("read the eval sets before checking the outputs"))
+    (tmp_path / "read_only").mkdir()
+    # (as root every folder is writable: os.access stands in for a folder this user may not write)
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("read_only"))
+    refusals = ((tmp_path / "no_such" / "out.json", f"its folder {tmp_path / 'no_such'} does not exist"),
+                (tmp_path, "a folder, not a file"),
+                (tmp_path / "read_only" / "out.json", f"its folder {tmp_path / 'read_only'} is not writable"))
+    for flag in ("out_clean", "report"):
+        for path, said in refusals:
+            with pytest.raises(SystemExit):
+                dc.main([f"--train={TRAIN}", "--eval", *EVAL_ARGS, "--eval_field=query", f"--{flag}={path}",
+                         "--no_progress"])
+            assert f"--{flag}={path}: {said}" in capsys.readouterr().err
+
+
 def test_eval_args_split_at_the_first_equals_and_refuse_a_set_given_twice():
     assert dc.parse_eval_args(["gsm8k=dir/a=b.jsonl"]) == {"gsm8k": "dir/a=b.jsonl"}
     with pytest.raises(dc.DecontaminationError, match="given twice"):
