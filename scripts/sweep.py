@@ -323,6 +323,23 @@ def main(argv=None):
     args.out = args.out or os.path.join(ROOT, "runs", f"sweep_{args.stage}")
     if args.stage == "dpo" and not args.model:
         ap.error("--stage=dpo needs --model (an SFT model folder, e.g. runs/sft_demo/final)")
+    if args.nproc_per_node < 1:  # else run as one process, under a setting that says otherwise
+        ap.error(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
+    if args.eval_limit < 0:  # a negative limit would leave the last rows out of the demo split's scores
+        ap.error(f"--eval_limit must be 0 (every example) or more, got {args.eval_limit}")
+    try:  # the preset and the data are read before the first point runs; checked now, not as a traceback then
+        with open(args.config) as f:
+            json.load(f)
+    except OSError as e:
+        ap.error(f"--config={args.config}: {e.strerror}")
+    except ValueError as e:
+        ap.error(f"--config={args.config}: not a JSON preset ({e})")
+    if args.data:
+        import data
+        try:
+            data.data_files(args.data)
+        except data.DataError as e:
+            ap.error(f"--data={e}")
     try:
         points = grid(args)
     except ValueError as e:

@@ -207,6 +207,25 @@ def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, 
     assert why in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, why", [
+    (["--config=PRESET_DIR/none.json"], "--config=PRESET_DIR/none.json: No such file or directory"),
+    (["--config=PRESET_DIR/not_json.json"], "--config=PRESET_DIR/not_json.json: not a JSON preset (Expecting"),
+    (["--config=configs/sft_smoltulu_1130.json", "--data=PRESET_DIR/none.jsonl", "--eval_data_dir=evals"],
+     "--data=PRESET_DIR/none.jsonl: no such file, folder or glob"),
+    (["--nproc_per_node=0"], "--nproc_per_node must be at least 1, got 0"),  # it ran one process
+    (["--eval_limit=-1"], "--eval_limit must be 0 (every example) or more, got -1")])  # it left the last row out
+def test_a_sweep_input_it_cannot_read_or_a_count_below_one_is_one_message_before_any_point(
+        flags, why, tmp_path, capsys, monkeypatch):
+    """A missing or non-JSON --config, or a missing --data, ended the first point in a traceback."""
+    never_trains(monkeypatch)
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "not_json.json").write_text("{lr: 1e-3}")
+    flags = [f.replace("PRESET_DIR", str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit):
+        sweep.main([f"--out={tmp_path / 'out'}", *flags])
+    assert why.replace("PRESET_DIR", str(tmp_path)) in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_sweep_contour_plots_with_a_full_grid(tmp_path):
     results = [{"point": sweep.point_name(lr, b), "lr": lr, "batch": b, "lr_bs_ratio": lr / b, "status": "ok",
                 "metrics": {"arith_acc": lr * 100 / b, "constraint_acc": b / 10}}
