@@ -65,7 +65,9 @@ def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    status = subprocess.run(cmd, env=env).returncode
+    if status != 0:  # the trainer said why above: one line on which stage stopped, not a CalledProcessError traceback
+        raise SystemExit(f"error: the {name} stage failed: {trainer} exited with status {status} (its output is above)")
     seconds = time.perf_counter() - t0
     with open(os.path.join(run_dir, "demo_time.json"), "w") as f:
         json.dump({"train_seconds": seconds, "settings": stage_settings(out, parent, seed, extra_args)}, f)

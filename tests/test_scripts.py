@@ -94,6 +94,16 @@ def test_pinned_cpu_kernels_keep_their_own_compile_cache_and_leave_a_users_choic
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("torchinductor_avx512")
 
 
+def test_a_failed_demo_stage_ends_with_one_line_naming_it_not_a_traceback(tmp_path):
+    """The trainer's error was followed by a CalledProcessError traceback."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), f"--out={tmp_path / 'demo'}",
+                          "--sft_args=--lr=abc", "--threads=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "error: command line: lr='abc' is not a valid float" in out.stderr  # the trainer's own message
+    assert out.stderr.splitlines()[-1] == ("error: the sft stage failed: train_sft.py exited with status 1 (its "
+                                           "output is above)")
+
+
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--redo=ppo"])
