@@ -181,6 +181,10 @@ def main(argv=None):
     unknown = [w for w in wanted + ([args.redo] if args.redo else []) if w not in names]
     if unknown:
         ap.error(f"unknown stage(s) {unknown}; stages are {names}")
+    if args.eval_limit < 0:  # a negative limit would leave the last rows out of every stage's scores
+        ap.error(f"--eval_limit must be 0 (every example) or more, got {args.eval_limit}")
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     redo_from = names.index(args.redo) if args.redo else len(names)
     last = max(names.index(w) for w in wanted)
     os.makedirs(args.out, exist_ok=True)

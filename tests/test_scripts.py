@@ -104,6 +104,16 @@ def test_a_failed_demo_stage_ends_with_one_line_naming_it_not_a_traceback(tmp_pa
                                            "output is above)")
 
 
+@pytest.mark.parametrize("flag, why", [("--eval_limit=-1", "--eval_limit must be 0 (every example) or more, got -1"),
+                                       ("--threads=0", "--threads must be at least 1, got 0")])
+def test_demo_refuses_a_count_below_its_minimum_before_any_stage(flag, why, tmp_path, capsys, monkeypatch):
+    """--eval_limit=-1 scored every held-out split less its last row."""
+    monkeypatch.setattr(demo, "run_stage", lambda *a: pytest.fail("trained a stage before refusing " + flag))
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "demo"), flag])
+    assert why in capsys.readouterr().err
+
+
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--redo=ppo"])
