@@ -44,8 +44,9 @@ runs the instruct models: `lighteval ... --use_chat_template`):
   draw of 5 for each question as lighteval's random_sampling_from_train makes it (one Random(--seed), default
   lighteval's 42, shuffles the test rows' order and then draws for each row in that order; a --limit run keeps
   the full run's prompts). The pool is gsm8k/train; without that file, the first 5 test rows, which are then not
-  scored. The headline is lighteval's quasi_exact_match_gsm8k ('qem'): the number after the first "#### " in the
-  output, commas removed, must equal the reference's as text ("#### 72.00" or an answer without "####" scores 0);
+  scored (fewer than 6 test rows is an error); every pool row is checked as a scored row is. The headline is
+  lighteval's quasi_exact_match_gsm8k ('qem'): the number after the first "#### " in the output, commas removed,
+  must equal the reference's as text ("#### 72.00" or an answer without "####" scores 0);
   'last_number_acc' (verifiers.gsm8k: the last number, by value) is printed next to it, and the gap between the
   two counts answers the format check fails.
 - IFEval, 0-shot: the prompt as a user turn in the chat template (with either --use_chat_template), greedy until
