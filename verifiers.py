@@ -1019,20 +1019,29 @@ LANGDETECT_CODES = set("af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi
 # What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
 # keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
 # A row no response could satisfy (a negative count, no options, _RLVR_SATISFIABLE below) is named at load too, not
-# trained on as a prompt that always scores 0; so is one that every response meets (no keywords to include or to
-# avoid, an empty end phrase or marker), which would reward whatever the policy writes.
+# trained on as a prompt that always scores 0; so is one that every response meets (_RLVR_ALWAYS_MET), which would
+# reward whatever the policy writes.
 _RLVR_ARG_CHECKS = {"N": (lambda v: _is_count(v) and v >= 0, "a whole number >= 0"),
                     "i": (lambda v: _is_count(v) and v >= 1, "a whole number >= 1"),
-                    **{k: (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings")
-                       for k in ("keyword_list", "forbidden_words", "options")},
+                    "keyword_list": (_is_str_list, "a list of strings"),
+                    "forbidden_words": (_is_str_list, "a list of strings"),
+                    "options": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings"),
                     "language": (lambda v: isinstance(v, str) and v in LANGDETECT_CODES,
                                  "a language code langdetect returns"),
-                    **{k: (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+                    **{k: (lambda v: isinstance(v, str), "a string")
                        for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
-                                 "end_phrase")},
-                    **{k: (lambda v: isinstance(v, str), "a string") for k in ("original_prompt", "quantifier")}}
+                                 "original_prompt", "end_phrase", "quantifier")}}
 _RLVR_SATISFIABLE = {"validate_paragraphs": (lambda a: a.get("i", 1) <= a.get("N", 1), "i must not exceed N"),
                      "verify_paragraph_count": (lambda a: a.get("N", 1) >= 1, "N must be at least 1")}
+_AT_LEAST_NONE = (lambda a: a.get("N") == 0, "at least 0")
+_RLVR_ALWAYS_MET = {"verify_keywords": (lambda a: a.get("keyword_list") == [], "no keyword to include"),
+                    "validate_forbidden_words": (lambda a: a.get("forbidden_words") == [], "no word to avoid"),
+                    "validate_end": (lambda a: a.get("end_phrase") == "", "an empty end phrase"),
+                    "validate_repeat_prompt": (lambda a: a.get("original_prompt") == "", "an empty prompt to repeat"),
+                    "validate_placeholders": _AT_LEAST_NONE, "validate_highlighted_sections": _AT_LEAST_NONE,
+                    "validate_sections": _AT_LEAST_NONE,
+                    **{name: (lambda a: a.get("N") == 0 and a.get("quantifier") == "at least", "at least 0")
+                       for name in ("validate_word_constraint", "validate_frequency_capital_words")}}
 
 
 def _check_constraint(response, constraint):
@@ -1048,6 +1057,9 @@ def _check_constraint(response, constraint):
     ok, what = _RLVR_SATISFIABLE.get(name, (lambda a: True, ""))
     if not ok(args):
         raise ValueError(f"ifeval ground truth for {name}: {what} (no response could meet {args})")
+    always, what = _RLVR_ALWAYS_MET.get(name, (lambda a: False, ""))
+    if always(args):
+        raise ValueError(f"ifeval ground truth for {name}: {what} (every response would meet {args})")
     try:
         return bool(fn(response, **args))
     except (TypeError, AttributeError, ValueError) as e:  # missing, extra or mistyped arguments

@@ -550,13 +550,13 @@ def test_rlvr_list_and_partial_credit():
     ("ifeval", '{"func_name": "verify_letter_frequency", "letter": "ab", "N": 1}', "one character"),
     ("gsm8k", "n/a", "gsm8k"), ("squad", "1", "unknown dataset 'squad'"),
     ("ifeval", '{"func_name": "validate_word_constraint", "N": 5, "quantifier": "atleast"}', "quantifier 'atleast'"),
-    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": [1]}', "keyword_list must be a non-empty list of"),
+    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": [1]}', "keyword_list must be a list of strings"),
     # each of these would pass an empty response and then score every response of the run wrongly, or crash
     ("ifeval", '{"func_name": "verify_bullet_points", "N": "3"}', "verify_bullet_points: N must be a whole number"),
     ("ifeval", '{"func_name": "verify_paragraph_count", "N": 2.5}', "N must be a whole number >= 0, got 2.5"),
-    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": "zebra"}', "keyword_list must be a non-empty list of"),
+    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": "zebra"}', "keyword_list must be a list of"),
     ("ifeval", '{"func_name": "validate_choice", "options": "yes or no"}', "options must be a non-empty list of"),
-    ("ifeval", '{"func_name": "verify_keyword_frequency", "word": 7, "N": 1}', "word must be a non-empty string, got 7"),
+    ("ifeval", '{"func_name": "verify_keyword_frequency", "word": 7, "N": 1}', "word must be a string, got 7"),
     ("ifeval", '{"func_name": "validate_title", "N": 2}', "validate_title: bad arguments"),
     # and these no response could ever meet: every rollout of their prompt would score 0
     ("ifeval", '{"func_name": "validate_paragraphs", "N": 2, "i": 3, "first_word": "So"}', "i must not exceed N"),
@@ -565,10 +565,15 @@ def test_rlvr_list_and_partial_credit():
     ("ifeval", '{"func_name": "verify_keyword_frequency", "word": "a", "N": -1}', "N must be a whole number >= 0"),
     ("ifeval", '{"func_name": "validate_response_language", "language": "xx"}', "language must be a language code"),
     # and these every response would meet: the reward for whatever the policy writes
-    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": []}', "keyword_list must be a non-empty list"),
-    ("ifeval", '{"func_name": "validate_forbidden_words", "forbidden_words": []}', "forbidden_words must be a non-"),
-    ("ifeval", '{"func_name": "validate_end", "end_phrase": ""}', "end_phrase must be a non-empty string, got ''"),
-    ("ifeval", '{"func_name": "validate_sections", "N": 0, "section_splitter": ""}', "section_splitter must be a no"),
+    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": []}', "no keyword to include \\(every response"),
+    ("ifeval", '{"func_name": "validate_forbidden_words", "forbidden_words": []}', "no word to avoid"),
+    ("ifeval", '{"func_name": "validate_end", "end_phrase": ""}', "validate_end: an empty end phrase"),
+    ("ifeval", '{"func_name": "validate_repeat_prompt", "original_prompt": ""}', "an empty prompt to repeat"),
+    ("ifeval", '{"func_name": "validate_sections", "N": 0, "section_splitter": "Section"}', "sections: at least 0"),
+    ("ifeval", '{"func_name": "validate_placeholders", "N": 0}', "validate_placeholders: at least 0"),
+    ("ifeval", '{"func_name": "validate_highlighted_sections", "N": 0}', "validate_highlighted_sections: at least 0"),
+    ("ifeval", '{"func_name": "validate_word_constraint", "N": 0, "quantifier": "at least"}', "constraint: at least 0"),
+    ("ifeval", '{"func_name": "validate_frequency_capital_words", "N": 0, "quantifier": "at least"}', "at least 0"),
 ])
 def test_verify_rejects_malformed(dataset, gt, match):
     with pytest.raises(ValueError, match=match):
@@ -576,6 +581,16 @@ def test_verify_rejects_malformed(dataset, gt, match):
     if dataset == "ifeval":  # and on the empty response train_rlvr.py checks every row with at load
         with pytest.raises(ValueError, match=match):
             V.verify(dataset, "", gt)
+
+
+def test_rows_with_empty_arguments_that_some_responses_still_fail_are_kept():
+    """Only the rows every response meets are refused: an empty first word still asks for the paragraphs, an empty
+    splitter for numbered sections, and at most 0 capital words is failed by any capital."""
+    for gt, met, failed in [
+            ({"func_name": "validate_paragraphs", "N": 2, "i": 1, "first_word": ""}, "a\n\nb", "a"),
+            ({"func_name": "validate_sections", "N": 1, "section_splitter": ""}, "intro 1 part", "no number"),
+            ({"func_name": "validate_frequency_capital_words", "N": 0, "quantifier": "at most"}, "all low", "ONE")]:
+        assert V.verify("ifeval", met, gt) == 1.0 and V.verify("ifeval", failed, gt) == 0.0, gt
 
 
 def test_whole_number_arguments_may_be_written_as_floats():
