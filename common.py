@@ -708,13 +708,17 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
 def prune_checkpoints(run_dir, keep):
     """Delete all but the newest `keep` checkpoints (0: keep all). Each is renamed out of the listing first, so a
     kill halfway through never leaves a half-deleted folder that looks like a checkpoint; the next prune finishes
-    what a killed one started, and deletes what a killed save left (.tmp_step_* and .old_step_*, of a step that
-    the resumed run saves again or has passed: --checkpoint_every may change on resume)."""
+    what a killed one started. It also deletes what a killed save left (.tmp_step_N, .old_step_N) once the newest
+    checkpoint is past step N: a resumed run may never save step N again (--checkpoint_every may change), and until
+    it is past, a complete copy of step N may be among them (a kill between replace_dir's two renames)."""
     root = checkpoint_dir(run_dir)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    ckpts = list_checkpoints(run_dir)
+    newest = int(os.path.basename(ckpts[-1])[5:]) if ckpts else -1
+    for old in ckpts[:-keep] if keep > 0 else []:
         os.replace(old, os.path.join(root, f".deleting_{os.path.basename(old)}"))
     for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name.startswith((".deleting_", ".tmp_step_", ".old_step_")):
+        left = re.fullmatch(r"\.(tmp|old)_step_(\d+)", name)
+        if name.startswith(".deleting_") or (left and int(left[2]) <= newest):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -790,10 +794,14 @@ def load_checkpoint(path, model, optimizer=None):
             unwrap(model).load_state_dict(model_sd)
             if optim_sd is not None:
                 optimizer.load_state_dict(optim_sd)
-    except (RuntimeError, ValueError, KeyError) as e:  # other tensor names or shapes: --model changed in place
+    except (RuntimeError, ValueError) as e:
+        # other tensor names or shapes (torch's own messages), as when --model was replaced by another architecture
+        # since: said in a line; anything else (out of memory, a failed collective) keeps its traceback
         what = " ".join(str(e).split())
-        raise CheckpointError(f"{path}: its weights do not fit the model built from --model, which is not the one "
-                              f"this run started from ({what[:300]}{' ...' if len(what) > 300 else ''})") from e
+        if not what.startswith(("Error(s) in loading state_dict", "loaded state dict")):
+            raise
+        raise CheckpointError(f"{path}: does not fit the model built from --model, which is not the one this run "
+                              f"started from ({what[:300]}{' ...' if len(what) > 300 else ''})") from e
     state = _read_checkpoint_file(os.path.join(path, "state.pt"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     saved = state["rng"]  # one per rank that saved it

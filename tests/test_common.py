@@ -505,9 +505,18 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error_naming_it(tmp_path
     common.save_checkpoint(str(tmp_path), 1, model, opt)
     path = common.latest_checkpoint(str(tmp_path))
     wider = torch.nn.Linear(4, 8)
-    with pytest.raises(CheckpointError, match=re.escape(path) + ": its weights do not fit the model built from "
-                                              "--model"):
+    with pytest.raises(CheckpointError, match=re.escape(path) + r": does not fit the model built from --model, .*"
+                                              "Missing key"):
         common.load_checkpoint(path, wider, torch.optim.AdamW(wider.parameters()))
+    # parameters grouped otherwise (an optimizer state that does not fit), said the same way
+    grouped = Tiny()
+    opt = torch.optim.AdamW([{"params": [grouped.gain]}, {"params": grouped.lin.parameters()}])
+    with pytest.raises(CheckpointError, match=re.escape(path) + r": does not fit the model .*loaded state dict"):
+        common.load_checkpoint(path, grouped, opt)
+    # a failure that is not a mismatch (out of memory, a collective) is not dressed as one
+    opt.load_state_dict = lambda state: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        common.load_checkpoint(path, Tiny(), opt)
 
 
 @pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "state.pt"])
@@ -641,17 +650,20 @@ def test_a_kill_while_old_checkpoints_are_deleted_is_finished_by_the_resume(tmp_
     assert sorted(os.listdir(root)) == ["step_0000003", "step_0000004"]
 
 
-def test_the_next_save_deletes_what_a_killed_save_left(tmp_path):
-    """A save killed before its renames leaves a full-size .tmp_step_*; resumed with another --checkpoint_every, the
-    run never saves that step again, so the prune deletes it (and a .old_step_* from a kill between the renames)."""
+def test_a_save_past_a_killed_saves_step_deletes_what_it_left(tmp_path):
+    """A save killed before its renames leaves a full-size .tmp_step_N; resumed with another --checkpoint_every, the
+    run may never save step N again, so the first save past N deletes it (and a .old_step_N from a kill between the
+    renames, until then perhaps the one complete copy of step N)."""
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())
     common.save_checkpoint(str(tmp_path), 10, model, opt)
     root = common.checkpoint_dir(str(tmp_path))
-    shutil.copytree(os.path.join(root, "step_0000010"), os.path.join(root, ".tmp_step_0000015"))
-    shutil.copytree(os.path.join(root, "step_0000010"), os.path.join(root, ".old_step_0000010"))
+    for left in (".tmp_step_0000015", ".old_step_0000015"):
+        shutil.copytree(os.path.join(root, "step_0000010"), os.path.join(root, left))
     common.save_checkpoint(str(tmp_path), 14, model, opt, keep=1)
-    assert os.listdir(root) == ["step_0000014"]
+    assert sorted(os.listdir(root)) == [".old_step_0000015", ".tmp_step_0000015", "step_0000014"]
+    common.save_checkpoint(str(tmp_path), 18, model, opt, keep=1)
+    assert os.listdir(root) == ["step_0000018"]
 
 
 def test_interrupted_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
