@@ -96,7 +96,9 @@ def build_model(cfg, tok, d):
         data.check_vocab(tok, model.config.vocab_size, cfg.tokenizer or cfg.model)
     else:
         torch.manual_seed(cfg.seed)
-        model = Transformer(ModelConfig.from_preset("demo", vocab_size=tok.vocab_size))
+        # the saved config.json and generation_config.json name these: a new model's are its tokenizer's
+        model = Transformer(ModelConfig.from_preset("demo", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                    eos_token_id=tok.eos_id))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model.to(d.device)
 

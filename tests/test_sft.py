@@ -88,6 +88,20 @@ def test_a_model_without_data_or_data_without_a_model_is_an_error_not_the_demo(s
         train_sft.main(args(setup, "demo", data="", model=""))
 
 
+def test_a_model_trained_from_scratch_on_data_takes_its_tokenizers_special_ids(setup, tmp_path):
+    """Without --model the demo architecture is built; its bos/eos ids are the tokenizer's, not the preset's 0,
+    which generation would otherwise stop at (eval, RLVR and transformers read generation_config.json)."""
+    from transformers import AutoConfig, GenerationConfig
+    data.Tokenizer.from_pretrained(str(setup / "base"), eos_token="<|im_end|>").save_pretrained(str(tmp_path / "tok"))
+    train_sft.main(args(setup, "scratch", model="", tokenizer=tmp_path / "tok", max_steps=1))
+    final = str(setup / "scratch" / "final")
+    im_end = data.Tokenizer.from_pretrained(final).token_to_id("<|im_end|>")
+    assert im_end != 0
+    assert GenerationConfig.from_pretrained(final).eos_token_id == AutoConfig.from_pretrained(final).eos_token_id \
+        == im_end
+    assert data.stop_token_ids(data.Tokenizer.from_pretrained(final), "tulu") == [im_end]
+
+
 def test_a_model_trained_on_the_demo_trains_further_on_it(demo_sft_model, tmp_path):
     """What the refusal to resume a finished run suggests (a new run from its final/), for the demo too: a model
     whose tokenizer is the demo's continues on the demo data, from its weights and, with --template=, in its own
