@@ -194,7 +194,7 @@ class Tokenizer:
         try:
             return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
                        chat_template=_saved_chat_template(folder, tok_config), settings=settings,
-                       # without a generation_config.json transformers generates with config.json's eos ids
+                       # where generation_config.json names none, transformers generates with config.json's
                        generation_eos_ids=generation_ids("eos_token") if "eos_token_id" in gen_config else
                        generation_ids("eos_token", _read_json(os.path.join(folder, "config.json")), "config.json"))
         except DataError:
@@ -394,14 +394,17 @@ def _render_text(messages, template, eos_token, add_generation_prompt):
     return "".join(text for text, _ in _render_parts(messages, template, eos_token, add_generation_prompt, 0))
 
 
-def stop_token_ids(tok, template):
+def stop_token_ids(tok, template, generation_config=True):
     """Token ids that end an assistant turn under `template` (for generation): eos, and for ChatML <|im_end|> first
-    (its eos once trained in ChatML: see Tokenizer.use_chat_template) and <|endoftext|>, the eos before that; then
-    the other eos ids the snapshot's generation_config.json lists, where transformers stops too."""
+    (its eos once trained in ChatML: see Tokenizer.use_chat_template) and <|endoftext|>, the eos before that; then,
+    unless generation_config=False, the other eos ids the snapshot's generation_config.json lists, where
+    transformers' generate and vLLM stop too (lighteval, which eval.py follows, passes generate the tokenizer's eos,
+    which replaces that list)."""
     im_end = tok.token_to_id("<|im_end|>")
     ends = [im_end, tok.eos_id, tok.token_to_id("<|endoftext|>")] if template == "chatml" and im_end is not None \
         else [tok.eos_id]
-    return list(dict.fromkeys(i for i in (*ends, *tok.generation_eos_ids) if i is not None))
+    extra = tok.generation_eos_ids if generation_config else []
+    return list(dict.fromkeys(i for i in (*ends, *extra) if i is not None))
 
 
 def check_vocab(tok, vocab_size, where):

@@ -320,9 +320,10 @@ def score_zero_shot(ctx, docs, desc):
 def generation_stops(ctx, stop_strings):
     """(stop strings, stop token ids) for a generative task. lighteval passes a task's stop sequences only without
     the chat template; with it, generation ends at the end of the assistant turn (its models' greedy_until:
-    "for chat models, generation stops with EOS token")."""
+    "for chat models, generation stops with EOS token"), and not at generation_config.json's other eos ids, which
+    the tokenizer's eos it passes to generate replaces."""
     if ctx.use_chat_template:
-        return (), stop_token_ids(ctx.tok, ctx.template)
+        return (), stop_token_ids(ctx.tok, ctx.template, generation_config=False)
     return stop_strings, [ctx.tok.eos_id]
 
 
@@ -505,7 +506,8 @@ def task_ifeval(ctx):
         messages = [{"role": "user", "content": row["prompt"]}]
         prompts.append(render_chat(ctx.tok, messages, template=ctx.template, add_generation_prompt=True)[0])
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 1280,
-                             stop_ids=stop_token_ids(ctx.tok, ctx.template), batch_size=ctx.batch_size,
+                             stop_ids=stop_token_ids(ctx.tok, ctx.template, generation_config=False),
+                             batch_size=ctx.batch_size,
                              desc="ifeval")
     return score_ifeval([row for _, row in rows], outputs)
 
@@ -661,7 +663,8 @@ def run_demo_eval(model, tok, data, template="tulu", limit=None, batch_size=16, 
     summary, examples = {}, {}
     for name, rows in groups.items():
         prompts = [render_chat(tok, r["messages"], template=template, add_generation_prompt=True)[0] for r in rows]
-        outputs = generate_until(model, tok, prompts, max_new_tokens, stop_ids=stop_token_ids(tok, template),
+        outputs = generate_until(model, tok, prompts, max_new_tokens,
+                                 stop_ids=stop_token_ids(tok, template, generation_config=False),
                                  batch_size=batch_size, desc=name)
         scores = [verifiers.verify(r["dataset"], out, r["ground_truth"]) for r, out in zip(rows, outputs)]
         summary[f"{name}_acc"] = sum(scores) / max(len(scores), 1)

@@ -510,6 +510,22 @@ def test_an_out_that_cannot_be_written_is_refused_before_evaluating(model_dir, t
             ev.main([f"--model={model_dir}", "--tasks=gsm8k", f"--data_dir={FIXTURES}", "--limit=1", f"--out={out}"])
 
 
+def test_chat_generation_stops_where_lightevals_does_not_at_generation_configs_other_eos_ids(model_dir, tmp_path):
+    """lighteval hands generate the tokenizer's eos, which replaces generation_config.json's list (RLVR, like vLLM,
+    stops at that list too: data.stop_token_ids)."""
+    from types import SimpleNamespace
+
+    import data
+    shutil.copytree(model_dir, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5]}))
+    tok = Tokenizer.from_pretrained(str(tmp_path / "m"))
+    assert data.stop_token_ids(tok, "tulu") == [0, 5]
+    for template in ("tulu", "chatml"):
+        ctx = SimpleNamespace(use_chat_template=True, tok=tok, template=template)
+        assert ev.generation_stops(ctx, ["\n\n"]) == ((), data.stop_token_ids(tok, template, generation_config=False))
+        assert 5 not in ev.generation_stops(ctx, ["\n\n"])[1]
+
+
 def test_generate_until_cuts_at_stop_string_and_stops_generating(loaded, monkeypatch):
     model, tok = loaded
     target = tok.encode(" 70 pages.\n\nQuestion: next question that must not be generated at all")
