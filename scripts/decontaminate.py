@@ -338,8 +338,9 @@ def main(argv=None):
         p.error(f"--roles: unknown {', '.join(map(repr, unknown))} (roles: {', '.join(ROLES)}, or all)")
     for flag in ("out_clean", "report"):  # now, not once the scan is over (--report is written last)
         path = getattr(args, flag)
-        if path and output_problem(path):
-            p.error(f"--{flag}={path}: {output_problem(path)}")
+        problem = output_problem(path) if path else None
+        if problem:
+            p.error(f"--{flag}={path}: {problem}")
     specs = parse_eval_args(args.eval)
     if args.eval_field and all(task_family(name) for name in specs):  # it would be read by none of them
         p.error(f"--eval_field={args.eval_field}: every --eval set is named after a known task, which reads its own "

@@ -67,7 +67,8 @@ def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     t0 = time.perf_counter()
     status = subprocess.run(cmd, env=env).returncode
     if status != 0:  # the trainer said why above: one line on which stage stopped, not a CalledProcessError traceback
-        raise SystemExit(f"error: the {name} stage failed: {trainer} exited with status {status} (its output is above)")
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        raise SystemExit(f"error: the {name} stage failed: {trainer} {how} (its output is above)")
     seconds = time.perf_counter() - t0
     with open(os.path.join(run_dir, "demo_time.json"), "w") as f:
         json.dump({"train_seconds": seconds, "settings": stage_settings(out, parent, seed, extra_args)}, f)

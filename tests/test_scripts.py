@@ -104,6 +104,12 @@ def test_a_failed_demo_stage_ends_with_one_line_naming_it_not_a_traceback(tmp_pa
                                            "output is above)")
 
 
+def test_a_demo_stage_killed_by_a_signal_is_said_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9))
+    with pytest.raises(SystemExit, match=r"^error: the sft stage failed: train_sft.py was killed by signal 9 "):
+        demo.run_stage("sft", "train_sft.py", None, str(tmp_path), 0, 1, "")
+
+
 @pytest.mark.parametrize("flag, why", [("--eval_limit=-1", "--eval_limit must be 0 (every example) or more, got -1"),
                                        ("--threads=0", "--threads must be at least 1, got 0")])
 def test_demo_refuses_a_count_below_its_minimum_before_any_stage(flag, why, tmp_path, capsys, monkeypatch):
