@@ -467,7 +467,8 @@ def task_gsm8k(ctx):
         print(f"gsm8k: no gsm8k/train file under {ctx.data_dir}, so the few-shot examples are the first 5 test rows, "
               f"which are not scored")
     for where, row in pool:  # an example is shown to the model as its answer to copy: checked as a scored row is
-        field(row, "question", where), gsm8k_reference(field(row, "answer", where), where)
+        field(row, "question", where)
+        gsm8k_reference(field(row, "answer", where), where)
     shots = gsm8k_few_shots(test, pool, ctx.seed)
     if ctx.limit is not None:
         test, shots = test[:ctx.limit], shots[:ctx.limit]
