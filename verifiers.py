@@ -1031,10 +1031,25 @@ _RLVR_ARG_CHECKS = {"N": (lambda v: _is_count(v) and v >= 0, "a whole number >= 
                     **{k: (lambda v: isinstance(v, str), "a string")
                        for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
                                  "original_prompt", "end_phrase", "quantifier")}}
+def _one_word(word):  # what verify_keyword_frequency can count: a single \b\w+\b token
+    return isinstance(word, str) and re.fullmatch(r"\w+", word.lower()) is not None
+
+
 _RLVR_SATISFIABLE = {"validate_paragraphs": (lambda a: a.get("i", 1) <= a.get("N", 1), "i must not exceed N"),
-                     "verify_paragraph_count": (lambda a: a.get("N", 1) >= 1, "N must be at least 1")}
+                     "verify_paragraph_count": (lambda a: a.get("N", 1) >= 1, "N must be at least 1"),
+                     "validate_forbidden_words": (lambda a: "" not in a.get("forbidden_words", []),
+                                                  "an empty forbidden word is in every response"),
+                     "verify_keyword_frequency": (lambda a: a.get("N") == 0 or _one_word(a.get("word")),
+                                                  "the word must be a single word to be counted")}
 _AT_LEAST_NONE = (lambda a: a.get("N") == 0, "at least 0")
-_RLVR_ALWAYS_MET = {"verify_keywords": (lambda a: a.get("keyword_list") == [], "no keyword to include"),
+_RLVR_ALWAYS_MET = {"verify_keywords": (lambda a: "keyword_list" in a and all(k == "" for k in a["keyword_list"]),
+                                        "no keyword to include"),
+                    "validate_choice": (lambda a: "" in a.get("options", []), "an empty option is in every response"),
+                    "verify_keyword_frequency": (lambda a: a.get("N") == 0 and not _one_word(a.get("word")),
+                                                 "0 times a word that is never counted"),
+                    "verify_sentence_constraint": (lambda a: a.get("quantifier") == "at least" and
+                                                   _is_count(a.get("N")) and a["N"] <= 1,
+                                                   "at least one sentence, which every text is"),
                     "validate_forbidden_words": (lambda a: a.get("forbidden_words") == [], "no word to avoid"),
                     "validate_end": (lambda a: a.get("end_phrase") == "", "an empty end phrase"),
                     "validate_repeat_prompt": (lambda a: a.get("original_prompt") == "", "an empty prompt to repeat"),

@@ -574,6 +574,12 @@ def test_rlvr_list_and_partial_credit():
     ("ifeval", '{"func_name": "validate_highlighted_sections", "N": 0}', "validate_highlighted_sections: at least 0"),
     ("ifeval", '{"func_name": "validate_word_constraint", "N": 0, "quantifier": "at least"}', "constraint: at least 0"),
     ("ifeval", '{"func_name": "validate_frequency_capital_words", "N": 0, "quantifier": "at least"}', "at least 0"),
+    ("ifeval", '{"func_name": "verify_keywords", "keyword_list": ["", ""]}', "no keyword to include"),
+    ("ifeval", '{"func_name": "validate_choice", "options": ["yes", ""]}', "an empty option is in every response"),
+    ("ifeval", '{"func_name": "verify_keyword_frequency", "word": "e-mail", "N": 0}', "a word that is never counted"),
+    ("ifeval", '{"func_name": "verify_sentence_constraint", "N": 1, "quantifier": "at least"}', "at least one sentence"),
+    ("ifeval", '{"func_name": "validate_forbidden_words", "forbidden_words": ["x", ""]}', "an empty forbidden word"),
+    ("ifeval", '{"func_name": "verify_keyword_frequency", "word": "two words", "N": 2}', "must be a single word"),
 ])
 def test_verify_rejects_malformed(dataset, gt, match):
     with pytest.raises(ValueError, match=match):
@@ -589,7 +595,9 @@ def test_rows_with_empty_arguments_that_some_responses_still_fail_are_kept():
     for gt, met, failed in [
             ({"func_name": "validate_paragraphs", "N": 2, "i": 1, "first_word": ""}, "a\n\nb", "a"),
             ({"func_name": "validate_sections", "N": 1, "section_splitter": ""}, "intro 1 part", "no number"),
-            ({"func_name": "validate_frequency_capital_words", "N": 0, "quantifier": "at most"}, "all low", "ONE")]:
+            ({"func_name": "validate_frequency_capital_words", "N": 0, "quantifier": "at most"}, "all low", "ONE"),
+            ({"func_name": "verify_sentence_constraint", "N": 2, "quantifier": "at least"}, "One. Two.", "One."),
+            ({"func_name": "verify_keyword_frequency", "word": "Cat", "N": 0}, "a dog", "a cat")]:
         assert V.verify("ifeval", met, gt) == 1.0 and V.verify("ifeval", failed, gt) == 0.0, gt
 
 
