@@ -709,8 +709,8 @@ def prune_checkpoints(run_dir, keep):
     """Delete all but the newest `keep` checkpoints (0: keep all). Each is renamed out of the listing first, so a
     kill halfway through never leaves a half-deleted folder that looks like a checkpoint; the next prune finishes
     what a killed one started. It also deletes what a killed save left (.tmp_step_N, .old_step_N) once the newest
-    checkpoint is past step N: a resumed run may never save step N again (--checkpoint_every may change), and until
-    it is past, a complete copy of step N may be among them (a kill between replace_dir's two renames)."""
+    checkpoint is step N or later: a resumed run may never save step N again (--checkpoint_every may change), and
+    until then a complete copy of step N may be among them (a kill between replace_dir's two renames)."""
     root = checkpoint_dir(run_dir)
     ckpts = list_checkpoints(run_dir)
     newest = int(os.path.basename(ckpts[-1])[5:]) if ckpts else -1
@@ -795,10 +795,12 @@ def load_checkpoint(path, model, optimizer=None):
             if optim_sd is not None:
                 optimizer.load_state_dict(optim_sd)
     except (RuntimeError, ValueError) as e:
-        # other tensor names or shapes (torch's own messages), as when --model was replaced by another architecture
+        # other tensor names or shapes (torch's own messages; FSDP2 fills a parameter missing from the checkpoint
+        # with the model's and stops at its optimizer state), as when --model was replaced by another architecture
         # since: said in a line; anything else (out of memory, a failed collective) keeps its traceback
         what = " ".join(str(e).split())
-        if not what.startswith(("Error(s) in loading state_dict", "loaded state dict")):
+        if not what.startswith(("Error(s) in loading state_dict", "loaded state dict", "Missing optimizer state for "
+                                "parameter", "Missing key")):
             raise
         raise CheckpointError(f"{path}: does not fit the model built from --model, which is not the one this run "
                               f"started from ({what[:300]}{' ...' if len(what) > 300 else ''})") from e
