@@ -703,10 +703,10 @@ def run_config_of(model_path):
     return (config, path) if isinstance(config, dict) else ({}, None)
 
 
-def demo_seed_of(model_path):
-    """-> (the demo_seed a model was trained on, the run config.json that records it), so that its held-out split is
-    the one held out; (0, None), the trainers' default, when there is none."""
-    config, path = run_config_of(model_path)
+def demo_seed_of(config, path):
+    """(config, path) as run_config_of gives them -> (the demo_seed the model was trained on, the run config.json that
+    records it), so that its held-out split is the one held out; (0, None), the trainers' default, when there is
+    none."""
     seed = config.get("demo_seed")
     return (seed, path) if isinstance(seed, int) else (0, None)
 
@@ -800,7 +800,7 @@ def main(argv=None):
     if demo:
         seed = args.demo_seed
         if seed is None:
-            seed, run_config = demo_seed_of(args.model)
+            seed, run_config = demo_seed_of(trained_on, run_config)
             if run_config:
                 print(f"demo split of demo_seed={seed}, as {run_config} records (--demo_seed chooses)")
             else:  # a model copied out of its run folder may have been trained on another seed's held-out rows
