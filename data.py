@@ -783,10 +783,13 @@ def load_preference_rows(spec, skip_bad=False):
     """Preference rows, normalised to {'prompt': messages, 'chosen': [assistant msg], 'rejected': [...]}.
     Accepts Tulu's full chosen/rejected lists (sharing the prompt) and the prompt + chosen + rejected form."""
     rows = _load(spec, _normalize_preference, "preference", skip_bad)
-    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    same = [i for i, r in enumerate(rows) if r["chosen"] == r["rejected"]]
     if same:  # kept (they are valid rows), but said: they teach nothing and count as misranked
-        log.warning(f"{spec if isinstance(spec, str) else 'preference rows'}: {same} of {len(rows)} pairs have the "
-                    "same chosen and rejected answer (no gradient; counted as wrong in preference accuracy)")
+        first = rows[same[0]]
+        which = f"id {first['id']!r}" if first.get("id") is not None else f"row {same[0] + 1} in reading order"
+        log.warning(f"{spec if isinstance(spec, str) else 'preference rows'}: {len(same)} of {len(rows)} pairs have "
+                    f"the same chosen and rejected answer (no gradient; counted as wrong in preference accuracy); "
+                    f"first: {which}")
     return rows
 
 

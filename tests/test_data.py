@@ -915,11 +915,16 @@ def test_truncation_to_max_seq_len_drops_rows_left_with_nothing_to_train(demo, d
         assert np.array_equal(ci, ki) and np.array_equal(cm, km)
 
 
-def test_pairs_with_the_same_chosen_and_rejected_answer_are_kept_and_counted(caplog):
+def test_pairs_with_the_same_chosen_and_rejected_answer_are_kept_counted_and_the_first_named(caplog):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "a"}]
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         assert len(data.load_preference_rows(rows)) == 2
     assert "preference rows: 1 of 2 pairs have the same chosen and rejected answer" in caplog.text
+    assert "first: row 2 in reading order" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+        data.load_preference_rows([dict(row, id=f"pair-{i}") for i, row in enumerate(rows + rows)])
+    assert "2 of 4 pairs" in caplog.text and "first: id 'pair-1'" in caplog.text
 
 
 def test_tokenize_preference_trains_only_final_response_and_truncates(demo_tok, caplog):
