@@ -730,12 +730,25 @@ def load_sft_rows(spec, skip_bad=False):
 def _as_messages(value, role, where, name):
     # The prompt/chosen/rejected form may give plain strings instead of message lists
     if isinstance(value, str):
+        if _is_json_messages(value):  # an export that stored the message lists as JSON text
+            raise DataError(where, f"'{name}' is a string holding a JSON list of messages: store the list itself "
+                                   "(decode the column with json.loads)")
         return [{"role": role, "content": value}]
     if value is None:
         raise DataError(where, f"'{name}' is null")
     if not isinstance(value, list):
         raise DataError(where, f"'{name}' must be a string or a list of messages, got {type(value).__name__}")
     return value
+
+
+def _is_json_messages(text):
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _normalize_preference(row, where):

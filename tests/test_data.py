@@ -489,6 +489,22 @@ def test_preference_rows_both_forms_and_errors():
         assert str(e.value).startswith("rows[1]") and "skip_bad_rows=true skips such rows" in str(e.value)
 
 
+def test_preference_columns_stored_as_json_text_are_refused_not_trained_as_text(tmp_path):
+    # an export with the message lists as JSON strings: read as plain responses, the JSON itself would be trained
+    user = {"role": "user", "content": "Q?"}
+    good, bad = ({"role": "assistant", "content": c} for c in ("good", "bad"))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q?", "chosen": json.dumps([user, good]),
+                                "rejected": json.dumps([user, bad])}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: 'chosen' is a string holding a JSON list of messages"):
+        data.load_preference_rows(str(path))
+    with pytest.raises(DataError, match=r"'prompt' is a string holding a JSON list of messages"):
+        data.load_preference_rows([{"prompt": json.dumps([user]), "chosen": "good", "rejected": "bad"}])
+    # text that only looks like JSON is a response
+    rows = data.load_preference_rows([{"prompt": "Q?", "chosen": "[1, 2] and [3]", "rejected": "[]"}])
+    assert rows[0]["chosen"][0]["content"] == "[1, 2] and [3]" and rows[0]["rejected"][0]["content"] == "[]"
+
+
 def test_an_empty_response_is_a_preference_pair_whose_end_of_turn_is_trained(demo_tok):
     """open-instruct keeps such pairs (a model's empty answer is a real rejected response): so do we, and the eos
     that ends the empty turn is its one trained token."""
