@@ -1052,6 +1052,8 @@ _RLVR_ALWAYS_MET = {"verify_keywords": (lambda a: "keyword_list" in a and all(k 
                                                    "at least one sentence, which every text is"),
                     "validate_forbidden_words": (lambda a: a.get("forbidden_words") == [], "no word to avoid"),
                     "validate_end": (lambda a: a.get("end_phrase") == "", "an empty end phrase"),
+                    "verify_postscript": (lambda a: a.get("postscript_marker") == "",
+                                          "an empty postscript marker, found at the start of any text"),
                     "validate_repeat_prompt": (lambda a: a.get("original_prompt") == "", "an empty prompt to repeat"),
                     "validate_placeholders": _AT_LEAST_NONE, "validate_highlighted_sections": _AT_LEAST_NONE,
                     "validate_sections": _AT_LEAST_NONE,

@@ -568,6 +568,7 @@ def test_rlvr_list_and_partial_credit():
     ("ifeval", '{"func_name": "verify_keywords", "keyword_list": []}', "no keyword to include \\(every response"),
     ("ifeval", '{"func_name": "validate_forbidden_words", "forbidden_words": []}', "no word to avoid"),
     ("ifeval", '{"func_name": "validate_end", "end_phrase": ""}', "validate_end: an empty end phrase"),
+    ("ifeval", '{"func_name": "verify_postscript", "postscript_marker": ""}', "verify_postscript: an empty postscript"),
     ("ifeval", '{"func_name": "validate_repeat_prompt", "original_prompt": ""}', "an empty prompt to repeat"),
     ("ifeval", '{"func_name": "validate_sections", "N": 0, "section_splitter": "Section"}', "sections: at least 0"),
     ("ifeval", '{"func_name": "validate_placeholders", "N": 0}', "validate_placeholders: at least 0"),
