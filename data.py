@@ -809,7 +809,7 @@ def load_preference_rows(spec, skip_bad=False):
 def _normalize_rlvr(row, where, check_ground_truth=None):
     for key in ("messages", "ground_truth", "dataset"):
         if row.get(key) is None:
-            raise DataError(where, f"missing '{key}'")
+            raise DataError(where, f"'{key}' is null" if key in row else f"missing '{key}'")
     messages = row["messages"]
     validate_messages(messages, where)
     if len(messages) > 1 and messages[-1]["role"] == "assistant":

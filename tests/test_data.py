@@ -545,6 +545,8 @@ def test_rlvr_rows_drop_reference_answer_and_validate():
     assert rows[2]["ground_truth"] == "12"  # a numeric ground truth becomes its string
     for row, why in [({"messages": [{"role": "user", "content": "q"}], "dataset": "gsm8k"}, "missing 'ground_truth'"),
                      ({"messages": [{"role": "user", "content": "q"}], "ground_truth": "1"}, "missing 'dataset'"),
+                     ({"messages": [{"role": "user", "content": "q"}], "ground_truth": None, "dataset": "gsm8k"},
+                      "'ground_truth' is null"),
                      ({"messages": [{"role": "user", "content": "q"}], "ground_truth": " ", "dataset": "gsm8k"},
                       "ground_truth must be a non-empty string"),
                      ({"messages": [{"role": "user", "content": "q"}], "ground_truth": ["5"], "dataset": "MATH"},
