@@ -73,6 +73,7 @@ def _strings(value):
 def _message_texts(messages, where, key, roles, string_role):
     """Contents of the messages whose role is in `roles` (None: every message)."""
     if isinstance(messages, str):  # some preference sets store `chosen` / `prompt` as plain text
+        _check_text(messages, where, f"'{key}'")
         return [messages] if roles is None or string_role in roles else []
     if not isinstance(messages, (list, tuple)):
         raise DecontaminationError(f"{where}: '{key}' must be a list of messages, got {type(messages).__name__}")
@@ -80,9 +81,20 @@ def _message_texts(messages, where, key, roles, string_role):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise DecontaminationError(f"{where}: '{key}'[{i}] must be a message with a string 'content', got {m!r:.80}")
-        if roles is None or m.get("role") in roles:
+        if m.get("role") not in ROLES:  # a turn of no known role would go unread, and its row be called clean
+            raise DecontaminationError(f"{where}: '{key}'[{i}] has role {m.get('role')!r}, not one of "
+                                       f"{', '.join(ROLES)}")
+        _check_text(m["content"], where, f"'{key}'[{i}]")
+        if roles is None or m["role"] in roles:
             texts.append(m["content"])
     return texts
+
+
+def _check_text(text, where, what):
+    try:  # a lone surrogate (JSON's \ud800) is no text: the trainers refuse its row, and the clean copy cannot hold it
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DecontaminationError(f"{where}: {what} has an unpaired surrogate at character {e.start}") from None
 
 
 def train_texts(row, where, roles=("user",)):
@@ -93,7 +105,8 @@ def train_texts(row, where, roles=("user",)):
     if "messages" in row:
         return _message_texts(row["messages"], where, "messages", roles, "user")
     if "chosen" in row and "rejected" in row:
-        texts = _message_texts(row["prompt"], where, "prompt", roles, "user") if "prompt" in row else []
+        # a null prompt is no prompt, as in the trainers' loader (Tulu's rows hold it in chosen and rejected)
+        texts = _message_texts(row["prompt"], where, "prompt", roles, "user") if row.get("prompt") is not None else []
         return texts + [t for key in ("chosen", "rejected")
                         for t in _message_texts(row[key], where, key, roles, "assistant")]
     raise DecontaminationError(f"{where}: row has neither 'messages' nor 'chosen'/'rejected' (keys: {sorted(row)})")

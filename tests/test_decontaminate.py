@@ -1,5 +1,6 @@
 """scripts/decontaminate.py: exact contamination counts on fixtures with planted overlaps, and the hashed n-gram
 matching against a plain set-of-tuples implementation."""
+import io
 import json
 import os
 import random
@@ -90,6 +91,26 @@ def test_an_unknown_role_is_refused_not_read_as_no_text(roles, tmp_path, capsys)
     with pytest.raises(SystemExit):
         run_cli(tmp_path, n=8, roles=roles)
     assert "--roles: unknown" in capsys.readouterr().err and not (tmp_path / "clean.jsonl").exists()
+
+
+@pytest.mark.parametrize("message", [{"role": "User", "content": "q"}, {"role": "human", "content": "q"},
+                                     {"content": "q"}])
+def test_a_training_turn_of_no_known_role_is_refused_not_skipped(message):
+    """Such a turn would go unread whatever --roles says, and a row copying a benchmark question be called clean."""
+    with pytest.raises(dc.DecontaminationError, match=r"row: 'messages'\[1\] has role .*not one of system, user"):
+        dc.train_texts({"messages": [{"role": "system", "content": "s"}, message]}, "row")
+
+
+def test_a_lone_surrogate_in_a_training_row_is_refused_naming_it(tmp_path):
+    """The clean copy could not be written with it (and the trainers refuse the row)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"messages": [{"role": "user", "content": "a \\ud800 b"}]}\n')
+    for out_clean in (None, io.StringIO()):
+        with pytest.raises(dc.DecontaminationError, match=r"train\.jsonl line 1: 'messages'\[0\] has an unpaired "
+                                                          r"surrogate at character 2"):
+            dc.decontaminate(dc.read_rows(str(train)), {"x": [["a b c"]]}, out_clean=out_clean, progress=False)
+    with pytest.raises(dc.DecontaminationError, match=r"row: 'chosen' has an unpaired surrogate"):
+        dc.train_texts({"prompt": "p", "chosen": "\ud800", "rejected": "r"}, "row")
 
 
 def test_unicode_is_normalised_and_empty_eval_examples_are_errors(tmp_path):
@@ -228,6 +249,8 @@ def test_plain_string_preference_fields_count_as_user_prompt_and_assistant_answe
                                                       {"role": "assistant", "content": "a"}]}
     assert dc.train_texts(row, "row") == ["p", "u"]
     assert dc.train_texts(row, "row", roles=("assistant",)) == ["c", "a"]
+    # Tulu's layout with a null prompt column: the prompt is in chosen and rejected, as the trainers read it
+    assert dc.train_texts(dict(row, prompt=None, chosen=row["rejected"]), "row") == ["u", "u"]
 
 
 def test_a_comma_separated_roles_flag_reads_each_role(tmp_path):
