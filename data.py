@@ -595,9 +595,15 @@ def _data_files(spec):
 
 def _jsonl_rows(path, lines):
     for lineno, line in enumerate(lines, 1):
+        where = f"{path} line {lineno}"
+        if isinstance(line, bytes):  # decoded here, line by line, so that a bad byte is named with its line
+            try:
+                line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: skip a byte-order mark
+            except UnicodeDecodeError as e:
+                yield where, DataError(where, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+                continue
         if not line.strip():
             continue
-        where = f"{path} line {lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -645,13 +651,8 @@ def _iter_raw(spec):
                     i += 1
             continue
         if path.endswith(".jsonl"):
-            # utf-8-sig: a byte-order mark (Windows tools write one) is skipped; line by line: a multi-GB export
-            # never sits in memory
-            with open(path, encoding="utf-8-sig") as f:
-                try:
-                    yield from _jsonl_rows(path, f)
-                except UnicodeDecodeError as e:
-                    raise DataError(path, f"not UTF-8 text ({e.reason}) after the rows read so far") from None
+            with open(path, "rb") as f:  # line by line: a multi-GB export never sits in memory
+                yield from _jsonl_rows(path, f)
             continue
         with open(path, encoding="utf-8-sig") as f:
             try:

@@ -326,8 +326,12 @@ def _write_all_formats(folder):
 def test_unreadable_files_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(json.dumps(SFT_ROWS[0]).encode() + b"\n" + b'{"messages": "\xff"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: not UTF-8 text \(invalid start byte at byte 14 of"):
         list(data.read_rows(str(bad)))
+    # a bad row like any other: skip_bad_rows skips and counts it
+    assert len(data.load_sft_rows(str(bad), skip_bad=True)) == 1
+    bad.write_bytes(b"\xef\xbb\xbf" + json.dumps(SFT_ROWS[0]).encode() + b"\r\n")  # a BOM, Windows line ends
+    assert [row for _, row in data.read_rows(str(bad))] == SFT_ROWS[:1]
     _write_all_formats(str(tmp_path / "shards"))
     cut = tmp_path / "shards" / "c.parquet"
     cut.write_bytes(cut.read_bytes()[:40])  # a download cut short
