@@ -1,4 +1,5 @@
 import contextlib
+import glob
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import common
 import eval as ev
-from data import DataError, Tokenizer, build_demo_tokenizer, make_demo_data
+from data import DataError, Tokenizer, build_demo_tokenizer, make_demo_data, read_rows
 from model import Generation, ModelConfig, Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
@@ -706,6 +707,96 @@ def test_a_bad_row_fails_before_any_generation_naming_its_line(loaded, tmp_path,
     monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the rows"))
     with pytest.raises(DataError, match=f"{re.escape(str(path))} line 2: .*{message}"):
         ev.evaluate_tasks(*loaded, [task], str(tmp_path / "evals"))
+
+
+def with_first_row(tmp_path, rel, edit):
+    """A copy of the fixtures whose split `rel` is rewritten as a .jsonl file with its first row edited; its path."""
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    split = ev.find_split(str(tmp_path / "evals"), rel)
+    rows = [row for _, row in read_rows(split)]
+    for old in glob.glob(split):
+        os.remove(old)
+    path = tmp_path / "evals" / f"{rel}.jsonl"
+    path.write_text("".join(json.dumps(edit(r) if i == 0 else r) + "\n" for i, r in enumerate(rows)))
+    return path
+
+
+def refused_before_scoring(loaded, monkeypatch, path, task, message):
+    """Asserts that evaluating `task`, in the chat template or not, fails on line 1 of path with `message`, before
+    any generation or log-likelihood is computed."""
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the rows"))
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda *a, **k: pytest.fail("scored before checking the rows"))
+    data_dir = str(path).split(os.sep + "evals" + os.sep)[0] + os.sep + "evals"
+    for use_chat_template in (True, False):
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))} line 1: {message}"):
+            ev.evaluate_tasks(*loaded, [task], data_dir, use_chat_template=use_chat_template)
+
+
+@pytest.mark.parametrize("task,rel,edit,message", [
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": "abcd"}, "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": json.dumps(r["endings"])},
+     "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": {"a": "x", "b": "y"}},
+     "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": ["x", 7, None]},
+     "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "ctx_b": 5}, "ctx_b must be a string, got int 5"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "ctx_a": 5}, "ctx_a must be a string"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "activity_label": ["x"]}, "activity_label must be a string"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": "xyz", "label": "ABC"}},
+     "choices.label must be a list of strings"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": {"a": 1, "b": 2}, "label": ["A", "B"]}},
+     "choices.text must be a list of strings"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", None, 5], "label": ["A", "B", "C"]}},
+     "choices.text must be a list of strings"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": json.dumps(r["choices"])}, "choices must be {'text'"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "question": 42}, "question must be a string"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "question": {"stem": "Q?"}}, "question must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol1": 5}, "sol1 must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol1": ["a"]}, "sol1 must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "goal": 5}, "goal must be a string"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "question": [42]}, "question must be a string"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "category": 3}, "category must be a string"),
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "answer": 70}, "answer must be a string, got int 70"),
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "answer": ["#### 70"]}, "answer must be a string"),
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "question": 5}, "question must be a string"),
+    ("gsm8k", "gsm8k/train", lambda r: {**r, "answer": 70}, "answer must be a string"),
+    ("gsm8k", "gsm8k/train", lambda r: {**r, "question": 5}, "question must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "input": 5}, "input must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": ["False"]}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": False}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": float("nan")}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": 4}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": " "}, "target ' ' is empty"),
+    ("ifeval", "ifeval/train", lambda r: {**r, "prompt": 5}, "prompt must be a string")])
+def test_a_text_field_or_choice_list_of_the_wrong_type_is_refused_before_scoring_naming_file_line_and_field(
+        loaded, tmp_path, monkeypatch, task, rel, edit, message):
+    """Formatted into the prompt as its repr, or its characters scored as choices, it would be scored silently."""
+    refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
+
+
+@pytest.mark.parametrize("task,rel,edit,name", [
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "question": "a\ud800b"}, "question"),
+    ("gsm8k", "gsm8k/train", lambda r: {**r, "question": "a\ud800b"}, "question"),  # a few-shot example
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", "y\udc00", "z"], "label": ["A", "B", "C"]}},
+     r"choices\.text\[1\]"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol2": "\udc00"}, "sol2"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "ctx_a": "\ud800"}, "ctx_a"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "options": ["x", "\ud800"] + r["options"][2:]}, r"options\[1\]"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "input": "\ud800"}, "input"),
+    ("ifeval", "ifeval/train", lambda r: {**r, "prompt": "\ud800"}, "prompt")])
+def test_a_lone_surrogate_is_refused_before_scoring_naming_file_line_and_field_not_a_chat_message(
+        loaded, tmp_path, monkeypatch, task, rel, edit, name):
+    """Without this the tokenizer fails with no row named, or the chat renderer names a message number."""
+    path = with_first_row(tmp_path, rel, edit)
+    refused_before_scoring(loaded, monkeypatch, path, task, f"{name} has a lone surrogate")
+
+
+@pytest.mark.parametrize("label", ["\u00b2", "\u0663", "\uff11"])
+def test_a_hellaswag_label_in_digits_other_than_ascii_is_refused_not_read_as_a_number(loaded, tmp_path, monkeypatch,
+                                                                                        label):
+    path = with_first_row(tmp_path, "hellaswag/validation", lambda r: {**r, "label": label})
+    refused_before_scoring(loaded, monkeypatch, path, "hellaswag", "label must be a whole number")
 
 
 def test_a_gsm8k_answer_with_paragraphs_is_scored_on_its_final_number(loaded, monkeypatch):
