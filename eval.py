@@ -180,10 +180,13 @@ def text_field(row, key, where):
 
 
 def choice_list(value, where, name):
-    """value, refused unless it is a list of strings: a string or a dict in its place would be scored as its
-    characters or keys."""
+    """value, refused unless it is a list of at least 2 strings: a string or a dict in its place would be scored as
+    its characters or keys, and a row with one choice scores correct whatever the model prefers."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise DataError(where, f"{name} must be a list of strings, got {value!r:.80}")
+    if len(value) < 2:
+        raise DataError(where, f"{name} has {len(value)} choice(s): a row needs at least 2, else it scores correct "
+                               f"whatever the model prefers")
     for i, v in enumerate(value):
         check_text(v, where, f"{name}[{i}]")
     return list(value)
@@ -366,6 +369,8 @@ def task_arc(ctx):
             texts = choice_list(field(choices, "text", where), where, "choices.text")
             if len(labels) != len(texts):
                 raise DataError(where, f"{len(labels)} choice labels for {len(texts)} choice texts")
+            if len(set(labels)) != len(labels):  # the answerKey would name whichever comes first
+                raise DataError(where, f"choices.label {labels} holds a label twice")
             key = text_field(row, "answerKey", where).strip()
             if key not in labels:
                 raise DataError(where, f"answerKey {key!r} is not one of the choice labels {labels}")
@@ -423,6 +428,8 @@ def task_mmlu_pro(ctx):
         if len(options) > len(LETTERS):
             raise DataError(where, f"{len(options)} options: more than the {len(LETTERS)} letters")
         gold = gold_index(field(row, "answer_index", where), len(options), where, "answer_index")
+        if row.get("answer") is not None and row["answer"] != LETTERS[gold]:  # which of the two is right is a guess
+            raise DataError(where, f"answer {row['answer']!r} and answer_index {gold} ({LETTERS[gold]}) disagree")
         # lettered formulation: the options are listed under the question, the continuation is the bare letter
         topic = text_field(row, "category", where).replace("_", " ")
         listing = "".join(f"{LETTERS[j]}. {o}\n" for j, o in enumerate(options))

@@ -799,6 +799,23 @@ def test_a_hellaswag_label_in_digits_other_than_ascii_is_refused_not_read_as_a_n
     refused_before_scoring(loaded, monkeypatch, path, "hellaswag", "label must be a whole number")
 
 
+@pytest.mark.parametrize("task,rel,edit,message", [
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x"], "label": ["A"]}},
+     "choices.label has 1 choice"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": ["x"]}, "endings has 1 choice"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "options": ["x"], "answer_index": 0, "answer": "A"},
+     "options has 1 choice"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", "y", "z"], "label": ["A", "A", "B"]}},
+     r"choices\.label \['A', 'A', 'B'\] holds a label twice"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "answer": "C", "answer_index": 1},
+     r"answer 'C' and answer_index 1 \(B\) disagree")])
+def test_a_multiple_choice_row_whose_gold_is_not_a_real_choice_among_several_is_refused(loaded, tmp_path, monkeypatch,
+                                                                                        task, rel, edit, message):
+    """One choice scores correct whatever the model prefers; a repeated label or two disagreeing answers leave the
+    gold one to whichever comes first."""
+    refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
+
+
 def test_a_gsm8k_answer_with_paragraphs_is_scored_on_its_final_number(loaded, monkeypatch):
     """Generation stops at the next "Question:", not at a blank line inside a worked answer."""
     model, tok = loaded
