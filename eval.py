@@ -445,6 +445,9 @@ def task_mmlu_pro(ctx):
 def gsm8k_reference(answer, where):
     if "####" not in answer:
         raise DataError(where, "answer has no '#### <number>' line")
+    if answer.count("####") > 1:  # the reference would be the last one's number, lighteval's qem the first one's
+        raise DataError(where, f"answer has {answer.count('####')} '####' answer marks, a GSM8K answer has one: "
+                               f"{answer[-60:]!r}")
     reference = answer.split("####")[-1].strip().replace(",", "")
     try:  # checked before any generation, not when the first score is taken
         verifiers.gsm8k("", reference)

@@ -816,6 +816,13 @@ def test_a_multiple_choice_row_whose_gold_is_not_a_real_choice_among_several_is_
     refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
 
 
+@pytest.mark.parametrize("rel", ["gsm8k/test", "gsm8k/train"])
+def test_a_gsm8k_answer_with_two_answer_marks_is_refused_not_scored_on_either(loaded, tmp_path, monkeypatch, rel):
+    """lighteval's qem would score against the first '#### N', the reported reference be the last."""
+    path = with_first_row(tmp_path, rel, lambda r: {**r, "answer": "so 5.\n#### 5\n#### 70"})
+    refused_before_scoring(loaded, monkeypatch, path, "gsm8k", "answer has 2 '####' answer marks")
+
+
 def test_a_gsm8k_answer_with_paragraphs_is_scored_on_its_final_number(loaded, monkeypatch):
     """Generation stops at the next "Question:", not at a blank line inside a worked answer."""
     model, tok = loaded
