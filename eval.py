@@ -8,7 +8,8 @@ The paper's benchmark table from a checkpoint, scored the way SmolLM2's lighteva
 
 Local copies of the datasets, in the format the hub publishes them. Each split may be a `.jsonl`, `.json`
 or `.parquet` file, or hub-style parquet shards (`test-00000-of-00001.parquet`) next to where the file
-would be; paths are relative to --data_dir:
+would be, in one of these forms and one of the places listed (a second copy is refused, not ignored); every entry
+under bbh/ must be a subtask; paths are relative to --data_dir:
 
     task       files                                   fields (hub dataset)
     gsm8k      gsm8k/test, gsm8k/train (few-shot pool)  question, answer '... #### 42'  (openai/gsm8k, main)
@@ -109,13 +110,24 @@ def load_model_and_tokenizer(path, device="cpu", dtype=torch.float32):
 
 
 def find_split(data_dir, rel):
-    """Path (or hub-shard glob) of the split `rel` under data_dir, or None."""
+    """Path (or hub-shard glob) of the split `rel` under data_dir, or None. A split there in two formats is refused,
+    as the trainers' loader refuses it: which copy is the one meant would be a guess."""
     base = os.path.join(data_dir, rel)
-    for candidate in (base + ".jsonl", base + ".json", base + ".parquet"):
-        if os.path.isfile(candidate):
-            return candidate
+    found = [c for c in (base + ".jsonl", base + ".json", base + ".parquet") if os.path.isfile(c)]
     shards = base + "-*.parquet"
-    return shards if glob.glob(shards) else None
+    found += [shards] if glob.glob(shards) else []
+    if len(found) > 1:
+        raise DataError(base, f"the split is there in {len(found)} formats ({', '.join(found)}): keep one of them")
+    return found[0] if found else None
+
+
+def find_one_split(data_dir, rels):
+    """find_split of the one of rels, the places a split may be, that is there; None if none is, and an error if
+    more than one is."""
+    found = [path for path in (find_split(data_dir, rel) for rel in rels) if path is not None]
+    if len(found) > 1:
+        raise DataError(data_dir, f"holds the same split twice ({', '.join(found)}): keep one of them")
+    return found[0] if found else None
 
 
 # The splits each task reads, under --data_dir (a tuple lists alternatives); BBH reads a folder of subtasks.
@@ -127,10 +139,9 @@ TASK_SPLITS = {"arc": [("arc/ARC-Easy/test",), ("arc/ARC-Challenge/test",)], "he
 
 
 def require_split(data_dir, *rels):
-    for rel in rels:
-        path = find_split(data_dir, rel)
-        if path is not None:
-            return path
+    path = find_one_split(data_dir, rels)
+    if path is not None:
+        return path
     expected = " or ".join(os.path.join(data_dir, rel) + ".jsonl|.json|.parquet|-*.parquet" for rel in rels)
     raise FileNotFoundError(f"missing evaluation data: expected {expected}")
 
@@ -493,7 +504,7 @@ def gsm8k_few_shots(test, pool, seed, k=5):
 def task_gsm8k(ctx):
     test_path = require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0])
     test = load_rows(test_path)
-    train_path = find_split(ctx.data_dir, "gsm8k/train") or find_split(ctx.data_dir, "gsm8k/main/train")
+    train_path = find_one_split(ctx.data_dir, ("gsm8k/train", "gsm8k/main/train"))
     if train_path is not None:
         pool = load_rows(train_path)
     else:  # documented fallback: the first five test rows are the pool and are not scored
@@ -565,17 +576,26 @@ def score_ifeval(rows, outputs):
 
 
 def bbh_subtasks(data_dir):
-    """{subtask: path} for bbh/<subtask>.{jsonl,json,parquet} and bbh/<subtask>/test[...]"""
+    """{subtask: path} for bbh/<subtask>.{jsonl,json,parquet} and bbh/<subtask>/test[...]. Anything else under bbh/
+    is refused, not skipped: the score is the mean over the subtasks read, and one left out changes it unseen."""
     root = os.path.join(data_dir, "bbh")
-    found = {}
+    found, unread = {}, []
     for path in sorted(glob.glob(os.path.join(root, "*"))):
         name, ext = os.path.splitext(os.path.basename(path))
         if os.path.isdir(path):
             split = find_split(root, f"{name}/test")
-            if split is not None:
-                found[name] = split
-        elif ext in (".jsonl", ".json", ".parquet"):
-            found[name] = path
+        else:
+            split = path if ext in (".jsonl", ".json", ".parquet") else None
+        if split is None:
+            unread.append(os.path.basename(path) + ("/ (no test split)" if os.path.isdir(path) else ""))
+        elif name in found:
+            raise DataError(root, f"holds subtask {name} twice ({found[name]}, {split}): keep one of them")
+        else:
+            found[name] = split
+    if unread:
+        raise DataError(root, f"holds {', '.join(unread)}, which no BBH subtask is read from (a subtask is "
+                              f"<subtask>.jsonl|.json|.parquet or <subtask>/test.jsonl|.json|.parquet|-*.parquet): "
+                              f"move or remove what is not a subtask")
     if not found:
         raise FileNotFoundError(f"missing evaluation data: expected one file per BBH subtask, "
                                 f"{root}/<subtask>.jsonl|.json|.parquet or "

@@ -686,6 +686,56 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
     assert ran == []  # arc's finished scores would have been thrown away
 
 
+def test_a_split_there_in_two_formats_or_two_places_is_refused_naming_the_files(tmp_path, monkeypatch):
+    """eval.py read one of them and ignored the other unseen; the trainers' loader refuses the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    ran = []
+    monkeypatch.setitem(ev.TASKS, "arc", lambda ctx: ran.append("arc"))
+    gsm8k = tmp_path / "evals" / "gsm8k"
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    rows = [json.loads(line) for line in (gsm8k / "test.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), gsm8k / "test-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=r"gsm8k.test: the split is there in 2 formats "
+                                        r"\(.*test\.jsonl, .*test-\*\.parquet\): keep one of them"):
+        ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
+    os.remove(gsm8k / "test-00000-of-00001.parquet")
+    (gsm8k / "main").mkdir()
+    shutil.copy(gsm8k / "train.jsonl", gsm8k / "main" / "train.jsonl")  # (found when the task runs)
+    shutil.copy(gsm8k / "test.jsonl", gsm8k / "main" / "test.jsonl")
+    with pytest.raises(DataError, match=r"holds the same split twice \(.*gsm8k.test\.jsonl, .*main.test\.jsonl\)"):
+        ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
+    os.remove(gsm8k / "main" / "test.jsonl")
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before finding the files"))
+    with pytest.raises(DataError, match=r"holds the same split twice \(.*gsm8k.train\.jsonl, .*main.train\.jsonl\)"):
+        ev.evaluate_tasks(None, None, ["gsm8k"], str(tmp_path / "evals"))
+    assert ran == []
+
+
+def test_bbh_refuses_what_under_bbh_it_would_not_read_rather_than_averaging_the_rest(tmp_path, monkeypatch):
+    """The score is the mean over the subtasks read: one skipped unseen changes it."""
+    ran = []
+    monkeypatch.setitem(ev.TASKS, "arc", lambda ctx: ran.append("arc"))
+    bbh = tmp_path / "evals" / "bbh"
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    (bbh / "sub2").mkdir()
+    shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "sub2" / "train.jsonl")
+    (bbh / "sub3").mkdir()
+    shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "sub3" / "validation.jsonl")
+    (bbh / "sub4.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match=r"bbh: holds sub2/ \(no test split\), sub3/ \(no test split\), "
+                                        r"sub4\.jsonl\.gz, which no BBH subtask is read from"):
+        ev.evaluate_tasks(None, None, ["arc", "bbh"], str(tmp_path / "evals"))
+    for path in ("sub2", "sub3"):
+        shutil.rmtree(bbh / path)
+    os.remove(bbh / "sub4.jsonl.gz")
+    (bbh / "boolean_expressions").mkdir()
+    shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "boolean_expressions" / "test.jsonl")
+    with pytest.raises(DataError, match=r"bbh: holds subtask boolean_expressions twice"):
+        ev.evaluate_tasks(None, None, ["arc", "bbh"], str(tmp_path / "evals"))
+    assert ran == []
+
+
 @pytest.mark.parametrize("task,split,edit,message", [
     ("gsm8k", "gsm8k/test.jsonl", lambda r: {**r, "answer": "so #### twelve"}, "gsm8k ground truth is not a number"),
     ("gsm8k", "gsm8k/train.jsonl", lambda r: {"q": r["question"], "answer": r["answer"]}, "question"),
