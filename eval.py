@@ -546,14 +546,14 @@ def task_ifeval(ctx):
         text_field(row, "prompt", where)
         for key in ("instruction_id_list", "kwargs"):
             field(row, key, where)
-        if not row["instruction_id_list"]:  # all() of no check: a prompt-level pass for any output
-            raise DataError(where, "instruction_id_list is empty: no instruction to check the response against")
-        # An unknown instruction or a malformed argument fails here, before any generation. Checked on a non-empty
-        # response: an empty one follows nothing, so no check would even run.
+        # An unknown instruction, or an argument missing, unknown or of the wrong kind, fails here, before any
+        # generation. Checked on a non-empty response: an empty one follows nothing, so no check would even run.
         try:
             verifiers.ifeval_row(row, "x")
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise DataError(where, f"{type(e).__name__}: {e}") from None
+        except ValueError as e:
+            raise DataError(where, str(e)) from None
+        if not row["instruction_id_list"]:  # all() of no check: a prompt-level pass for any output
+            raise DataError(where, "instruction_id_list is empty: no instruction to check the response against")
         messages = [{"role": "user", "content": row["prompt"]}]
         prompts.append(render_chat(ctx.tok, messages, template=ctx.template, add_generation_prompt=True)[0])
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 1280,

@@ -743,7 +743,7 @@ def test_bbh_refuses_what_under_bbh_it_would_not_read_rather_than_averaging_the_
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["punctuation:no_commas"]},
      "unknown instruction id 'punctuation:no_commas'"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["detectable_format:number_highlighted_sections"],
-                                                "kwargs": ["two"]}, "AttributeError"),
+                                                "kwargs": ["two"]}, "kwargs must be a list of one dict of arguments"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["keywords:existence"], "kwargs": [{}]},
      "missing kwarg 'keywords'"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": [], "kwargs": []},
@@ -840,6 +840,51 @@ def test_a_lone_surrogate_is_refused_before_scoring_naming_file_line_and_field_n
     """Without this the tokenizer fails with no row named, or the chat renderer names a message number."""
     path = with_first_row(tmp_path, rel, edit)
     refused_before_scoring(loaded, monkeypatch, path, task, f"{name} has a lone surrogate")
+
+
+def ifeval_row(instruction, kwargs):
+    return lambda r: {**r, "instruction_id_list": [instruction], "kwargs": [kwargs]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (ifeval_row("keywords:existence", {"keywords": "banana"}),
+     "instruction 'keywords:existence': keywords must be a list of strings, got 'banana'"),
+    (ifeval_row("keywords:existence", {"keywords": ["banana", 5]}),
+     "instruction 'keywords:existence': keywords must be a list of strings"),
+    (ifeval_row("keywords:forbidden_words", {"forbidden_words": "xyz"}),
+     "instruction 'keywords:forbidden_words': forbidden_words must be a list of strings"),
+    (ifeval_row("language:response_language", {"language": "english"}),
+     "instruction 'language:response_language': language must be a language code"),
+    (ifeval_row("language:response_language", {"language": 5}), "language must be a language code"),
+    (ifeval_row("detectable_format:number_bullet_lists", {"num_bullets": "2"}),
+     "instruction 'detectable_format:number_bullet_lists': num_bullets must be a whole number >= 0, got '2'"),
+    (ifeval_row("length_constraints:number_words", {"relation": "less than", "num_words": float("nan")}),
+     "num_words must be a whole number >= 0, got nan"),
+    (ifeval_row("length_constraints:number_words", {"relation": "less than", "num_words": float("inf")}),
+     "num_words must be a whole number >= 0, got inf"),
+    (ifeval_row("length_constraints:number_words", {"relation": "less than", "num_words": True}),
+     "num_words must be a whole number >= 0, got True"),
+    (ifeval_row("length_constraints:number_words", {"relation": "exactly", "num_words": 5}),
+     "relation must be 'less than' or 'at least'"),
+    (ifeval_row("detectable_format:number_highlighted_sections", {"num_highlights": -1}),
+     "num_highlights must be a whole number >= 0, got -1"),
+    (ifeval_row("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": 5}), "first_word must be a string, got 5"),
+    (ifeval_row("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "so"}),
+     "nth_paragraph 3 of 2 paragraphs, which no response can follow"),
+    (ifeval_row("punctuation:no_comma", {"foo": 5}),
+     r"instruction 'punctuation:no_comma' takes no argument 'foo' \(its arguments: none\)"),
+    (lambda r: {**r, "instruction_id_list": "punctuation:no_comma"},
+     "instruction_id_list must be a list of instruction ids, got 'punctuation:no_comma'"),
+    (lambda r: {**r, "kwargs": json.dumps(r["kwargs"])}, "kwargs must be a list of one dict of arguments")])
+def test_an_ifeval_argument_of_the_wrong_kind_is_refused_at_load_naming_file_line_instruction_and_argument(
+        loaded, tmp_path, monkeypatch, edit, message):
+    """Unchecked, a string of keywords was checked character by character, a string count or an unknown language
+    code failed every response and an infinite one passed it, and a wrong item failed with a traceback only once
+    everything was generated."""
+    path = with_first_row(tmp_path, "ifeval/train", edit)
+    refused_before_scoring(loaded, monkeypatch, path, "ifeval", f"ifeval: .*{message}")
 
 
 @pytest.mark.parametrize("label", ["\u00b2", "\u0663", "\uff11"])
