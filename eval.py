@@ -23,6 +23,12 @@ under bbh/ must be a subtask; paths are relative to --data_dir:
     mmlu_pro   mmlu_pro/test (or mmlu_pro/data/test)   question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
 
+Every row a task reads is checked before anything is generated or scored, and a bad one stops the run naming its file,
+line and field: each text field a string with no lone surrogate (a BBH target not blank), each list of choices a list
+of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a choice, an
+MMLU-Pro answer letter the one answer_index names, a GSM8K answer with one '#### <number>', and IFEval's kwargs the
+arguments each instruction takes, each of its kind (verifiers.IFEVAL_ARGS).
+
 How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README
 runs the instruct models: `lighteval ... --use_chat_template`):
 - The prompt. Each task has a query and, few-shot, examples of (query, target). With the chat template (the
@@ -168,8 +174,10 @@ def gold_index(value, num_choices, where, name):
 
 
 def field(row, key, where):
-    if key not in row or row[key] is None:
+    if key not in row:
         raise DataError(where, f"missing field {key!r} (has {sorted(row)})")
+    if row[key] is None:
+        raise DataError(where, f"field {key!r} is null")
     return row[key]
 
 

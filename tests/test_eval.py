@@ -805,6 +805,7 @@ def refused_before_scoring(loaded, monkeypatch, path, task, message):
     ("piqa", "piqa/validation", lambda r: {**r, "sol1": 5}, "sol1 must be a string"),
     ("piqa", "piqa/validation", lambda r: {**r, "sol1": ["a"]}, "sol1 must be a string"),
     ("piqa", "piqa/validation", lambda r: {**r, "goal": 5}, "goal must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol2": None}, "field 'sol2' is null"),
     ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "question": [42]}, "question must be a string"),
     ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "category": 3}, "category must be a string"),
     ("gsm8k", "gsm8k/test", lambda r: {**r, "answer": 70}, "answer must be a string, got int 70"),
