@@ -645,8 +645,8 @@ def task_bbh(ctx):
             raise DataError(path, f"{len(rows)} rows; BBH needs at least 4, so that each row has 3 others as examples")
         for where, row in rows:
             text_field(row, "input", where)
-            if not text_field(row, "target", where).strip():  # no output would ever match it
-                raise DataError(where, f"target {row['target']!r} is empty")
+            if not text_field(row, "target", where).strip():
+                raise DataError(where, f"target {row['target']!r} is blank: no output can match it")
         # smollm's BBH: the few-shot split is the evaluation split, every row is scored, and a row in the pool is
         # never its own example (lighteval drops the doc under evaluation from its examples)
         pool = balanced_few_shots(rows, 3)

@@ -818,7 +818,7 @@ def refused_before_scoring(loaded, monkeypatch, path, task, message):
     ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": False}, "target must be a string"),
     ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": float("nan")}, "target must be a string"),
     ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": 4}, "target must be a string"),
-    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": " "}, "target ' ' is empty"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": " "}, "target ' ' is blank"),
     ("ifeval", "ifeval/train", lambda r: {**r, "prompt": 5}, "prompt must be a string")])
 def test_a_text_field_or_choice_list_of_the_wrong_type_is_refused_before_scoring_naming_file_line_and_field(
         loaded, tmp_path, monkeypatch, task, rel, edit, message):
