@@ -8,7 +8,8 @@ The paper's benchmark table from a checkpoint, scored the way SmolLM2's lighteva
 
 Local copies of the datasets, in the format the hub publishes them. Each split may be a `.jsonl`, `.json`
 or `.parquet` file, or hub-style parquet shards (`test-00000-of-00001.parquet`) next to where the file
-would be; paths are relative to --data_dir:
+would be, in one of these forms and one of the places listed (a second copy is refused, not ignored); every entry
+under bbh/ must be a subtask; paths are relative to --data_dir:
 
     task       files                                   fields (hub dataset)
     gsm8k      gsm8k/test, gsm8k/train (few-shot pool)  question, answer '... #### 42'  (openai/gsm8k, main)
@@ -21,6 +22,12 @@ would be; paths are relative to --data_dir:
     piqa       piqa/validation                         goal, sol1, sol2, label  (ybisk/piqa)
     mmlu_pro   mmlu_pro/test (or mmlu_pro/data/test)   question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
+
+Every row a task reads is checked before anything is generated or scored, and a bad one stops the run naming its file,
+line and field: each text field a string with no lone surrogate (a BBH target not blank), each list of choices a list
+of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a choice, an
+MMLU-Pro answer letter the one answer_index names, a GSM8K answer with one '#### <number>', and IFEval's kwargs the
+arguments each instruction takes, each of its kind (verifiers.IFEVAL_ARGS).
 
 How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README
 runs the instruct models: `lighteval ... --use_chat_template`):
@@ -109,13 +116,24 @@ def load_model_and_tokenizer(path, device="cpu", dtype=torch.float32):
 
 
 def find_split(data_dir, rel):
-    """Path (or hub-shard glob) of the split `rel` under data_dir, or None."""
+    """Path (or hub-shard glob) of the split `rel` under data_dir, or None. A split there in two formats is refused,
+    as the trainers' loader refuses it: which copy is the one meant would be a guess."""
     base = os.path.join(data_dir, rel)
-    for candidate in (base + ".jsonl", base + ".json", base + ".parquet"):
-        if os.path.isfile(candidate):
-            return candidate
+    found = [c for c in (base + ".jsonl", base + ".json", base + ".parquet") if os.path.isfile(c)]
     shards = base + "-*.parquet"
-    return shards if glob.glob(shards) else None
+    found += [shards] if glob.glob(shards) else []
+    if len(found) > 1:
+        raise DataError(base, f"the split is there in {len(found)} formats ({', '.join(found)}): keep one of them")
+    return found[0] if found else None
+
+
+def find_one_split(data_dir, rels):
+    """find_split of the one of rels, the places a split may be, that is there; None if none is, and an error if
+    more than one is."""
+    found = [path for path in (find_split(data_dir, rel) for rel in rels) if path is not None]
+    if len(found) > 1:
+        raise DataError(data_dir, f"holds the same split twice ({', '.join(found)}): keep one of them")
+    return found[0] if found else None
 
 
 # The splits each task reads, under --data_dir (a tuple lists alternatives); BBH reads a folder of subtasks.
@@ -127,10 +145,9 @@ TASK_SPLITS = {"arc": [("arc/ARC-Easy/test",), ("arc/ARC-Challenge/test",)], "he
 
 
 def require_split(data_dir, *rels):
-    for rel in rels:
-        path = find_split(data_dir, rel)
-        if path is not None:
-            return path
+    path = find_one_split(data_dir, rels)
+    if path is not None:
+        return path
     expected = " or ".join(os.path.join(data_dir, rel) + ".jsonl|.json|.parquet|-*.parquet" for rel in rels)
     raise FileNotFoundError(f"missing evaluation data: expected {expected}")
 
@@ -145,8 +162,8 @@ def load_rows(path, limit=None):
 def gold_index(value, num_choices, where, name):
     """The gold answer as an index into the choices, refusing one that indexes none (PIQA's unlabelled test split
     has -1): it would silently score as a wrong answer."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # HellaSwag's labels are strings
-        value = int(value)
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # HellaSwag's labels are strings
+        value = int(value)  # (ASCII digits only: str.isdigit takes "²", which int() refuses, and "٣", which it reads)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -157,9 +174,41 @@ def gold_index(value, num_choices, where, name):
 
 
 def field(row, key, where):
-    if key not in row or row[key] is None:
+    if key not in row:
         raise DataError(where, f"missing field {key!r} (has {sorted(row)})")
+    if row[key] is None:
+        raise DataError(where, f"field {key!r} is null")
     return row[key]
+
+
+def check_text(value, where, name):
+    """value, refused unless it is a string the tokenizer can encode: a number or a list would go into the prompt as
+    its repr, and a lone surrogate would fail in the tokenizer, far from its row."""
+    if not isinstance(value, str):
+        raise DataError(where, f"{name} must be a string, got {type(value).__name__} {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(where, f"{name} has a lone surrogate {value[e.start]!r} at character {e.start}, which no "
+                               f"tokenizer encodes") from None
+    return value
+
+
+def text_field(row, key, where):
+    return check_text(field(row, key, where), where, key)
+
+
+def choice_list(value, where, name):
+    """value, refused unless it is a list of at least 2 strings: a string or a dict in its place would be scored as
+    its characters or keys, and a row with one choice scores correct whatever the model prefers."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise DataError(where, f"{name} must be a list of strings, got {value!r:.80}")
+    if len(value) < 2:
+        raise DataError(where, f"{name} has {len(value)} choice(s): a row needs at least 2, else it scores correct "
+                               f"whatever the model prefers")
+    for i, v in enumerate(value):
+        check_text(v, where, f"{name}[{i}]")
+    return list(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,13 +382,18 @@ def task_arc(ctx):
         docs = []
         for where, row in load_rows(require_split(ctx.data_dir, *rels), ctx.limit):
             choices = field(row, "choices", where)
-            labels, texts = list(field(choices, "label", where)), list(field(choices, "text", where))
+            if not isinstance(choices, dict):
+                raise DataError(where, f"choices must be {{'text': [...], 'label': [...]}}, got {choices!r:.80}")
+            labels = choice_list(field(choices, "label", where), where, "choices.label")
+            texts = choice_list(field(choices, "text", where), where, "choices.text")
             if len(labels) != len(texts):
                 raise DataError(where, f"{len(labels)} choice labels for {len(texts)} choice texts")
-            key = str(field(row, "answerKey", where)).strip()
+            if len(set(labels)) != len(labels):  # the answerKey would name whichever comes first
+                raise DataError(where, f"choices.label {labels} holds a label twice")
+            key = text_field(row, "answerKey", where).strip()
             if key not in labels:
                 raise DataError(where, f"answerKey {key!r} is not one of the choice labels {labels}")
-            docs.append({"id": row.get("id", where), "query": qa_query(field(row, "question", where)),
+            docs.append({"id": row.get("id", where), "query": qa_query(text_field(row, "question", where)),
                          "choices": [" " + t for t in texts], "gold": labels.index(key)})
         score_zero_shot(ctx, docs, subset)
         metrics[subset] = mc_summary(docs)
@@ -361,13 +415,13 @@ def task_hellaswag(ctx):
     for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["hellaswag"][0]), ctx.limit):
         # str.capitalize also lowercases the rest ("John" -> "john"), as lm-eval and lighteval do; smollm's trailing
         # space is kept: raw-text scoring moves it into each continuation, a chat prompt keeps it in the user turn
-        context = f"{field(row, 'ctx_a', where)} {field(row, 'ctx_b', where).capitalize()} "
+        context = f"{text_field(row, 'ctx_a', where)} {text_field(row, 'ctx_b', where).capitalize()} "
         label = field(row, "label", where)
         if str(label).strip() == "":
             raise DataError(where, "empty label (the hub's hellaswag test split is unlabelled; use validation)")
-        endings = field(row, "endings", where)
+        endings = choice_list(field(row, "endings", where), where, "endings")
         docs.append({"id": row.get("ind", where),
-                     "query": hellaswag_preprocess(f"{field(row, 'activity_label', where)}: {context}"),
+                     "query": hellaswag_preprocess(f"{text_field(row, 'activity_label', where)}: {context}"),
                      "choices": [" " + hellaswag_preprocess(e) for e in endings],
                      "gold": gold_index(label, len(endings), where, "label")})
     score_zero_shot(ctx, docs, "hellaswag")
@@ -378,8 +432,8 @@ def task_hellaswag(ctx):
 def task_piqa(ctx):
     docs = []
     for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["piqa"][0]), ctx.limit):
-        docs.append({"id": where, "query": qa_query(field(row, "goal", where)),
-                     "choices": [" " + field(row, k, where) for k in ("sol1", "sol2")],
+        docs.append({"id": where, "query": qa_query(text_field(row, "goal", where)),
+                     "choices": [" " + text_field(row, k, where) for k in ("sol1", "sol2")],
                      "gold": gold_index(field(row, "label", where), 2, where, "label")})
     score_zero_shot(ctx, docs, "piqa")
     s = mc_summary(docs)
@@ -389,18 +443,18 @@ def task_piqa(ctx):
 def task_mmlu_pro(ctx):
     docs = []
     for where, row in load_rows(require_split(ctx.data_dir, *TASK_SPLITS["mmlu_pro"][0]), ctx.limit):
-        options = field(row, "options", where)
-        if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
-            raise DataError(where, f"options must be a list of strings, got {options!r:.80}")
+        options = choice_list(field(row, "options", where), where, "options")
         if len(options) > len(LETTERS):
             raise DataError(where, f"{len(options)} options: more than the {len(LETTERS)} letters")
         gold = gold_index(field(row, "answer_index", where), len(options), where, "answer_index")
+        if row.get("answer") is not None and row["answer"] != LETTERS[gold]:  # which of the two is right is a guess
+            raise DataError(where, f"answer {row['answer']!r} and answer_index {gold} ({LETTERS[gold]}) disagree")
         # lettered formulation: the options are listed under the question, the continuation is the bare letter
-        topic = str(field(row, "category", where)).replace("_", " ")
+        topic = text_field(row, "category", where).replace("_", " ")
         listing = "".join(f"{LETTERS[j]}. {o}\n" for j, o in enumerate(options))
         docs.append({"id": row.get("question_id", where), "category": row.get("category"),
                      "query": f"The following are multiple choice questions (with answers) about {topic}.\n\n"
-                              f"{field(row, 'question', where)}\n{listing}Answer:",
+                              f"{text_field(row, 'question', where)}\n{listing}Answer:",
                      "choices": list(LETTERS[:len(options)]), "gold": gold})
     score_zero_shot(ctx, docs, "mmlu_pro")
     s = mc_summary(docs)
@@ -410,6 +464,9 @@ def task_mmlu_pro(ctx):
 def gsm8k_reference(answer, where):
     if "####" not in answer:
         raise DataError(where, "answer has no '#### <number>' line")
+    if answer.count("####") > 1:  # the reference would be the last one's number, lighteval's qem the first one's
+        raise DataError(where, f"answer has {answer.count('####')} '####' answer marks, a GSM8K answer has one: "
+                               f"{answer[-60:]!r}")
     reference = answer.split("####")[-1].strip().replace(",", "")
     try:  # checked before any generation, not when the first score is taken
         verifiers.gsm8k("", reference)
@@ -455,7 +512,7 @@ def gsm8k_few_shots(test, pool, seed, k=5):
 def task_gsm8k(ctx):
     test_path = require_split(ctx.data_dir, *TASK_SPLITS["gsm8k"][0])
     test = load_rows(test_path)
-    train_path = find_split(ctx.data_dir, "gsm8k/train") or find_split(ctx.data_dir, "gsm8k/main/train")
+    train_path = find_one_split(ctx.data_dir, ("gsm8k/train", "gsm8k/main/train"))
     if train_path is not None:
         pool = load_rows(train_path)
     else:  # documented fallback: the first five test rows are the pool and are not scored
@@ -467,17 +524,17 @@ def task_gsm8k(ctx):
         print(f"gsm8k: no gsm8k/train file under {ctx.data_dir}, so the few-shot examples are the first 5 test rows, "
               f"which are not scored")
     for where, row in pool:  # an example is shown to the model as its answer to copy: checked as a scored row is
-        field(row, "question", where)
-        gsm8k_reference(field(row, "answer", where), where)
+        text_field(row, "question", where)
+        gsm8k_reference(text_field(row, "answer", where), where)
     shots = gsm8k_few_shots(test, pool, ctx.seed)
     if ctx.limit is not None:
         test, shots = test[:ctx.limit], shots[:ctx.limit]
     prompts, refs = [], []
     for (where, row), row_shots in zip(test, shots):
         # lighteval's gsm8k prompt: the target is " {answer}", with its leading space
-        examples = [(qa_query(field(s, "question", w)), " " + field(s, "answer", w)) for w, s in row_shots]
-        prompts.append(ctx.tok.encode(few_shot_context(ctx, examples, qa_query(field(row, "question", where)))))
-        refs.append(gsm8k_reference(field(row, "answer", where), where))
+        examples = [(qa_query(s["question"]), " " + s["answer"]) for _, s in row_shots]  # (checked above)
+        prompts.append(ctx.tok.encode(few_shot_context(ctx, examples, qa_query(text_field(row, "question", where)))))
+        refs.append(gsm8k_reference(text_field(row, "answer", where), where))
     stop_strings, stop_ids = generation_stops(ctx, ("Question:", "Question"))  # smollm's gsm8k stop_sequence
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 256, stop_strings=stop_strings,
                              stop_ids=stop_ids, batch_size=ctx.batch_size, desc="gsm8k")
@@ -494,16 +551,17 @@ def task_ifeval(ctx):
     rows = load_rows(require_split(ctx.data_dir, *TASK_SPLITS["ifeval"][0]), ctx.limit)
     prompts = []
     for where, row in rows:
-        for key in ("prompt", "instruction_id_list", "kwargs"):
+        text_field(row, "prompt", where)
+        for key in ("instruction_id_list", "kwargs"):
             field(row, key, where)
-        if not row["instruction_id_list"]:  # all() of no check: a prompt-level pass for any output
-            raise DataError(where, "instruction_id_list is empty: no instruction to check the response against")
-        # An unknown instruction or a malformed argument fails here, before any generation. Checked on a non-empty
-        # response: an empty one follows nothing, so no check would even run.
+        # An unknown instruction, or an argument missing, unknown or of the wrong kind, fails here, before any
+        # generation. Checked on a non-empty response: an empty one follows nothing, so no check would even run.
         try:
             verifiers.ifeval_row(row, "x")
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise DataError(where, f"{type(e).__name__}: {e}") from None
+        except ValueError as e:
+            raise DataError(where, str(e)) from None
+        if not row["instruction_id_list"]:  # all() of no check: a prompt-level pass for any output
+            raise DataError(where, "instruction_id_list is empty: no instruction to check the response against")
         messages = [{"role": "user", "content": row["prompt"]}]
         prompts.append(render_chat(ctx.tok, messages, template=ctx.template, add_generation_prompt=True)[0])
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 1280,
@@ -526,17 +584,26 @@ def score_ifeval(rows, outputs):
 
 
 def bbh_subtasks(data_dir):
-    """{subtask: path} for bbh/<subtask>.{jsonl,json,parquet} and bbh/<subtask>/test[...]"""
+    """{subtask: path} for bbh/<subtask>.{jsonl,json,parquet} and bbh/<subtask>/test[...]. Anything else under bbh/
+    is refused, not skipped: the score is the mean over the subtasks read, and one left out changes it unseen."""
     root = os.path.join(data_dir, "bbh")
-    found = {}
+    found, unread = {}, []
     for path in sorted(glob.glob(os.path.join(root, "*"))):
         name, ext = os.path.splitext(os.path.basename(path))
         if os.path.isdir(path):
             split = find_split(root, f"{name}/test")
-            if split is not None:
-                found[name] = split
-        elif ext in (".jsonl", ".json", ".parquet"):
-            found[name] = path
+        else:
+            split = path if ext in (".jsonl", ".json", ".parquet") else None
+        if split is None:
+            unread.append(os.path.basename(path) + ("/ (no test split)" if os.path.isdir(path) else ""))
+        elif name in found:
+            raise DataError(root, f"holds subtask {name} twice ({found[name]}, {split}): keep one of them")
+        else:
+            found[name] = split
+    if unread:
+        raise DataError(root, f"holds {', '.join(unread)}, which no BBH subtask is read from (a subtask is "
+                              f"<subtask>.jsonl|.json|.parquet or <subtask>/test.jsonl|.json|.parquet|-*.parquet): "
+                              f"move or remove what is not a subtask")
     if not found:
         raise FileNotFoundError(f"missing evaluation data: expected one file per BBH subtask, "
                                 f"{root}/<subtask>.jsonl|.json|.parquet or "
@@ -552,7 +619,7 @@ def balanced_few_shots(rows, k, seed=0):
     rng = random.Random(seed)
     by_label = {}
     for row in rows:
-        by_label.setdefault(str(row[1]["target"]), []).append(row)
+        by_label.setdefault(row[1]["target"], []).append(row)
     by_count = {}
     for label in sorted(by_label):
         by_count.setdefault(len(by_label[label]), []).append(label)
@@ -577,13 +644,15 @@ def task_bbh(ctx):
         if len(rows) < 4:
             raise DataError(path, f"{len(rows)} rows; BBH needs at least 4, so that each row has 3 others as examples")
         for where, row in rows:
-            field(row, "input", where), field(row, "target", where)
+            text_field(row, "input", where)
+            if not text_field(row, "target", where).strip():
+                raise DataError(where, f"target {row['target']!r} is blank: no output can match it")
         # smollm's BBH: the few-shot split is the evaluation split, every row is scored, and a row in the pool is
         # never its own example (lighteval drops the doc under evaluation from its examples)
         pool = balanced_few_shots(rows, 3)
         for where, row in rows if ctx.limit is None else rows[:ctx.limit]:
-            shots = [(f"Question: {r['input']}\nAnswer: ", str(r["target"])) for _, r in pool
-                     if (r["input"], str(r["target"])) != (row["input"], str(row["target"]))][:3]
+            shots = [(f"Question: {r['input']}\nAnswer: ", r["target"]) for _, r in pool
+                     if (r["input"], r["target"]) != (row["input"], row["target"])][:3]
             prompts.append(ctx.tok.encode(few_shot_context(ctx, shots, f"Question: {row['input']}\nAnswer: ")))
             items.append((subtask, where, row))
     stop_strings, stop_ids = generation_stops(ctx, ("Question:", "Question"))  # smollm's BBH stop_sequence
@@ -595,7 +664,7 @@ def task_bbh(ctx):
     examples, per_task = [], {}
     for (subtask, where, row), out in zip(items, outputs):
         # lighteval's exact_match: ExactMatches(strip_strings=True), the whole output
-        score = float(bool(out) and out.strip() == str(row["target"]).strip())
+        score = float(bool(out) and out.strip() == row["target"].strip())
         examples.append({"subtask": subtask, "id": where, "input": row["input"], "output": out,
                          "target": row["target"], "score": score})
         per_task.setdefault(subtask, []).append(score)

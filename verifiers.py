@@ -695,6 +695,27 @@ def _has_title(text):
 # IFEval: one checker per instruction id, with the published kwargs
 
 
+def _is_count(v):
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _is_str_list(v):
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# the codes langdetect can return: a row asking for another language could never be followed
+LANGDETECT_CODES = set("af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi hr hu id it ja kn ko lt lv mk ml mr "
+                       "ne nl no pa pl pt ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
+# What an instruction's argument must be, as (test, what it must be), for IFEval's kwargs here and the RLVR
+# functions' arguments below
+_COUNT = (lambda v: _is_count(v) and v >= 0, "a whole number >= 0")
+_POSITIVE_COUNT = (lambda v: _is_count(v) and v >= 1, "a whole number >= 1")
+_STRING = (lambda v: isinstance(v, str), "a string")
+_STRINGS = (_is_str_list, "a list of strings")
+_LANGUAGE = (lambda v: isinstance(v, str) and v in LANGDETECT_CODES, "a language code langdetect returns")
+_RELATION = (lambda v: v in ("less than", "at least"), "'less than' or 'at least'")
+
+
 def _relation(rel, actual, threshold, where):
     if rel == "less than":
         return actual < threshold
@@ -843,18 +864,67 @@ def loose_variants(response):
             first.replace("*", ""), last.replace("*", ""), both.replace("*", "")]
 
 
+# The arguments each instruction takes (those of its build_description in Google's reference) and what each must
+# be: a string where a list is due would be checked character by character, and a string count or an unknown
+# language code would fail or pass every response, all silently.
+IFEVAL_ARGS = {"keywords:existence": {"keywords": _STRINGS},
+               "keywords:frequency": {"keyword": _STRING, "frequency": _COUNT, "relation": _RELATION},
+               "keywords:forbidden_words": {"forbidden_words": _STRINGS},
+               "keywords:letter_frequency": {"letter": _STRING, "let_frequency": _COUNT, "let_relation": _RELATION},
+               "language:response_language": {"language": _LANGUAGE},
+               "length_constraints:number_sentences": {"num_sentences": _COUNT, "relation": _RELATION},
+               "length_constraints:number_paragraphs": {"num_paragraphs": _COUNT},
+               "length_constraints:number_words": {"num_words": _COUNT, "relation": _RELATION},
+               "length_constraints:nth_paragraph_first_word": {"num_paragraphs": _COUNT,
+                                                               "nth_paragraph": _POSITIVE_COUNT, "first_word": _STRING},
+               "detectable_content:number_placeholders": {"num_placeholders": _COUNT},
+               "detectable_content:postscript": {"postscript_marker": _STRING},
+               "detectable_format:number_bullet_lists": {"num_bullets": _COUNT},
+               "detectable_format:number_highlighted_sections": {"num_highlights": _COUNT},
+               "detectable_format:multiple_sections": {"section_spliter": _STRING, "num_sections": _COUNT},
+               "combination:repeat_prompt": {"prompt_to_repeat": _STRING},
+               "startend:end_checker": {"end_phrase": _STRING},
+               "change_case:capital_word_frequency": {"capital_frequency": _COUNT, "capital_relation": _RELATION}}
+
+
+def check_ifeval_row(instruction_id_list, kwargs):
+    """Raises ValueError, naming the instruction and argument, unless instruction_id_list is a list of known
+    instruction ids and kwargs one dict per instruction (None: no arguments) of arguments it takes, each of the right
+    kind, that some response could follow. A None or empty value is no argument, as in the reference (the hub
+    parquet's unused struct fields are None)."""
+    if not _is_str_list(instruction_id_list):
+        raise ValueError(f"ifeval: instruction_id_list must be a list of instruction ids, "
+                         f"got {instruction_id_list!r:.80}")
+    if not isinstance(kwargs, list) or not all(kw is None or isinstance(kw, dict) for kw in kwargs):
+        raise ValueError(f"ifeval: kwargs must be a list of one dict of arguments per instruction, got {kwargs!r:.80}")
+    if len(kwargs) != len(instruction_id_list):
+        raise ValueError(f"ifeval: {len(instruction_id_list)} instructions but {len(kwargs)} kwargs")
+    for inst, kw in zip(instruction_id_list, kwargs):
+        if inst not in IFEVAL_CHECKS:
+            raise ValueError(f"ifeval: unknown instruction id {inst!r}")
+        takes = IFEVAL_ARGS.get(inst, {})
+        args = {k: v for k, v in (kw or {}).items() if v}
+        for key, value in args.items():
+            if key not in takes:
+                raise ValueError(f"ifeval: instruction {inst!r} takes no argument {key!r} (its arguments: "
+                                 f"{', '.join(takes) or 'none'})")
+            ok, what = takes[key]
+            if not ok(value):
+                raise ValueError(f"ifeval: instruction {inst!r}: {key} must be {what}, got {value!r:.80}")
+        if args.get("nth_paragraph", 0) > args.get("num_paragraphs", float("inf")):  # (nth_paragraph_first_word's)
+            raise ValueError(f"ifeval: instruction {inst!r}: nth_paragraph {args['nth_paragraph']} of "
+                             f"{args['num_paragraphs']} paragraphs, which no response can follow")
+
+
 def ifeval_instructions(response, instruction_id_list, kwargs, prompt, loose=False):
     """One verdict per instruction. kwargs: one dict per instruction as published
     (None / empty values ignored); prompt: the row's prompt (for repeat_prompt)."""
-    if len(kwargs) != len(instruction_id_list):
-        raise ValueError(f"ifeval: {len(instruction_id_list)} instructions but {len(kwargs)} kwargs")
+    check_ifeval_row(instruction_id_list, kwargs)
     candidates = loose_variants(response) if loose else [response]
     candidates = [c for c in candidates if c.strip()]  # an empty response follows nothing
     verdicts = []
     for inst, kw in zip(instruction_id_list, kwargs):
-        check = IFEVAL_CHECKS.get(inst)
-        if check is None:
-            raise ValueError(f"ifeval: unknown instruction id {inst!r}")
+        check = IFEVAL_CHECKS[inst]
         kw = {k: v for k, v in (kw or {}).items() if v}
         if inst == "combination:repeat_prompt" and "prompt_to_repeat" not in kw:
             kw["prompt_to_repeat"] = prompt
@@ -1005,32 +1075,16 @@ def _parse_constraints(ground_truth):
     return gt
 
 
-def _is_count(v):
-    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
-
-
-def _is_str_list(v):
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-# the codes langdetect can return: a row asking for another language could never earn its reward
-LANGDETECT_CODES = set("af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi hr hu id it ja kn ko lt lv mk ml mr "
-                       "ne nl no pa pl pt ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
 # What each argument of RLVR_IF_FUNCTIONS must be. A string N would compare unequal to every count, and a string
 # keyword_list would be read as a list of its characters: rewards silently wrong for the whole run, not an error.
 # A row no response could satisfy (a negative count, no options, _RLVR_SATISFIABLE below) is named at load too, not
 # trained on as a prompt that always scores 0; so is one that every response meets (_RLVR_ALWAYS_MET), which would
 # reward whatever the policy writes.
-_RLVR_ARG_CHECKS = {"N": (lambda v: _is_count(v) and v >= 0, "a whole number >= 0"),
-                    "i": (lambda v: _is_count(v) and v >= 1, "a whole number >= 1"),
-                    "keyword_list": (_is_str_list, "a list of strings"),
-                    "forbidden_words": (_is_str_list, "a list of strings"),
+_RLVR_ARG_CHECKS = {"N": _COUNT, "i": _POSITIVE_COUNT, "keyword_list": _STRINGS, "forbidden_words": _STRINGS,
                     "options": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of strings"),
-                    "language": (lambda v: isinstance(v, str) and v in LANGDETECT_CODES,
-                                 "a language code langdetect returns"),
-                    **{k: (lambda v: isinstance(v, str), "a string")
-                       for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
-                                 "original_prompt", "end_phrase", "quantifier")}}
+                    "language": _LANGUAGE,
+                    **{k: _STRING for k in ("word", "letter", "first_word", "postscript_marker", "section_splitter",
+                                            "original_prompt", "end_phrase", "quantifier")}}
 def _one_word(word):  # what verify_keyword_frequency can count: a single \b\w+\b token
     return isinstance(word, str) and re.fullmatch(r"\w+", word.lower()) is not None
 

@@ -1,4 +1,5 @@
 import contextlib
+import glob
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import common
 import eval as ev
-from data import DataError, Tokenizer, build_demo_tokenizer, make_demo_data
+from data import DataError, Tokenizer, build_demo_tokenizer, make_demo_data, read_rows
 from model import Generation, ModelConfig, Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
@@ -685,6 +686,56 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
     assert ran == []  # arc's finished scores would have been thrown away
 
 
+def test_a_split_there_in_two_formats_or_two_places_is_refused_naming_the_files(tmp_path, monkeypatch):
+    """eval.py read one of them and ignored the other unseen; the trainers' loader refuses the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    ran = []
+    monkeypatch.setitem(ev.TASKS, "arc", lambda ctx: ran.append("arc"))
+    gsm8k = tmp_path / "evals" / "gsm8k"
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    rows = [json.loads(line) for line in (gsm8k / "test.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), gsm8k / "test-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=r"gsm8k.test: the split is there in 2 formats "
+                                        r"\(.*test\.jsonl, .*test-\*\.parquet\): keep one of them"):
+        ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
+    os.remove(gsm8k / "test-00000-of-00001.parquet")
+    (gsm8k / "main").mkdir()
+    shutil.copy(gsm8k / "train.jsonl", gsm8k / "main" / "train.jsonl")  # (found when the task runs)
+    shutil.copy(gsm8k / "test.jsonl", gsm8k / "main" / "test.jsonl")
+    with pytest.raises(DataError, match=r"holds the same split twice \(.*gsm8k.test\.jsonl, .*main.test\.jsonl\)"):
+        ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
+    os.remove(gsm8k / "main" / "test.jsonl")
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before finding the files"))
+    with pytest.raises(DataError, match=r"holds the same split twice \(.*gsm8k.train\.jsonl, .*main.train\.jsonl\)"):
+        ev.evaluate_tasks(None, None, ["gsm8k"], str(tmp_path / "evals"))
+    assert ran == []
+
+
+def test_bbh_refuses_what_under_bbh_it_would_not_read_rather_than_averaging_the_rest(tmp_path, monkeypatch):
+    """The score is the mean over the subtasks read: one skipped unseen changes it."""
+    ran = []
+    monkeypatch.setitem(ev.TASKS, "arc", lambda ctx: ran.append("arc"))
+    bbh = tmp_path / "evals" / "bbh"
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    (bbh / "sub2").mkdir()
+    shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "sub2" / "train.jsonl")
+    (bbh / "sub3").mkdir()
+    shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "sub3" / "validation.jsonl")
+    (bbh / "sub4.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match=r"bbh: holds sub2/ \(no test split\), sub3/ \(no test split\), "
+                                        r"sub4\.jsonl\.gz, which no BBH subtask is read from"):
+        ev.evaluate_tasks(None, None, ["arc", "bbh"], str(tmp_path / "evals"))
+    for path in ("sub2", "sub3"):
+        shutil.rmtree(bbh / path)
+    os.remove(bbh / "sub4.jsonl.gz")
+    (bbh / "boolean_expressions").mkdir()
+    shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "boolean_expressions" / "test.jsonl")
+    with pytest.raises(DataError, match=r"bbh: holds subtask boolean_expressions twice"):
+        ev.evaluate_tasks(None, None, ["arc", "bbh"], str(tmp_path / "evals"))
+    assert ran == []
+
+
 @pytest.mark.parametrize("task,split,edit,message", [
     ("gsm8k", "gsm8k/test.jsonl", lambda r: {**r, "answer": "so #### twelve"}, "gsm8k ground truth is not a number"),
     ("gsm8k", "gsm8k/train.jsonl", lambda r: {"q": r["question"], "answer": r["answer"]}, "question"),
@@ -692,7 +743,7 @@ def test_a_missing_file_stops_the_run_before_the_first_task(tmp_path, monkeypatc
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["punctuation:no_commas"]},
      "unknown instruction id 'punctuation:no_commas'"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["detectable_format:number_highlighted_sections"],
-                                                "kwargs": ["two"]}, "AttributeError"),
+                                                "kwargs": ["two"]}, "kwargs must be a list of one dict of arguments"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": ["keywords:existence"], "kwargs": [{}]},
      "missing kwarg 'keywords'"),
     ("ifeval", "ifeval/train.jsonl", lambda r: {**r, "instruction_id_list": [], "kwargs": []},
@@ -706,6 +757,166 @@ def test_a_bad_row_fails_before_any_generation_naming_its_line(loaded, tmp_path,
     monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the rows"))
     with pytest.raises(DataError, match=f"{re.escape(str(path))} line 2: .*{message}"):
         ev.evaluate_tasks(*loaded, [task], str(tmp_path / "evals"))
+
+
+def with_first_row(tmp_path, rel, edit):
+    """A copy of the fixtures whose split `rel` is rewritten as a .jsonl file with its first row edited; its path."""
+    shutil.copytree(FIXTURES, tmp_path / "evals")
+    split = ev.find_split(str(tmp_path / "evals"), rel)
+    rows = [row for _, row in read_rows(split)]
+    for old in glob.glob(split):
+        os.remove(old)
+    path = tmp_path / "evals" / f"{rel}.jsonl"
+    path.write_text("".join(json.dumps(edit(r) if i == 0 else r) + "\n" for i, r in enumerate(rows)))
+    return path
+
+
+def refused_before_scoring(loaded, monkeypatch, path, task, message):
+    """Asserts that evaluating `task`, in the chat template or not, fails on line 1 of path with `message`, before
+    any generation or log-likelihood is computed."""
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking the rows"))
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda *a, **k: pytest.fail("scored before checking the rows"))
+    data_dir = str(path).split(os.sep + "evals" + os.sep)[0] + os.sep + "evals"
+    for use_chat_template in (True, False):
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))} line 1: {message}"):
+            ev.evaluate_tasks(*loaded, [task], data_dir, use_chat_template=use_chat_template)
+
+
+@pytest.mark.parametrize("task,rel,edit,message", [
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": "abcd"}, "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": json.dumps(r["endings"])},
+     "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": {"a": "x", "b": "y"}},
+     "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": ["x", 7, None]},
+     "endings must be a list of strings"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "ctx_b": 5}, "ctx_b must be a string, got int 5"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "ctx_a": 5}, "ctx_a must be a string"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "activity_label": ["x"]}, "activity_label must be a string"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": "xyz", "label": "ABC"}},
+     "choices.label must be a list of strings"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": {"a": 1, "b": 2}, "label": ["A", "B"]}},
+     "choices.text must be a list of strings"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", None, 5], "label": ["A", "B", "C"]}},
+     "choices.text must be a list of strings"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": json.dumps(r["choices"])}, "choices must be {'text'"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "question": 42}, "question must be a string"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "question": {"stem": "Q?"}}, "question must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol1": 5}, "sol1 must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol1": ["a"]}, "sol1 must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "goal": 5}, "goal must be a string"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol2": None}, "field 'sol2' is null"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "question": [42]}, "question must be a string"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "category": 3}, "category must be a string"),
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "answer": 70}, "answer must be a string, got int 70"),
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "answer": ["#### 70"]}, "answer must be a string"),
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "question": 5}, "question must be a string"),
+    ("gsm8k", "gsm8k/train", lambda r: {**r, "answer": 70}, "answer must be a string"),
+    ("gsm8k", "gsm8k/train", lambda r: {**r, "question": 5}, "question must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "input": 5}, "input must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": ["False"]}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": False}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": float("nan")}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": 4}, "target must be a string"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "target": " "}, "target ' ' is blank"),
+    ("ifeval", "ifeval/train", lambda r: {**r, "prompt": 5}, "prompt must be a string")])
+def test_a_text_field_or_choice_list_of_the_wrong_type_is_refused_before_scoring_naming_file_line_and_field(
+        loaded, tmp_path, monkeypatch, task, rel, edit, message):
+    """Formatted into the prompt as its repr, or its characters scored as choices, it would be scored silently."""
+    refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
+
+
+@pytest.mark.parametrize("task,rel,edit,name", [
+    ("gsm8k", "gsm8k/test", lambda r: {**r, "question": "a\ud800b"}, "question"),
+    ("gsm8k", "gsm8k/train", lambda r: {**r, "question": "a\ud800b"}, "question"),  # a few-shot example
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", "y\udc00", "z"], "label": ["A", "B", "C"]}},
+     r"choices\.text\[1\]"),
+    ("piqa", "piqa/validation", lambda r: {**r, "sol2": "\udc00"}, "sol2"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "ctx_a": "\ud800"}, "ctx_a"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "options": ["x", "\ud800"] + r["options"][2:]}, r"options\[1\]"),
+    ("bbh", "bbh/boolean_expressions", lambda r: {**r, "input": "\ud800"}, "input"),
+    ("ifeval", "ifeval/train", lambda r: {**r, "prompt": "\ud800"}, "prompt")])
+def test_a_lone_surrogate_is_refused_before_scoring_naming_file_line_and_field_not_a_chat_message(
+        loaded, tmp_path, monkeypatch, task, rel, edit, name):
+    """Without this the tokenizer fails with no row named, or the chat renderer names a message number."""
+    path = with_first_row(tmp_path, rel, edit)
+    refused_before_scoring(loaded, monkeypatch, path, task, f"{name} has a lone surrogate")
+
+
+def ifeval_row(instruction, kwargs):
+    return lambda r: {**r, "instruction_id_list": [instruction], "kwargs": [kwargs]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (ifeval_row("keywords:existence", {"keywords": "banana"}),
+     "instruction 'keywords:existence': keywords must be a list of strings, got 'banana'"),
+    (ifeval_row("keywords:existence", {"keywords": ["banana", 5]}),
+     "instruction 'keywords:existence': keywords must be a list of strings"),
+    (ifeval_row("keywords:forbidden_words", {"forbidden_words": "xyz"}),
+     "instruction 'keywords:forbidden_words': forbidden_words must be a list of strings"),
+    (ifeval_row("language:response_language", {"language": "english"}),
+     "instruction 'language:response_language': language must be a language code"),
+    (ifeval_row("language:response_language", {"language": 5}), "language must be a language code"),
+    (ifeval_row("detectable_format:number_bullet_lists", {"num_bullets": "2"}),
+     "instruction 'detectable_format:number_bullet_lists': num_bullets must be a whole number >= 0, got '2'"),
+    (ifeval_row("length_constraints:number_words", {"relation": "less than", "num_words": float("nan")}),
+     "num_words must be a whole number >= 0, got nan"),
+    (ifeval_row("length_constraints:number_words", {"relation": "less than", "num_words": float("inf")}),
+     "num_words must be a whole number >= 0, got inf"),
+    (ifeval_row("length_constraints:number_words", {"relation": "less than", "num_words": True}),
+     "num_words must be a whole number >= 0, got True"),
+    (ifeval_row("length_constraints:number_words", {"relation": "exactly", "num_words": 5}),
+     "relation must be 'less than' or 'at least'"),
+    (ifeval_row("detectable_format:number_highlighted_sections", {"num_highlights": -1}),
+     "num_highlights must be a whole number >= 0, got -1"),
+    (ifeval_row("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": 5}), "first_word must be a string, got 5"),
+    (ifeval_row("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "so"}),
+     "nth_paragraph 3 of 2 paragraphs, which no response can follow"),
+    (ifeval_row("punctuation:no_comma", {"foo": 5}),
+     r"instruction 'punctuation:no_comma' takes no argument 'foo' \(its arguments: none\)"),
+    (lambda r: {**r, "instruction_id_list": "punctuation:no_comma"},
+     "instruction_id_list must be a list of instruction ids, got 'punctuation:no_comma'"),
+    (lambda r: {**r, "kwargs": json.dumps(r["kwargs"])}, "kwargs must be a list of one dict of arguments")])
+def test_an_ifeval_argument_of_the_wrong_kind_is_refused_at_load_naming_file_line_instruction_and_argument(
+        loaded, tmp_path, monkeypatch, edit, message):
+    """Unchecked, a string of keywords was checked character by character, a string count or an unknown language
+    code failed every response and an infinite one passed it, and a wrong item failed with a traceback only once
+    everything was generated."""
+    path = with_first_row(tmp_path, "ifeval/train", edit)
+    refused_before_scoring(loaded, monkeypatch, path, "ifeval", f"ifeval: .*{message}")
+
+
+@pytest.mark.parametrize("label", ["\u00b2", "\u0663", "\uff11"])
+def test_a_hellaswag_label_in_digits_other_than_ascii_is_refused_not_read_as_a_number(loaded, tmp_path, monkeypatch,
+                                                                                        label):
+    path = with_first_row(tmp_path, "hellaswag/validation", lambda r: {**r, "label": label})
+    refused_before_scoring(loaded, monkeypatch, path, "hellaswag", "label must be a whole number")
+
+
+@pytest.mark.parametrize("task,rel,edit,message", [
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x"], "label": ["A"]}},
+     "choices.label has 1 choice"),
+    ("hellaswag", "hellaswag/validation", lambda r: {**r, "endings": ["x"]}, "endings has 1 choice"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "options": ["x"], "answer_index": 0, "answer": "A"},
+     "options has 1 choice"),
+    ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", "y", "z"], "label": ["A", "A", "B"]}},
+     r"choices\.label \['A', 'A', 'B'\] holds a label twice"),
+    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "answer": "C", "answer_index": 1},
+     r"answer 'C' and answer_index 1 \(B\) disagree")])
+def test_a_multiple_choice_row_whose_gold_is_not_a_real_choice_among_several_is_refused(loaded, tmp_path, monkeypatch,
+                                                                                        task, rel, edit, message):
+    """One choice scores correct whatever the model prefers; a repeated label or two disagreeing answers leave the
+    gold one to whichever comes first."""
+    refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
+
+
+@pytest.mark.parametrize("rel", ["gsm8k/test", "gsm8k/train"])
+def test_a_gsm8k_answer_with_two_answer_marks_is_refused_not_scored_on_either(loaded, tmp_path, monkeypatch, rel):
+    """lighteval's qem would score against the first '#### N', the reported reference be the last."""
+    path = with_first_row(tmp_path, rel, lambda r: {**r, "answer": "so 5.\n#### 5\n#### 70"})
+    refused_before_scoring(loaded, monkeypatch, path, "gsm8k", "answer has 2 '####' answer marks")
 
 
 def test_a_gsm8k_answer_with_paragraphs_is_scored_on_its_final_number(loaded, monkeypatch):
