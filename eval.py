@@ -585,11 +585,14 @@ def score_ifeval(rows, outputs):
 
 def bbh_subtasks(data_dir):
     """{subtask: path} for bbh/<subtask>.{jsonl,json,parquet} and bbh/<subtask>/test[...]. Anything else under bbh/
-    is refused, not skipped: the score is the mean over the subtasks read, and one left out changes it unseen."""
+    that may hold data is refused, not skipped: the score is the mean over the subtasks read, and one left out
+    changes it unseen. (A hub snapshot's README.md, LICENSE or loading script is not data.)"""
     root = os.path.join(data_dir, "bbh")
     found, unread = {}, []
     for path in sorted(glob.glob(os.path.join(root, "*"))):
         name, ext = os.path.splitext(os.path.basename(path))
+        if os.path.isfile(path) and ext in ("", ".md", ".txt", ".py"):
+            continue
         if os.path.isdir(path):
             split = find_split(root, f"{name}/test")
         else:

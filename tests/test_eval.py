@@ -723,6 +723,8 @@ def test_bbh_refuses_what_under_bbh_it_would_not_read_rather_than_averaging_the_
     (bbh / "sub3").mkdir()
     shutil.copy(bbh / "boolean_expressions.jsonl", bbh / "sub3" / "validation.jsonl")
     (bbh / "sub4.jsonl.gz").write_bytes(b"\x1f\x8b")
+    for doc in ("README.md", "LICENSE", "bbh.py"):  # what a hub snapshot holds besides the data: not refused
+        (bbh / doc).write_text("not data\n")
     with pytest.raises(DataError, match=r"bbh: holds sub2/ \(no test split\), sub3/ \(no test split\), "
                                         r"sub4\.jsonl\.gz, which no BBH subtask is read from"):
         ev.evaluate_tasks(None, None, ["arc", "bbh"], str(tmp_path / "evals"))
@@ -734,6 +736,8 @@ def test_bbh_refuses_what_under_bbh_it_would_not_read_rather_than_averaging_the_
     with pytest.raises(DataError, match=r"bbh: holds subtask boolean_expressions twice"):
         ev.evaluate_tasks(None, None, ["arc", "bbh"], str(tmp_path / "evals"))
     assert ran == []
+    shutil.rmtree(bbh / "boolean_expressions")
+    assert sorted(ev.bbh_subtasks(str(tmp_path / "evals"))) == ["boolean_expressions", "sports_understanding"]
 
 
 @pytest.mark.parametrize("task,split,edit,message", [
