@@ -126,17 +126,30 @@ def run_script(main, *user_errors, resumable=False):
                 time.sleep(5)
         sys.exit(f"{f'rank {local_rank} of this node: ' if local_rank else ''}error: {e}")
     except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
-        from tqdm import tqdm
-        here = os.path.dirname(os.path.abspath(__file__))
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(here + os.sep)
-                  and "-packages" + os.sep not in os.path.relpath(f.filename, here)]  # (a venv in the checkout)
-        last = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]  # in the project's own code
-        rank = int(os.environ.get("RANK", 0))
-        hint = "; --resume=true continues from the newest checkpoint, if one was written (they are written whole)"
-        tqdm.write(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
-                   f"{os.path.relpath(last.filename, here)}:{last.lineno}){hint if resumable and not rank else ''}",
-                   file=sys.stderr)
-        sys.exit(130)
+        _say_interrupted(e, resumable)
+    except Exception as e:
+        # Ctrl-C inside a library can come out as another error raised while it unwinds: torch.save's zip writer,
+        # cut mid-record, fails to close with a RuntimeError whose context is the KeyboardInterrupt
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        _say_interrupted(cause, resumable)
+
+
+def _say_interrupted(e, resumable):
+    from tqdm import tqdm
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(here + os.sep)
+              and "-packages" + os.sep not in os.path.relpath(f.filename, here)]  # (a venv in the checkout)
+    last = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]  # in the project's own code
+    rank = int(os.environ.get("RANK", 0))
+    hint = "; --resume=true continues from the newest checkpoint, if one was written (they are written whole)"
+    tqdm.write(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
+               f"{os.path.relpath(last.filename, here)}:{last.lineno}){hint if resumable and not rank else ''}",
+               file=sys.stderr)
+    sys.exit(130)
 
 
 def refuse_unused(cfg, names, why):

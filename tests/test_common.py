@@ -1064,6 +1064,33 @@ def test_ctrl_c_ends_a_script_with_one_line_saying_where(monkeypatch, capsys):
         assert re.fullmatch(r"interrupted \(in main, tests/test_common.py:\d+\)" + re.escape(hint) + "\n", err), err
 
 
+def test_ctrl_c_that_a_library_turns_into_another_error_on_its_way_out_is_still_one_line(monkeypatch, capsys):
+    """torch.save cut mid-record by Ctrl-C fails to close its zip with a RuntimeError whose context is the
+    KeyboardInterrupt; a bug's error that no Ctrl-C is behind keeps its traceback."""
+    def write_record():
+        raise KeyboardInterrupt
+
+    def save():
+        try:
+            write_record()
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2972480 vs 2972368")
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as e:
+        common.run_script(save, resumable=True)
+    assert e.value.code == 130
+    assert re.match(r"interrupted \(in write_record, tests/test_common.py:\d+\); --resume=true", capsys.readouterr().err)
+
+    def bug():
+        try:
+            raise KeyError("x")
+        finally:
+            raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        common.run_script(bug)
+
+
 def test_under_torchrun_a_refusal_is_said_once(tmp_path):
     """Every rank meets the same mistyped flag: eight ranks said it eight times, above torchrun's own report."""
     returncode, out, err = launch("train_sft.py", [f"--run_dir={tmp_path}", "--max_step=10"], timeout=120)
