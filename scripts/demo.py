@@ -14,9 +14,11 @@ Output folder (default runs/demo): one run folder per stage, report.md, curves.p
 The same seed gives the same table on any x86-64 CPU with AVX2: see pin_cpu_kernels.
 """
 import argparse
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +56,39 @@ CURVES = {"sft": ["loss", "eval_loss"], "dpo": ["loss", "accuracy", "margins"],
           "rlvr": ["reward", "acc_gsm8k", "acc_ifeval", "kl"]}
 
 
+def run_child(cmd, **kwargs):
+    """subprocess.run, with the child ended (SIGTERM) when this process dies however it dies (on Linux): a trainer
+    left running after the demo or the sweep was killed went on writing into the run folder that a rerun writes in."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child between fork and exec only calls
+    except (OSError, AttributeError):  # not Linux
+        return subprocess.run(cmd, **kwargs)
+    parent = os.getpid()
+
+    def die_with_parent():
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
+    return subprocess.run(cmd, preexec_fn=die_with_parent, **kwargs)
+
+
+def write_json(path, value):
+    """Written whole or not at all: a file cut short by a kill would stop every later run that reads it."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def interrupted_in_one_line(main):
+    """main(), a Ctrl-C ending it with one line and status 130 (the trainer under it has said where it stopped)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"interrupted: {os.path.basename(sys.argv[0])} stopped; the same command again goes on from what was "
+              f"finished", file=sys.stderr)
+        sys.exit(130)
+
+
 def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     run_dir = os.path.join(out, name)
     # --overwrite: this script decides which stages to rerun, and a rerun replaces the stage's earlier run
@@ -65,13 +100,13 @@ def run_stage(name, trainer, parent, out, seed, threads, extra_args):
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    status = subprocess.run(cmd, env=env).returncode
+    status = run_child(cmd, env=env).returncode
     if status != 0:  # the trainer said why above: one line on which stage stopped, not a CalledProcessError traceback
         how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         raise SystemExit(f"error: the {name} stage failed: {trainer} {how} (its output is above)")
     seconds = time.perf_counter() - t0
-    with open(os.path.join(run_dir, "demo_time.json"), "w") as f:
-        json.dump({"train_seconds": seconds, "settings": stage_settings(out, parent, seed, extra_args)}, f)
+    write_json(os.path.join(run_dir, "demo_time.json"),
+               {"train_seconds": seconds, "settings": stage_settings(out, parent, seed, extra_args)})
     return seconds
 
 
@@ -95,9 +130,7 @@ def evaluate_stage(final, seed, limit=None):
     import eval as evaluation
     model, tok = evaluation.load_model_and_tokenizer(final)
     scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(seed), limit=limit)
-    with open(path + ".tmp", "w") as f:
-        json.dump(scores, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, scores)
     return scores
 
 
@@ -256,4 +289,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     pin_cpu_kernels()
-    main()
+    interrupted_in_one_line(main)

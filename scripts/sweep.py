@@ -37,6 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from demo import interrupted_in_one_line, pin_cpu_kernels, run_child, write_json  # noqa: E402  (scripts/: on the path)
 
 TRAINERS = {"sft": "train_sft.py", "dpo": "train_dpo.py"}
 DEMO_CONFIGS = {"sft": "configs/sweep_demo_sft.json", "dpo": "configs/dpo_demo.json"}
@@ -98,7 +99,7 @@ def evaluate(args, final, run_dir):
                f"--data_dir={args.eval_data_dir}", f"--out={out}"]
         if args.eval_limit:
             cmd.append(f"--limit={args.eval_limit}")
-        subprocess.run(cmd, check=True)
+        run_child(cmd, check=True)
         with open(out) as f:
             summary = json.load(f)["summary"]
         return {task: res["value"] for task, res in summary.items()}
@@ -180,7 +181,7 @@ def run_point(args, lr, batch, ratio, passthrough):
             # (on a line of its own: a killed attempt may have left its last line unfinished)
             log.write(f"\n{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
             log.flush()
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            run_child(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         result["train_seconds"] = round(time.perf_counter() - t0, 1)
         phase = "evaluation (its output is above)"
         result["metrics"] = evaluate(args, os.path.join(run_dir, "final"), run_dir)
@@ -192,9 +193,7 @@ def run_point(args, lr, batch, ratio, passthrough):
         else:
             result["error"] = f"{type(e).__name__} in {phase}: {e}"
         print(f"--- {name}: FAILED: {result['error']}", flush=True)
-    with open(result_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(result_path + ".tmp", result_path)
+    write_json(result_path, result)
     return result
 
 
@@ -361,6 +360,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from demo import pin_cpu_kernels  # as the demo: the same seed gives the same table on any x86-64 with AVX2
-    pin_cpu_kernels()
-    sys.exit(1 if any(r["status"] != "ok" for r in main()) else 0)  # the failed points are listed above
+    pin_cpu_kernels()  # as the demo: the same seed gives the same table on any x86-64 with AVX2
+    sys.exit(1 if any(r["status"] != "ok" for r in interrupted_in_one_line(main)) else 0)  # failed points: above

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -108,6 +109,63 @@ def test_a_demo_stage_killed_by_a_signal_is_said_so(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9))
     with pytest.raises(SystemExit, match=r"^error: the sft stage failed: train_sft.py was killed by signal 9 "):
         demo.run_stage("sft", "train_sft.py", None, str(tmp_path), 0, 1, "")
+
+
+def _running(pid):  # (a child whose parent died is a zombie until something reaps it: that is not running)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_trainer_started_by_the_demo_or_the_sweep_ends_when_they_are_killed(tmp_path):
+    """Killed by PID (the OOM killer, a scheduler), the demo left its trainer running, and a rerun put a second one
+    in the same run folder: two writers of its checkpoints and metrics."""
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    scripts = os.path.join(ROOT, "scripts")
+    parent = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {scripts!r}); import demo; "
+                               f"demo.run_child([sys.executable, '-c', {child!r}])"])
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    assert _running(pid)
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        if not _running(pid):
+            break
+        time.sleep(0.1)
+    assert not _running(pid), "the child outlived its killed parent"
+
+
+def test_ctrl_c_ends_the_demo_or_the_sweep_with_one_line(capsys):
+    """The trainer under them says where it stopped; then came the script's own KeyboardInterrupt traceback."""
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        demo.interrupted_in_one_line(main)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_demos_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A demo_time.json cut short by a kill stopped every later demo run with a JSONDecodeError."""
+    path = str(tmp_path / "demo_time.json")
+    demo.write_json(path, {"train_seconds": 1.0})
+
+    def killed_midway(value, f, **kwargs):
+        f.write("{")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo.json, "dump", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_json(path, {"train_seconds": 2.0})
+    monkeypatch.undo()
+    assert json.load(open(path)) == {"train_seconds": 1.0}
 
 
 @pytest.mark.parametrize("flag, why", [("--eval_limit=-1", "--eval_limit must be 0 (every example) or more, got -1"),
