@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import errno
+import fcntl
 import inspect
 import hashlib
 import json
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -36,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import CheckpointError, model_folder_problem
 
+log = logging.getLogger("nanotulu.common")
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: a dataclass, JSON presets, --key=value overrides
@@ -422,6 +426,7 @@ def teardown_distributed():
     once on a 2-core box; at interpreter exit the same state aborts instead). So the ranks meet in a last all-reduce,
     then wait with the GIL released until gloo's worker has let go of it: its hold on the tensor shows in the
     tensor's Python reference count."""
+    release_run_dir_locks()  # the run is over: its folder may be taken by another
     if not dist.is_initialized():
         return
     gloo = dist.get_backend() == "gloo"
@@ -957,6 +962,7 @@ def prepare_run_dir(cfg, d):
                           f"it: pass --overwrite=true for that, or another --run_dir")
     if d.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
+        lock_run_dir(cfg.run_dir)  # before anything in it is deleted
         if not (cfg.resume and resumable):  # a fresh run, or a resume with nothing to resume: from step 0
             for stale in (checkpoint_dir(cfg.run_dir), final):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -964,6 +970,42 @@ def prepare_run_dir(cfg, d):
                 if os.path.exists(os.path.join(cfg.run_dir, name)):
                     os.remove(os.path.join(cfg.run_dir, name))
     barrier()
+
+
+_RUN_DIR_LOCKS = {}  # run_dir's real path -> its open lock file, held until release_run_dir_locks or the process ends
+
+
+def lock_run_dir(run_dir):
+    """Refuse a second run in run_dir while one is training there (a job launched twice, a rerun while the first is
+    still going): two writers would interleave their metrics and replace each other's checkpoints. The lock is the
+    kernel's (POSIX, so NFS's too) and goes with the process that holds it, however that process ends."""
+    path = os.path.realpath(run_dir)
+    if path in _RUN_DIR_LOCKS:
+        return
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise ConfigError(f"run_dir={run_dir} is in use: {holder} is training there (wait for it to end, stop it, "
+                              f"or pass another --run_dir)") from None
+        log.warning(f"run_dir={run_dir}: its filesystem does not lock files ({e}), so a second run started in it "
+                    f"would not be refused")
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _RUN_DIR_LOCKS[path] = f
+
+
+def release_run_dir_locks():
+    """Let go of this process's run_dir locks (a trainer's main() that returns; the tests, between runs)."""
+    while _RUN_DIR_LOCKS:
+        _RUN_DIR_LOCKS.popitem()[1].close()
 
 
 def _inside(path, folder):

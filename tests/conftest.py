@@ -5,6 +5,15 @@ import data
 from model import ModelConfig, Transformer
 
 
+@pytest.fixture(autouse=True)
+def _run_dir_locks_end_with_the_test():
+    """A trainer's main() run in the test process and stopped midway keeps its run_dir locked, as its process would
+    until it ended; a test is such a process's whole life."""
+    yield
+    import common
+    common.release_run_dir_locks()
+
+
 @pytest.fixture(scope="session")
 def demo_sft_model(tmp_path_factory):
     """The demo SFT model (`python train_sft.py`'s preset, ~2 CPU minutes), trained once and shared by the DPO and

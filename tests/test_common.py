@@ -893,6 +893,41 @@ def test_a_fresh_run_refuses_to_delete_an_earlier_runs_checkpoints_and_final(tmp
         assert not (run / earlier.split("/")[0]).exists() and not (run / "metrics.jsonl").exists()
 
 
+HOLD_RUN_DIR = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    import common
+    common.lock_run_dir(sys.argv[2])
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_run_dir_another_process_is_training_in_is_refused_until_that_process_ends(tmp_path):
+    """A job launched twice, or a rerun while the first is still going: two writers interleaved their metrics and
+    replaced each other's checkpoints. Nothing in the folder is touched by the refused run."""
+    d = common.setup_distributed("cpu")
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "model.safetensors").write_text("weights")
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_RUN_DIR)
+    holder = subprocess.Popen([sys.executable, str(script), ROOT, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        overwrite = common.parse_config(Cfg, [f"--run_dir={run}", "--overwrite=true"])
+        with pytest.raises(common.ConfigError, match=rf"run_dir={re.escape(str(run))} is in use: pid {holder.pid} on "
+                                                     rf"\S+ is training there"):
+            common.prepare_run_dir(overwrite, d)
+        assert (run / "final" / "model.safetensors").exists()
+    finally:
+        holder.kill()  # however its holder ends, the lock goes with it
+        holder.wait()
+    common.prepare_run_dir(overwrite, d)
+    assert not (run / "final").exists()
+    common.prepare_run_dir(overwrite, d)  # the same process again: already its own
+
+
 def test_an_empty_config_flag_is_an_error_naming_it():
     with pytest.raises(common.ConfigError, match="--config needs a preset file"):
         common.parse_config(Cfg, ["--config="])
