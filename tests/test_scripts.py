@@ -404,7 +404,7 @@ def test_sweep_point_reruns_only_failed_points_with_retry_failed_and_refuses_oth
     trained = []
     outcome = {"train": "fail"}
 
-    def fake_run(cmd, check, stdout, stderr):  # the trainer, failing on demand
+    def fake_run(cmd, check, stdout, stderr, **kwargs):  # the trainer, failing on demand
         trained.append(cmd)
         if outcome["train"] == "fail":
             raise subprocess.CalledProcessError(1, cmd)
@@ -448,7 +448,7 @@ def test_sweep_launches_torchrun_and_passes_the_eval_limit_to_eval_py(tmp_path, 
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=2"]
     calls = []
 
-    def fake_run(cmd, check):
+    def fake_run(cmd, check, **kwargs):
         calls.append(cmd)
         with open(os.path.join(str(tmp_path), "eval.json"), "w") as f:
             json.dump({"summary": {"arc": {"value": 0.25}}}, f)
