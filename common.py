@@ -134,15 +134,16 @@ def run_script(main, *user_errors, resumable=False):
     except Exception as e:
         # Ctrl-C inside a library can come out as another error raised while it unwinds: torch.save's zip writer,
         # cut mid-record, fails to close with a RuntimeError whose context is the KeyboardInterrupt
-        cause = e.__context__
-        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+        cause, seen = e.__context__, {id(e)}
+        while cause is not None and not isinstance(cause, KeyboardInterrupt) and id(cause) not in seen:
+            seen.add(id(cause))
             cause = cause.__context__
-        if cause is None:
+        if not isinstance(cause, KeyboardInterrupt):
             raise
-        _say_interrupted(cause, resumable)
+        _say_interrupted(cause, resumable, then=e)
 
 
-def _say_interrupted(e, resumable):
+def _say_interrupted(e, resumable, then=None):
     from tqdm import tqdm
     here = os.path.dirname(os.path.abspath(__file__))
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(here + os.sep)
@@ -150,9 +151,10 @@ def _say_interrupted(e, resumable):
     last = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]  # in the project's own code
     rank = int(os.environ.get("RANK", 0))
     hint = "; --resume=true continues from the newest checkpoint, if one was written (they are written whole)"
+    stopping = f" (then, while stopping: {type(then).__name__}: {then})" if then is not None else ""
     tqdm.write(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
-               f"{os.path.relpath(last.filename, here)}:{last.lineno}){hint if resumable and not rank else ''}",
-               file=sys.stderr)
+               f"{os.path.relpath(last.filename, here)}:{last.lineno}){stopping}"
+               f"{hint if resumable and not rank else ''}", file=sys.stderr)
     sys.exit(130)
 
 
@@ -952,6 +954,9 @@ def prepare_run_dir(cfg, d):
                 if given and os.path.isdir(stale) and _inside(given, stale):
                     raise ConfigError(f"--{key}={given} is inside {stale}, which a fresh run in run_dir="
                                       f"{cfg.run_dir} deletes: pass another --run_dir")
+    if d.is_main:  # before the checks of what the folder holds: a folder in use is refused as that
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        lock_run_dir(cfg.run_dir)
     if earlier and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"run_dir={cfg.run_dir} holds an earlier run ({', '.join(earlier)}): pass "
                           + ("--resume=true to continue it, " if resumable else "")
@@ -961,8 +966,6 @@ def prepare_run_dir(cfg, d):
                           f"no checkpoint to continue from, so the run would start over from step 0 and replace "
                           f"it: pass --overwrite=true for that, or another --run_dir")
     if d.is_main:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        lock_run_dir(cfg.run_dir)  # before anything in it is deleted
         if not (cfg.resume and resumable):  # a fresh run, or a resume with nothing to resume: from step 0
             for stale in (checkpoint_dir(cfg.run_dir), final):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -972,19 +975,19 @@ def prepare_run_dir(cfg, d):
     barrier()
 
 
-_RUN_DIR_LOCKS = {}  # run_dir's real path -> its open lock file, held until release_run_dir_locks or the process ends
+_RUN_DIR_LOCKS = []  # the open lock file of the run this process trains, until release_run_dir_locks or its end
 
 
 def lock_run_dir(run_dir):
     """Refuse a second run in run_dir while one is training there (a job launched twice, a rerun while the first is
     still going): two writers would interleave their metrics and replace each other's checkpoints. The lock is the
-    kernel's (POSIX, so NFS's too) and goes with the process that holds it, however that process ends."""
-    path = os.path.realpath(run_dir)
-    if path in _RUN_DIR_LOCKS:
-        return
-    f = open(os.path.join(path, ".lock"), "a+")
+    kernel's (flock; over NFS Linux makes it a POSIX lock) and goes with the process that holds it, however that
+    process ends. A process trains one run at a time: a run started in it lets go of its earlier run's folder (that
+    of a main() that raised, in a notebook or a script calling the trainers)."""
+    release_run_dir_locks()
+    f = open(os.path.join(run_dir, ".lock"), "a+")
     try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.seek(0)
         holder = f.read().strip() or "another process"
@@ -999,13 +1002,13 @@ def lock_run_dir(run_dir):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    _RUN_DIR_LOCKS[path] = f
+    _RUN_DIR_LOCKS.append(f)
 
 
 def release_run_dir_locks():
-    """Let go of this process's run_dir locks (a trainer's main() that returns; the tests, between runs)."""
+    """Let go of this process's run_dir lock (a trainer's main() that returns; the tests, between runs)."""
     while _RUN_DIR_LOCKS:
-        _RUN_DIR_LOCKS.popitem()[1].close()
+        _RUN_DIR_LOCKS.pop().close()
 
 
 def _inside(path, folder):

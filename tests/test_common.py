@@ -916,16 +916,25 @@ def test_a_run_dir_another_process_is_training_in_is_refused_until_that_process_
     try:
         assert holder.stdout.readline() == "locked\n"
         overwrite = common.parse_config(Cfg, [f"--run_dir={run}", "--overwrite=true"])
-        with pytest.raises(common.ConfigError, match=rf"run_dir={re.escape(str(run))} is in use: pid {holder.pid} on "
-                                                     rf"\S+ is training there"):
-            common.prepare_run_dir(overwrite, d)
+        # refused as in use, not told to pass --overwrite or --resume, which would not help
+        for cfg in (overwrite, common.parse_config(Cfg, [f"--run_dir={run}"])):
+            with pytest.raises(common.ConfigError, match=rf"run_dir={re.escape(str(run))} is in use: pid "
+                                                         rf"{holder.pid} on \S+ is training there"):
+                common.prepare_run_dir(cfg, d)
         assert (run / "final" / "model.safetensors").exists()
     finally:
         holder.kill()  # however its holder ends, the lock goes with it
         holder.wait()
     common.prepare_run_dir(overwrite, d)
     assert not (run / "final").exists()
-    common.prepare_run_dir(overwrite, d)  # the same process again: already its own
+    # a process trains one run at a time: the next run it starts (after a main() that raised, say) lets go of this one
+    common.prepare_run_dir(common.parse_config(Cfg, [f"--run_dir={tmp_path / 'next'}"]), d)
+    holder = subprocess.Popen([sys.executable, str(script), ROOT, str(run)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    holder.kill()
+    holder.wait()
+    common.prepare_run_dir(overwrite, d)  # and the same folder again
+    common.prepare_run_dir(overwrite, d)
 
 
 def test_an_empty_config_flag_is_an_error_naming_it():
@@ -1115,7 +1124,8 @@ def test_ctrl_c_that_a_library_turns_into_another_error_on_its_way_out_is_still_
     with pytest.raises(SystemExit) as e:
         common.run_script(save, resumable=True)
     assert e.value.code == 130
-    assert re.match(r"interrupted \(in write_record, tests/test_common.py:\d+\); --resume=true", capsys.readouterr().err)
+    assert re.match(r"interrupted \(in write_record, tests/test_common.py:\d+\) \(then, while stopping: RuntimeError: "
+                    r"\[enforce fail .*\); --resume=true", capsys.readouterr().err)
 
     def bug():
         try:
@@ -1124,6 +1134,13 @@ def test_ctrl_c_that_a_library_turns_into_another_error_on_its_way_out_is_still_
             raise RuntimeError("a bug")
     with pytest.raises(RuntimeError, match="a bug"):
         common.run_script(bug)
+    looped, other = RuntimeError("a"), RuntimeError("b")  # contexts set by hand can loop
+    looped.__context__, other.__context__ = other, looped
+
+    def loop():
+        raise looped
+    with pytest.raises(RuntimeError, match="a"):
+        common.run_script(loop)
 
 
 def test_under_torchrun_a_refusal_is_said_once(tmp_path):
