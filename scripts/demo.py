@@ -59,9 +59,9 @@ CURVES = {"sft": ["loss", "eval_loss"], "dpo": ["loss", "accuracy", "margins"],
 def run_child(cmd, **kwargs):
     """subprocess.run, with the child ended (SIGTERM) when this process dies however it dies (on Linux): a trainer
     left running after the demo or the sweep was killed went on writing into the run folder that a rerun writes in."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child between fork and exec only calls
-    except (OSError, AttributeError):  # not Linux
+    try:  # looked up here, so that the child, between fork and exec, only makes the call
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError, TypeError):  # not Linux
         return subprocess.run(cmd, **kwargs)
     parent = os.getpid()
 

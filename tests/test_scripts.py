@@ -105,8 +105,16 @@ def test_a_failed_demo_stage_ends_with_one_line_naming_it_not_a_traceback(tmp_pa
                                            "output is above)")
 
 
+def started_to_die_with_its_parent(kwargs):
+    """run_child's mark on a subprocess.run call, on Linux."""
+    return "preexec_fn" in kwargs or not sys.platform.startswith("linux")
+
+
 def test_a_demo_stage_killed_by_a_signal_is_said_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9))
+    def killed(cmd, **kwargs):
+        assert started_to_die_with_its_parent(kwargs)
+        return subprocess.CompletedProcess(cmd, -9)
+    monkeypatch.setattr(demo.subprocess, "run", killed)
     with pytest.raises(SystemExit, match=r"^error: the sft stage failed: train_sft.py was killed by signal 9 "):
         demo.run_stage("sft", "train_sft.py", None, str(tmp_path), 0, 1, "")
 
@@ -405,6 +413,7 @@ def test_sweep_point_reruns_only_failed_points_with_retry_failed_and_refuses_oth
     outcome = {"train": "fail"}
 
     def fake_run(cmd, check, stdout, stderr, **kwargs):  # the trainer, failing on demand
+        assert started_to_die_with_its_parent(kwargs)
         trained.append(cmd)
         if outcome["train"] == "fail":
             raise subprocess.CalledProcessError(1, cmd)
@@ -449,6 +458,7 @@ def test_sweep_launches_torchrun_and_passes_the_eval_limit_to_eval_py(tmp_path, 
     calls = []
 
     def fake_run(cmd, check, **kwargs):
+        assert started_to_die_with_its_parent(kwargs)
         calls.append(cmd)
         with open(os.path.join(str(tmp_path), "eval.json"), "w") as f:
             json.dump({"summary": {"arc": {"value": 0.25}}}, f)
