@@ -701,14 +701,13 @@ def test_a_split_there_in_two_formats_or_two_places_is_refused_naming_the_files(
         ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
     os.remove(gsm8k / "test-00000-of-00001.parquet")
     (gsm8k / "main").mkdir()
-    shutil.copy(gsm8k / "train.jsonl", gsm8k / "main" / "train.jsonl")  # (found when the task runs)
+    shutil.copy(gsm8k / "train.jsonl", gsm8k / "main" / "train.jsonl")
     shutil.copy(gsm8k / "test.jsonl", gsm8k / "main" / "test.jsonl")
     with pytest.raises(DataError, match=r"holds the same split twice \(.*gsm8k.test\.jsonl, .*main.test\.jsonl\)"):
         ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
     os.remove(gsm8k / "main" / "test.jsonl")
-    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before finding the files"))
     with pytest.raises(DataError, match=r"holds the same split twice \(.*gsm8k.train\.jsonl, .*main.train\.jsonl\)"):
-        ev.evaluate_tasks(None, None, ["gsm8k"], str(tmp_path / "evals"))
+        ev.evaluate_tasks(None, None, ["arc", "gsm8k"], str(tmp_path / "evals"))
     assert ran == []
 
 
@@ -906,14 +905,21 @@ def test_a_hellaswag_label_in_digits_other_than_ascii_is_refused_not_read_as_a_n
     ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "options": ["x"], "answer_index": 0, "answer": "A"},
      "options has 1 choice"),
     ("arc", "arc/ARC-Easy/test", lambda r: {**r, "choices": {"text": ["x", "y", "z"], "label": ["A", "A", "B"]}},
-     r"choices\.label \['A', 'A', 'B'\] holds a label twice"),
-    ("mmlu_pro", "mmlu_pro/test", lambda r: {**r, "answer": "C", "answer_index": 1},
-     r"answer 'C' and answer_index 1 \(B\) disagree")])
+     r"choices\.label \['A', 'A', 'B'\] holds a label twice")])
 def test_a_multiple_choice_row_whose_gold_is_not_a_real_choice_among_several_is_refused(loaded, tmp_path, monkeypatch,
                                                                                         task, rel, edit, message):
-    """One choice scores correct whatever the model prefers; a repeated label or two disagreeing answers leave the
-    gold one to whichever comes first."""
+    """One choice scores correct whatever the model prefers; a repeated label leaves the gold one to whichever comes
+    first."""
     refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
+
+
+def test_an_mmlu_pro_answer_letter_that_disagrees_with_answer_index_is_said_and_answer_index_scored(
+        loaded, tmp_path, monkeypatch, capsys):
+    path = with_first_row(tmp_path, "mmlu_pro/test", lambda r: {**r, "answer": "C", "answer_index": 1})
+    results = ev.evaluate_tasks(*loaded, ["mmlu_pro"], str(tmp_path / "evals"))
+    assert results["mmlu_pro"]["examples"][0]["gold"] == 1
+    assert (f"mmlu_pro: 1 row(s) whose answer letter disagrees with answer_index, which is what is scored (first: "
+            f"{path} line 1: answer 'C', answer_index 1 (B))") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("rel", ["gsm8k/test", "gsm8k/train"])
