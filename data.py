@@ -731,9 +731,6 @@ def load_sft_rows(spec, skip_bad=False):
 def _as_messages(value, role, where, name):
     # The prompt/chosen/rejected form may give plain strings instead of message lists
     if isinstance(value, str):
-        if _is_json_messages(value):  # an export that stored the message lists as JSON text
-            raise DataError(where, f"'{name}' is a string holding a JSON list of messages: store the list itself "
-                                   "(decode the column with json.loads)")
         return [{"role": role, "content": value}]
     if value is None:
         raise DataError(where, f"'{name}' is null")
@@ -760,6 +757,10 @@ def _normalize_preference(row, where):
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(where, f"missing '{key}' (keys: {', '.join(row) or 'none'})")
+    if all(isinstance(row[key], str) and _is_json_messages(row[key]) for key in ("chosen", "rejected")):
+        # an export that stored the message lists as JSON text: read as plain responses, the JSON would be trained
+        raise DataError(where, "chosen and rejected are strings holding JSON lists of messages: store the lists "
+                               "themselves (decode the columns with json.loads)")
     given = {}
     for key in ("chosen", "rejected"):
         given[key] = _as_messages(row[key], "assistant", where, key)
@@ -800,7 +801,8 @@ def load_preference_rows(spec, skip_bad=False):
     same = [i for i, r in enumerate(rows) if r["chosen"] == r["rejected"]]
     if same:  # kept (they are valid rows), but said: they teach nothing and count as misranked
         first = rows[same[0]]
-        which = f"id {first['id']!r}" if first.get("id") is not None else f"row {same[0] + 1} in reading order"
+        which = f"id {first['id']!r}" if first.get("id") is not None else \
+            f"the pair whose prompt ends {first['prompt'][-1]['content'][-60:]!r}"
         log.warning(f"{spec if isinstance(spec, str) else 'preference rows'}: {len(same)} of {len(rows)} pairs have "
                     f"the same chosen and rejected answer (no gradient; counted as wrong in preference accuracy); "
                     f"first: {which}")

@@ -500,13 +500,13 @@ def test_preference_columns_stored_as_json_text_are_refused_not_trained_as_text(
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "Q?", "chosen": json.dumps([user, good]),
                                 "rejected": json.dumps([user, bad])}) + "\n")
-    with pytest.raises(DataError, match=r"line 1: 'chosen' is a string holding a JSON list of messages"):
+    with pytest.raises(DataError, match=r"line 1: chosen and rejected are strings holding JSON lists of messages"):
         data.load_preference_rows(str(path))
-    with pytest.raises(DataError, match=r"'prompt' is a string holding a JSON list of messages"):
-        data.load_preference_rows([{"prompt": json.dumps([user]), "chosen": "good", "rejected": "bad"}])
-    # text that only looks like JSON is a response
-    rows = data.load_preference_rows([{"prompt": "Q?", "chosen": "[1, 2] and [3]", "rejected": "[]"}])
+    # text that only looks like JSON is a response, and so is one answer that is a JSON list of messages
+    rows = data.load_preference_rows([{"prompt": "Q?", "chosen": "[1, 2] and [3]", "rejected": "[]"},
+                                      {"prompt": "Q?", "chosen": json.dumps([good]), "rejected": "no"}])
     assert rows[0]["chosen"][0]["content"] == "[1, 2] and [3]" and rows[0]["rejected"][0]["content"] == "[]"
+    assert rows[1]["chosen"][0]["content"] == json.dumps([good])
 
 
 def test_an_empty_response_is_a_preference_pair_whose_end_of_turn_is_trained(demo_tok):
@@ -942,7 +942,7 @@ def test_pairs_with_the_same_chosen_and_rejected_answer_are_kept_counted_and_the
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         assert len(data.load_preference_rows(rows)) == 2
     assert "preference rows: 1 of 2 pairs have the same chosen and rejected answer" in caplog.text
-    assert "first: row 2 in reading order" in caplog.text
+    assert "first: the pair whose prompt ends 'q'" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
         data.load_preference_rows([dict(row, id=f"pair-{i}") for i, row in enumerate(rows + rows)])
