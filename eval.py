@@ -23,11 +23,11 @@ under bbh/ must be a subtask; paths are relative to --data_dir:
     mmlu_pro   mmlu_pro/test (or mmlu_pro/data/test)   question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
 
-Every row a task reads is checked before anything is generated or scored, and a bad one stops the run naming its file,
-line and field: each text field a string with no lone surrogate (a BBH target not blank), each list of choices a list
-of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a choice, an
-MMLU-Pro answer letter the one answer_index names, a GSM8K answer with one '#### <number>', and IFEval's kwargs the
-arguments each instruction takes, each of its kind (verifiers.IFEVAL_ARGS).
+Every row a task reads is checked before the task generates or scores anything, and a bad one stops the run naming its
+file, line and field: each text field a string with no lone surrogate (a BBH target not blank), each list of choices a
+list of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a choice, a
+GSM8K answer with one '#### <number>', and IFEval's kwargs the arguments each instruction takes, each of its kind
+(verifiers.IFEVAL_ARGS). An MMLU-Pro answer letter that disagrees with answer_index is said; answer_index is scored.
 
 How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README
 runs the instruct models: `lighteval ... --use_chat_template`):
