@@ -797,6 +797,19 @@ def _read_checkpoint_file(path, weights_only=False):
                               f"short: {fallback()}") from e
 
 
+def _state_by_name(optim_sd, model, optimizer):
+    """An optimizer state dict as FSDP's state-dict API takes it, keyed by parameter name. A checkpoint saved
+    without FSDP (one rank, or DDP) keys it by the parameters' positions in the optimizer's groups, which the API
+    cannot read (KeyError 'state.0.step'); the positions are those of this optimizer, built the same way."""
+    if not all(isinstance(i, int) for group in optim_sd["param_groups"] for i in group["params"]):
+        return optim_sd
+    name_of = {id(p): name for name, p in unwrap(model).named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {names[i]: value for i, value in optim_sd["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in optim_sd["param_groups"]]}
+
+
 def load_checkpoint(path, model, optimizer=None):
     """Restore model, optimizer and this rank's RNG state; returns {'step': int, 'extra': dict}."""
     model_sd = _read_checkpoint_file(os.path.join(path, "model.pt"), weights_only=True)
@@ -809,7 +822,7 @@ def load_checkpoint(path, model, optimizer=None):
             _reshard(model)
             set_model_state_dict(model, model_sd, options=opts)
             if optim_sd is not None:
-                set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+                set_optimizer_state_dict(model, optimizer, _state_by_name(optim_sd, model, optimizer), options=opts)
         else:
             unwrap(model).load_state_dict(model_sd)
             if optim_sd is not None:
@@ -954,9 +967,17 @@ def prepare_run_dir(cfg, d):
                 if given and os.path.isdir(stale) and _inside(given, stale):
                     raise ConfigError(f"--{key}={given} is inside {stale}, which a fresh run in run_dir="
                                       f"{cfg.run_dir} deletes: pass another --run_dir")
+    in_use = None
     if d.is_main:  # before the checks of what the folder holds: a folder in use is refused as that
         os.makedirs(cfg.run_dir, exist_ok=True)
-        lock_run_dir(cfg.run_dir)
+        try:
+            lock_run_dir(cfg.run_dir)
+        except ConfigError as e:
+            in_use = str(e)
+    if dist.is_initialized():  # said by every rank, not left to the others as a broken collective
+        in_use = _gather(in_use)[0]
+    if in_use:
+        raise ConfigError(in_use)
     if earlier and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"run_dir={cfg.run_dir} holds an earlier run ({', '.join(earlier)}): pass "
                           + ("--resume=true to continue it, " if resumable else "")

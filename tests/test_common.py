@@ -937,6 +937,25 @@ def test_a_run_dir_another_process_is_training_in_is_refused_until_that_process_
     common.prepare_run_dir(overwrite, d)
 
 
+def test_under_torchrun_a_run_dir_in_use_is_said_once_by_the_ranks_not_as_a_broken_collective(tmp_path):
+    """Only rank 0 takes the lock: the other ranks, waiting for it in a barrier, printed gloo's 'Connection closed
+    by peer' traceback when it left."""
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_RUN_DIR)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, str(script), ROOT, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        returncode, out, err = launch("train_sft.py", [f"--run_dir={run}", "--max_steps=1"], timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert returncode != 0
+    assert (out + err).count(f"error: run_dir={run} is in use") == 1, err[-3000:]
+    assert "rank1]: Traceback" not in out + err and "Connection closed by peer" not in out + err, err[-3000:]
+
+
 def test_an_empty_config_flag_is_an_error_naming_it():
     with pytest.raises(common.ConfigError, match="--config needs a preset file"):
         common.parse_config(Cfg, ["--config="])
