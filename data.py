@@ -798,9 +798,9 @@ def load_preference_rows(spec, skip_bad=False):
     """Preference rows, normalised to {'prompt': messages, 'chosen': [assistant msg], 'rejected': [...]}.
     Accepts Tulu's full chosen/rejected lists (sharing the prompt) and the prompt + chosen + rejected form."""
     rows = _load(spec, _normalize_preference, "preference", skip_bad)
-    same = [i for i, r in enumerate(rows) if r["chosen"] == r["rejected"]]
+    same = [r for r in rows if r["chosen"] == r["rejected"]]
     if same:  # kept (they are valid rows), but said: they teach nothing and count as misranked
-        first = rows[same[0]]
+        first = same[0]
         which = f"id {first['id']!r}" if first.get("id") is not None else \
             f"the pair whose prompt ends {first['prompt'][-1]['content'][-60:]!r}"
         log.warning(f"{spec if isinstance(spec, str) else 'preference rows'}: {len(same)} of {len(rows)} pairs have "
