@@ -23,11 +23,11 @@ under bbh/ must be a subtask; paths are relative to --data_dir:
     mmlu_pro   mmlu_pro/test (or mmlu_pro/data/test)   question, options, answer_index, category  (TIGER-Lab/MMLU-Pro)
     bbh        bbh/<subtask> or bbh/<subtask>/test     input, target  (lukaemon/bbh: one file per subtask)
 
-Every row a task reads is checked before the task generates or scores anything, and a bad one stops the run naming its
-file, line and field: each text field a string with no lone surrogate (a BBH target not blank), each list of choices a
-list of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a choice, a
-GSM8K answer with one '#### <number>', and IFEval's kwargs the arguments each instruction takes, each of its kind
-(verifiers.IFEVAL_ARGS). An MMLU-Pro answer letter that disagrees with answer_index is said; answer_index is scored.
+Every row the tasks read is checked before the first task generates or scores anything, and a bad one stops the run
+naming its file, line and field: each text field a string with no lone surrogate (a BBH target not blank), each list
+of choices a list of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a
+choice, a GSM8K answer with one '#### <number>', and IFEval's kwargs the arguments each instruction takes, each of its
+kind (verifiers.IFEVAL_ARGS). An MMLU-Pro answer letter that disagrees with answer_index is said; answer_index is scored.
 
 How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README
 runs the instruct models: `lighteval ... --use_chat_template`):
@@ -377,9 +377,9 @@ def generation_stops(ctx, stop_strings):
 
 
 def task_arc(ctx):
-    metrics, examples = {}, []
+    subsets = {}
     for subset, rels in zip(("ARC-Easy", "ARC-Challenge"), TASK_SPLITS["arc"]):
-        docs = []
+        docs = subsets[subset] = []
         for where, row in load_rows(require_split(ctx.data_dir, *rels), ctx.limit):
             choices = field(row, "choices", where)
             if not isinstance(choices, dict):
@@ -395,6 +395,9 @@ def task_arc(ctx):
                 raise DataError(where, f"answerKey {key!r} is not one of the choice labels {labels}")
             docs.append({"id": row.get("id", where), "query": qa_query(text_field(row, "question", where)),
                          "choices": [" " + t for t in texts], "gold": labels.index(key)})
+    yield  # rows checked
+    metrics, examples = {}, []
+    for subset, docs in subsets.items():
         score_zero_shot(ctx, docs, subset)
         metrics[subset] = mc_summary(docs)
         examples += [dict(d, subset=subset) for d in docs]
@@ -424,6 +427,7 @@ def task_hellaswag(ctx):
                      "query": hellaswag_preprocess(f"{text_field(row, 'activity_label', where)}: {context}"),
                      "choices": [" " + hellaswag_preprocess(e) for e in endings],
                      "gold": gold_index(label, len(endings), where, "label")})
+    yield  # rows checked
     score_zero_shot(ctx, docs, "hellaswag")
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
@@ -435,6 +439,7 @@ def task_piqa(ctx):
         docs.append({"id": where, "query": qa_query(text_field(row, "goal", where)),
                      "choices": [" " + text_field(row, k, where) for k in ("sol1", "sol2")],
                      "gold": gold_index(field(row, "label", where), 2, where, "label")})
+    yield  # rows checked
     score_zero_shot(ctx, docs, "piqa")
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
@@ -459,6 +464,7 @@ def task_mmlu_pro(ctx):
     if disagree:  # said, not refused: the hub's file has been corrected by hand, and one stray row would stop the task
         print(f"mmlu_pro: {len(disagree)} row(s) whose answer letter disagrees with answer_index, which is what is "
               f"scored (first: {disagree[0]})")
+    yield  # rows checked
     score_zero_shot(ctx, docs, "mmlu_pro")
     s = mc_summary(docs)
     return {"metric": "acc_norm", "value": s["acc_norm"], "n": s["n"], "metrics": s, "examples": docs}
@@ -541,6 +547,7 @@ def task_gsm8k(ctx):
         examples = [(qa_query(s["question"]), " " + s["answer"]) for _, s in row_shots]  # (checked above)
         prompts.append(ctx.tok.encode(few_shot_context(ctx, examples, qa_query(text_field(row, "question", where)))))
         refs.append(gsm8k_reference(text_field(row, "answer", where), where))
+    yield  # rows checked
     stop_strings, stop_ids = generation_stops(ctx, ("Question:", "Question"))  # smollm's gsm8k stop_sequence
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 256, stop_strings=stop_strings,
                              stop_ids=stop_ids, batch_size=ctx.batch_size, desc="gsm8k")
@@ -570,6 +577,7 @@ def task_ifeval(ctx):
             raise DataError(where, "instruction_id_list is empty: no instruction to check the response against")
         messages = [{"role": "user", "content": row["prompt"]}]
         prompts.append(render_chat(ctx.tok, messages, template=ctx.template, add_generation_prompt=True)[0])
+    yield  # rows checked
     outputs = generate_until(ctx.model, ctx.tok, prompts, ctx.max_new_tokens or 1280,
                              stop_ids=stop_token_ids(ctx.tok, ctx.template, generation_config=False),
                              batch_size=ctx.batch_size,
@@ -664,6 +672,7 @@ def task_bbh(ctx):
                      if (r["input"], r["target"]) != (row["input"], row["target"])][:3]
             prompts.append(ctx.tok.encode(few_shot_context(ctx, shots, f"Question: {row['input']}\nAnswer: ")))
             items.append((subtask, where, row))
+    yield  # rows checked
     stop_strings, stop_ids = generation_stops(ctx, ("Question:", "Question"))  # smollm's BBH stop_sequence
     # smollm sets no generation_size: lighteval then generates up to the context length (max_model_length=2048 in
     # smollm's command), less the prompt
@@ -682,6 +691,8 @@ def task_bbh(ctx):
     return {"metric": "em", "value": value, "n": len(examples), "metrics": metrics, "examples": examples}
 
 
+# Each task is a generator: it reads and checks every row it scores, yields, then scores them and returns its result
+# (see evaluate_tasks).
 TASKS = {"gsm8k": task_gsm8k, "ifeval": task_ifeval, "arc": task_arc, "hellaswag": task_hellaswag,
          "piqa": task_piqa, "mmlu_pro": task_mmlu_pro, "bbh": task_bbh}
 
@@ -711,7 +722,20 @@ def evaluate_tasks(model, tok, tasks, data_dir, template="tulu", limit=None, bat
             find_one_split(data_dir, GSM8K_POOL)
     torch.manual_seed(seed)
     ctx = EvalContext(model, tok, data_dir, template, limit, batch_size, seed, max_new_tokens, use_chat_template)
-    return {task: TASKS[task](ctx) for task in tasks}
+    # every task checks its rows before the first one scores: a bad row of the last task costs no finished one
+    runs = {task: TASKS[task](ctx) for task in tasks}
+    for run in runs.values():
+        next(run)
+    return {task: finished(run) for task, run in runs.items()}
+
+
+def finished(run):
+    """The result a task's generator returns after its one yield."""
+    try:
+        next(run)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("an evaluation task yielded more than once")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -829,6 +829,16 @@ def test_a_text_field_or_choice_list_of_the_wrong_type_is_refused_before_scoring
     refused_before_scoring(loaded, monkeypatch, with_first_row(tmp_path, rel, edit), task, message)
 
 
+def test_a_bad_row_of_the_last_task_stops_the_run_before_the_first_task_scores(loaded, tmp_path, monkeypatch):
+    """Each task checked its rows when it started: a bad BBH row stopped the run after GSM8K and IFEval had generated
+    (hours on a GPU), and their results were not kept."""
+    path = with_first_row(tmp_path, "bbh/boolean_expressions", lambda r: {**r, "input": 5})
+    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: pytest.fail("generated before checking every task"))
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda *a, **k: pytest.fail("scored before checking every task"))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))} line 1: input must be a string"):
+        ev.evaluate_tasks(*loaded, ["arc", "gsm8k", "ifeval", "bbh"], str(tmp_path / "evals"))
+
+
 @pytest.mark.parametrize("task,rel,edit,name", [
     ("gsm8k", "gsm8k/test", lambda r: {**r, "question": "a\ud800b"}, "question"),
     ("gsm8k", "gsm8k/train", lambda r: {**r, "question": "a\ud800b"}, "question"),  # a few-shot example
