@@ -296,6 +296,16 @@ CHAT_TEMPLATES = {"tulu": TULU_TEMPLATE, "chatml": CHATML_TEMPLATE}
 ROLES = ("system", "user", "assistant")
 
 
+def lone_surrogate(text):
+    """Where text holds a lone surrogate, or None. JSON may escape one (\\ud800): it is no text, and no tokenizer
+    (nor a UTF-8 file) can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def validate_messages(messages, where, require_assistant=False):
     """Raise DataError naming `where` and the problem unless `messages` is a non-empty list of
     {'role': system|user|assistant, 'content': str}."""
@@ -315,11 +325,10 @@ def validate_messages(messages, where, require_assistant=False):
         if not isinstance(m["content"], str):
             raise DataError(where, f"message {i} ({m['role']}) has non-string content of type "
                                    f"{type(m['content']).__name__}")
-        try:  # JSON may escape a lone surrogate (\ud800), which no tokenizer can encode
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DataError(where, f"message {i} ({m['role']}) has an unpaired surrogate {m['content'][e.start]!r} "
-                                   f"at character {e.start}, which is not text") from None
+        at = lone_surrogate(m["content"])
+        if at is not None:
+            raise DataError(where, f"message {i} ({m['role']}) has an unpaired surrogate {m['content'][at]!r} "
+                                   f"at character {at}, which is not text")
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(where, "no assistant message (nothing to train on)")
 

@@ -27,7 +27,8 @@ Every row the tasks read is checked before the first task generates or scores an
 naming its file, line and field: each text field a string with no lone surrogate (a BBH target not blank), each list
 of choices a list of at least 2 strings (ARC's labels distinct), a label a whole number in ASCII digits that indexes a
 choice, a GSM8K answer with one '#### <number>', and IFEval's kwargs the arguments each instruction takes, each of its
-kind (verifiers.IFEVAL_ARGS). An MMLU-Pro answer letter that disagrees with answer_index is said; answer_index is scored.
+kind (verifiers.IFEVAL_ARGS). An MMLU-Pro answer letter that disagrees with answer_index is said; answer_index is
+scored.
 
 How each task is scored (SmolLM2's lighteval tasks, huggingface/smollm text/evaluation/tasks.py, run as its README
 runs the instruct models: `lighteval ... --use_chat_template`):
@@ -91,8 +92,8 @@ from tqdm import tqdm
 
 import common
 import verifiers
-from data import (DataError, Tokenizer, check_vocab, make_demo_data, read_rows, render_chat, render_chat_text,
-                  resolve_template, stop_token_ids)
+from data import (DataError, Tokenizer, check_vocab, lone_surrogate, make_demo_data, read_rows, render_chat,
+                  render_chat_text, resolve_template, stop_token_ids)
 from model import CheckpointError, Transformer, generate
 
 DEMO_MODEL = "runs/sft_demo/final"
@@ -186,11 +187,10 @@ def check_text(value, where, name):
     its repr, and a lone surrogate would fail in the tokenizer, far from its row."""
     if not isinstance(value, str):
         raise DataError(where, f"{name} must be a string, got {type(value).__name__} {value!r:.80}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(where, f"{name} has a lone surrogate {value[e.start]!r} at character {e.start}, which no "
-                               f"tokenizer encodes") from None
+    at = lone_surrogate(value)
+    if at is not None:
+        raise DataError(where, f"{name} has a lone surrogate {value[at]!r} at character {at}, which no tokenizer "
+                               f"encodes")
     return value
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import DATA_SUFFIXES, ROLES, DataError, data_files, read_rows  # noqa: E402  (jsonl / json / parquet)
+from data import DATA_SUFFIXES, ROLES, DataError, data_files, lone_surrogate, read_rows  # noqa: E402  (jsonl / json / parquet)
 
 # Text fields of each eval task as published (HF datasets / the task's own release). Nested values (ARC's
 # choices {text, label}) contribute every string inside them, each as its own segment.
@@ -90,11 +90,10 @@ def _message_texts(messages, where, key, roles, string_role):
     return texts
 
 
-def _check_text(text, where, what):
-    try:  # a lone surrogate (JSON's \ud800) is no text: the trainers refuse its row, and the clean copy cannot hold it
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DecontaminationError(f"{where}: {what} has an unpaired surrogate at character {e.start}") from None
+def _check_text(text, where, what):  # the trainers refuse such a row, and the clean copy could not hold it
+    at = lone_surrogate(text)
+    if at is not None:
+        raise DecontaminationError(f"{where}: {what} has an unpaired surrogate at character {at}")
 
 
 def train_texts(row, where, roles=("user",)):
