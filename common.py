@@ -686,13 +686,6 @@ def checkpoint_dir(run_dir):
     return os.path.join(run_dir, "checkpoints")
 
 
-def _write_checkpoint_file(obj, path):
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the folder is renamed into place, so a crash cannot half-write it
-
-
 def _gather(value):
     """Every rank's `value`, in rank order."""
     values = [None] * dist.get_world_size()
@@ -714,11 +707,11 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
         tmp = os.path.join(root, f".tmp_step_{step:07d}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        _write_checkpoint_file(model_sd, os.path.join(tmp, "model.pt"))
+        torch.save(model_sd, os.path.join(tmp, "model.pt"))
         if optim_sd is not None:
-            _write_checkpoint_file(optim_sd, os.path.join(tmp, "optimizer.pt"))
+            torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
         # the id tells this save from a same-named one another run left in a folder of the same path (maybe_resume)
-        _write_checkpoint_file({"step": step, "rng": rngs, "extra": extra or {}, "id": os.urandom(8).hex()},
+        torch.save({"step": step, "rng": rngs, "extra": extra or {}, "id": os.urandom(8).hex()},
                                os.path.join(tmp, "state.pt"))
         replace_dir(tmp, final)  # re-saving the same step (e.g. the end of a resumed run) replaces it whole
         prune_checkpoints(run_dir, keep)
@@ -745,13 +738,32 @@ def prune_checkpoints(run_dir, keep):
 def replace_dir(tmp, path):
     """Put the finished folder tmp at path. An earlier folder there is renamed aside first and deleted after, so
     that a kill leaves path without a complete folder only between two renames, not for a whole rmtree (and the
-    earlier one, under .old_<name>, until the new one is in place)."""
-    aside = os.path.join(os.path.dirname(path), f".old_{os.path.basename(path)}")
+    earlier one, under .old_<name>, until the new one is in place). tmp's files are on disk before the rename and
+    the rename is on disk before the earlier folder goes: after a power cut, the folder at path could otherwise
+    hold empty or cut-short files (the kernel writes a new file's data back later than the rename)."""
+    for folder, _, names in os.walk(tmp):
+        for name in names:
+            _sync(os.path.join(folder, name))
+        _sync(folder)
+    parent = os.path.dirname(path) or "."
+    aside = os.path.join(parent, f".old_{os.path.basename(path)}")
     shutil.rmtree(aside, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, aside)
     os.replace(tmp, path)
+    _sync(parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # a folder on a filesystem that cannot sync one (EINVAL): its files were synced
+        if not (e.errno == errno.EINVAL and os.path.isdir(path)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(run_dir):

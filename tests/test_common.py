@@ -605,6 +605,25 @@ def test_a_folder_is_replaced_by_renames_and_a_kill_between_them_keeps_the_earli
     assert os.listdir(tmp_path / ".old_final") == ["new.safetensors"] and os.listdir(tmp) == ["newer.safetensors"]
 
 
+def test_a_folder_is_on_disk_before_it_is_renamed_into_place_and_the_rename_after(tmp_path, monkeypatch):
+    final, tmp = tmp_path / "final", tmp_path / ".tmp_final"
+    (tmp / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "sub/tokenizer.json"):
+        (tmp / name).write_text(name)
+    inodes = {os.stat(p).st_ino: os.path.relpath(p, tmp_path) for p in (tmp, tmp / "sub", tmp_path,
+                                                                         tmp / "model.safetensors",
+                                                                         tmp / "sub/tokenizer.json")}
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(inodes[os.fstat(fd).st_ino]), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    common.replace_dir(str(tmp), str(final))
+    rename = events.index("rename")
+    assert sorted(events[:rename]) == sorted([".tmp_final", ".tmp_final/sub", ".tmp_final/model.safetensors",
+                                              ".tmp_final/sub/tokenizer.json"])
+    assert events[rename + 1:] == ["."]  # the folder holding the rename
+    assert (final / "sub/tokenizer.json").read_text() == "sub/tokenizer.json"
+
+
 def test_checkpoints_keep_last_k(tmp_path):
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters())
@@ -716,7 +735,7 @@ def test_interrupted_save_leaves_previous_checkpoints_intact(tmp_path, monkeypat
     real_save = torch.save
 
     def crash_on_optimizer(obj, f, *a, **k):
-        if f.name.endswith("optimizer.pt"):
+        if str(f).endswith("optimizer.pt"):
             raise KeyboardInterrupt("killed mid-save")
         return real_save(obj, f, *a, **k)
 
