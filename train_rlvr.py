@@ -158,9 +158,11 @@ def masked_whiten(x, mask, eps=1e-8):
 
 
 def k3_kl(logp, ref_logp):
-    """Per-token k3 estimator of KL(policy || ref): exp(-d) - 1 + d with d = logp - ref_logp (>= 0, unbiased)."""
-    d = logp - ref_logp
-    return torch.exp(-d) - 1 + d
+    """Per-token k3 estimator of KL(policy || ref): exp(-d) - 1 + d with d = logp - ref_logp (>= 0, unbiased).
+    expm1, as exp(-d) - 1 cancels to noise in fp32 at the small d of a policy near its reference (negative at
+    d = 1e-4); d clamped to +-40, as in Tulu 3.1's GRPO, as exp(-d) is inf past d = -88, and so would the loss be."""
+    d = (logp - ref_logp).clamp(-40, 40)
+    return torch.expm1(-d) + d
 
 
 def policy_loss(logp, old_logp, adv, clip_eps):
