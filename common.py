@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import CheckpointError, model_folder_problem
+from model import CheckpointError, ModelConfig, model_folder_problem
 
 log = logging.getLogger("nanotulu.common")
 
@@ -700,6 +700,7 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
     picklable dict (the sampler's state, the config, the starting weights' digest) and comes back from
     load_checkpoint."""
     model_sd, optim_sd = _full_state(model, optimizer)
+    extra = {**(extra or {}), "model_config": model_configs(model)}
     rngs = _gather(_rng_state()) if dist.is_initialized() else [_rng_state()]
     if int(os.environ.get("RANK", 0)) == 0:
         root = checkpoint_dir(run_dir)
@@ -711,7 +712,7 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, keep=2):
         if optim_sd is not None:
             torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
         # the id tells this save from a same-named one another run left in a folder of the same path (maybe_resume)
-        torch.save({"step": step, "rng": rngs, "extra": extra or {}, "id": os.urandom(8).hex()},
+        torch.save({"step": step, "rng": rngs, "extra": extra, "id": os.urandom(8).hex()},
                                os.path.join(tmp, "state.pt"))
         replace_dir(tmp, final)  # re-saving the same step (e.g. the end of a resumed run) replaces it whole
         prune_checkpoints(run_dir, keep)
@@ -878,12 +879,20 @@ def weights_digest(model):
     return h.hexdigest()
 
 
-def check_resume(cfg, start_weights=None, data_digest=None):
+def model_configs(model):
+    """The config of each model in `model` (the policy, a value model's backbone), by module name: rope_theta,
+    rms_norm_eps and the head split come from --model's config.json, not from a checkpoint's tensors."""
+    return {name: dataclasses.asdict(m.config) for name, m in unwrap(model).named_modules()
+            if isinstance(getattr(m, "config", None), ModelConfig)}
+
+
+def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
     """-> (the checkpoint a --resume continues from, its state.pt header), or (None, None) when there is none;
     refused unless every rank sees the same one and it was trained with this run's settings. `start_weights`: the
     weights_digest of the model the run started from, where it matters after step 0 (DPO's and RLVR's reference is
     that model, rebuilt from --model on resume), checked against the one the checkpoint recorded; `data_digest`:
-    the training rows' (data.Rows.digest), likewise, since --data names files that may have changed since.
+    the training rows' (data.Rows.digest), likewise, since --data names files that may have changed since;
+    `model_config`: model_configs of the model built from --model, which the checkpoint's weights are loaded into.
     maybe_resume calls it; DPO calls it first as well (without the data, not yet tokenized), so that a refused
     resume has not tokenized and run the reference pass."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
@@ -911,7 +920,8 @@ def check_resume(cfg, start_weights=None, data_digest=None):
     # Every rank refuses alike, or the others would go on into collectives and hang: nodes that read their own
     # copies of --model or --data may disagree on the settings resolved from them (the template), on the starting
     # weights or on the rows.
-    if dist.is_initialized() and len(set(_gather((tuple(sorted(changed)), start_weights, data_digest)))) > 1:
+    if dist.is_initialized() and len(set(_gather((tuple(sorted(changed)), start_weights, data_digest,
+                                                   json.dumps(model_config, sort_keys=True))))) > 1:
         raise ConfigError(f"--resume: the ranks do not resume alike (their settings resolved from --model, its weights "
                           f"or the training rows differ); with several nodes, every node must read the same files")
     if changed:
@@ -929,6 +939,17 @@ def check_resume(cfg, start_weights=None, data_digest=None):
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "
                           f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
                           f"reference must be that starting model: put it back, or start a new run")
+    saved_models = extra.get("model_config", model_config)  # (checkpoints before it was recorded: not checked)
+    if model_config is not None and saved_models != model_config:
+        diff = []
+        for name in sorted(set(saved_models) | set(model_config)):
+            then, now = saved_models.get(name, {}), model_config.get(name, {})
+            diff += [f"{name + ' ' if name else ''}{key}: {then.get(key)!r} then, {now.get(key)!r} now"
+                     for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
+        diff = "; ".join(diff)
+        raise ConfigError(f"--resume: the model built from --model={cfg.model or '(the demo preset)'} is not "
+                          f"configured as the one {path} trained ({diff}): its config.json was edited since, or "
+                          f"--model is another model; put it back, or start a new run")
     if data_digest is not None and extra.get("data_digest", data_digest) != data_digest:
         rows = f"--data={cfg.data}" if cfg.data else "the demo's"
         raise ConfigError(f"--resume: the training rows ({rows}) are not the ones the run in {cfg.run_dir} trained on "
@@ -941,7 +962,7 @@ def maybe_resume(cfg, model, optimizer, sampler, start_weights=None, data_digest
     """With --resume and a checkpoint in run_dir (see check_resume): restore model, optimizer, RNG and the
     sampler's state, and return the step to continue from; otherwise 0. Checkpoints save `data_digest` in their
     extra as "data_digest"."""
-    path, _ = check_resume(cfg, start_weights, data_digest)
+    path, _ = check_resume(cfg, start_weights, data_digest, model_configs(model))
     if not path:
         if cfg.resume:
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"

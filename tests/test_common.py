@@ -284,7 +284,8 @@ def test_checkpoint_roundtrip_restores_model_optimizer_rng_and_extra(tmp_path):
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     torch.manual_seed(123)
     state = common.load_checkpoint(common.latest_checkpoint(str(tmp_path)), fresh, fresh_opt)
-    assert state == {"step": 1, "extra": {"sampler": {"epoch": 3, "pos": 5}}}
+    # (model_config: the configs of the Transformers in the model, none in this one)
+    assert state == {"step": 1, "extra": {"sampler": {"epoch": 3, "pos": 5}, "model_config": {}}}
     draws = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(draws[0], expected_draws[0]) and draws[1:] == expected_draws[1:]
     train_one(fresh, fresh_opt)
@@ -825,7 +826,7 @@ def test_fsdp_in_a_single_process_says_it_runs_unwrapped(capsys):
 
 def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
     cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true"])
-    assert common.maybe_resume(cfg, None, None, None) == 0
+    assert common.maybe_resume(cfg, torch.nn.Linear(2, 2), None, None) == 0
     out = capsys.readouterr().out
     assert "no checkpoint" in out and "starting from step 0" in out and "--checkpoint_every=0 writes none" in out
 
@@ -1236,7 +1237,7 @@ NODE_LOCAL_RUN_DIRS = textwrap.dedent("""
         os.environ["RANK"] = str(d.rank)
     cfg = common.parse_config(common.TrainConfig, [f"--run_dir={run_dir}", "--resume=true"])
     try:
-        common.maybe_resume(cfg, None, None, None, data_digest=rows)
+        common.maybe_resume(cfg, torch.nn.Linear(2, 2), None, None, data_digest=rows)
     except common.ConfigError as e:
         print(f"rank {d.rank} refused: {e}", flush=True)
     common.teardown_distributed()
