@@ -20,7 +20,10 @@ non_stop_penalty instead (open-instruct replaces the score rather than adding to
                still acts); the logged KL is over the responses trained on.
   --algo=ppo   a value model (from the reward model at --value_model, else a copy of the policy with a zero head);
                per-token reward -beta * (logp_old - logp_ref) with the score added at the last response token;
-               GAE (gamma, lam); advantages whitened over the global batch; clipped policy and value losses.
+               GAE (gamma, lam), the value after that token 0; advantages whitened over the global batch; clipped
+               policy and value losses. (Tulu 3's PPO script puts the score one position past the eos and trains a
+               value there too, so its advantages take one more GAE step, through that value; we keep the
+               textbook placement.)
 
 A minibatch's loss is the mean over its response tokens (--loss_reduction=token), or over its responses, each
 the mean over its own tokens (=sequence: the GRPO paper's form; open-instruct's Tulu 3 scripts take a token mean
@@ -306,6 +309,12 @@ def load_prompts(cfg, tok, template, positions):
                    f"eval_max_new_tokens={cfg.eval_max_new_tokens} - 1"))
 
 
+def response_text(tok, tokens, stopped):
+    """The text a response is verified on: without its stop token, which decoding keeps where the tokenizer does not
+    mark it special (an end-of-response check would then see '<|im_end|>' at the end)."""
+    return tok.decode(tokens[:-1] if stopped else tokens)
+
+
 def rollout(policy, tok, rows, cfg, stop_ids, device):
     """Sample num_samples responses per row (consecutive) and score them. Returns a list of dicts."""
     prompts = [r["prompt_ids"] for r in rows for _ in range(cfg.num_samples)]
@@ -317,7 +326,7 @@ def rollout(policy, tok, rows, cfg, stop_ids, device):
             gen = generate(policy, prompts[i:i + chunk], cfg.max_response_len, temperature=cfg.temperature,
                            stop_token_ids=stop_ids, pad_token_id=tok.pad_id)
         for prompt, row, tokens, stopped in zip(prompts[i:i + chunk], owners[i:i + chunk], gen.tokens, gen.stopped):
-            text = tok.decode(tokens)
+            text = response_text(tok, tokens, stopped)
             reward, verified = compute_reward(row["dataset"], text, row["ground_truth"], stopped, cfg)
             out.append({"prompt_ids": prompt, "response_ids": tokens, "response": text, "stopped": stopped,
                         "reward": reward, "verified": verified, "dataset": row["dataset"],
@@ -358,9 +367,9 @@ def heldout_accuracy(policy, tok, rows, cfg, stop_ids, d):
         with common.autocast(d.device, cfg.precision):
             gen = generate(policy, [r["prompt_ids"] for r in batch], cfg.eval_max_new_tokens, temperature=0.0,
                            stop_token_ids=stop_ids, pad_token_id=tok.pad_id)
-        for row, tokens in zip(batch, gen.tokens):
+        for row, tokens, stopped in zip(batch, gen.tokens, gen.stopped):
             k = names.index(row["dataset"])
-            tally[k, 0] += verifiers.verify(row["dataset"], tok.decode(tokens), row["ground_truth"])
+            tally[k, 0] += verifiers.verify(row["dataset"], response_text(tok, tokens, stopped), row["ground_truth"])
             tally[k, 1] += 1
     common.all_reduce_sum(tally)
     return {f"eval_acc_{n}": (c / max(t, 1)) for n, (c, t) in zip(names, tally.tolist())}

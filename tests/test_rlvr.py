@@ -175,6 +175,22 @@ def test_k3_stays_accurate_near_the_reference_and_finite_far_from_it():
 # ----------------------------------------------------------------------------------------------------------
 # Rewards
 
+def test_a_response_is_verified_without_its_stop_token(tiny, monkeypatch):
+    """A stop token that decodes to text (one the tokenizer does not mark special) is not part of the answer: here
+    the stop token is the digit 9, so '#### 7' then the stop would read as 79."""
+    tok = tiny.tok
+    stop, answer = tok.token_to_id("9"), tok.encode("#### 7")
+    assert stop is not None and tok.decode(answer + [stop]).endswith("79")
+    from model import Generation
+    monkeypatch.setattr(train_rlvr, "generate", lambda *a, **k: Generation([answer + [stop]], [[0.0] * 5], [True]))
+    rows = [{"prompt_ids": tok.encode("3 + 4?"), "dataset": "gsm8k", "ground_truth": "7"}]
+    cfg = train_rlvr.RLVRConfig(num_samples=1)
+    sample, = train_rlvr.rollout(None, tok, rows, cfg, [stop], torch.device("cpu"))
+    assert (sample["response"], sample["reward"]) == (tok.decode(answer), cfg.verification_reward)
+    d = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    assert train_rlvr.heldout_accuracy(None, tok, rows, cfg, [stop], d) == {"eval_acc_gsm8k": 1.0}
+
+
 def test_reward_per_dataset_type_and_non_stop_penalty():
     cfg = train_rlvr.RLVRConfig()
     reward = lambda *a: train_rlvr.compute_reward(*a, cfg)
