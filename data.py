@@ -86,6 +86,36 @@ def _saved_chat_template(folder, tok_config):
     return saved
 
 
+def _register_special_tokens(tk, named):
+    """Make each special token a tokenizer's files name an added token of `tk`, as transformers does at load: one that
+    is only an ordinary vocab entry (an eos '</s>' missing from tokenizer.json's added_tokens, say) would otherwise be
+    cut into byte pieces wherever a template writes it, so that it is never trained, nor stopped at. Each keeps its
+    vocab id, as in transformers; one the vocab lacks is refused, where transformers would append an id past the
+    model's embedding table. An added token named special that tokenizer.json flags otherwise is flagged special, so
+    that decode(skip_special_tokens=True) drops it as transformers does. `named`: (where, field, token (a string or
+    an AddedToken dict), special); a token that already is an added token (special, where it should be) is left as
+    it is, so a tokenizer.json that already has them all (SmolLM2's) is unchanged."""
+    added = {t.content: t.special for t in tk.get_added_tokens_decoder().values()}
+    for where, field, value, special in named:
+        content = _token_str(value)
+        if not isinstance(content, str):
+            raise DataError(where, f"{field} = {value!r} must be a token string")
+        if content in added and (added[content] or not special):
+            continue
+        if tk.token_to_id(content) is None:
+            raise DataError(where, f"{field} {content!r} is not in the vocabulary of tokenizer.json (transformers would "
+                            f"add it as a new id, past the model's embedding table)")
+        # a token given as an AddedToken dict keeps its flags; a string one gets transformers' (normalized=False)
+        flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized")
+                 if isinstance(value, dict) and isinstance(value.get(k), bool)}
+        token = tokenizers.AddedToken(content, **{"normalized": False, **flags}, special=special)
+        if special:
+            tk.add_special_tokens([token])
+        else:
+            tk.add_tokens([token])
+        added[content] = special
+
+
 # tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over).
 # tokenizer_class is always PreTrainedTokenizerFast, which takes tokenizer.json whole in transformers 4 and 5: for a
 # snapshot's GPT2Tokenizer (SmolLM2's) transformers 5 builds a ByteLevel pre-tokenizer of its own and drops the
@@ -158,14 +188,19 @@ class Tokenizer:
         if "added_tokens_decoder" not in tok_config:
             files.reverse()
 
+        # Every special token the files name, as (where, field, value, special), for _register_special_tokens
+        named = []
+
         def resolve(name, given):
             if given is not None:
+                named.append((f"tokenizer: {name}=", name, given, True))
                 return given
             for source, file in files:
                 token = _token_str(source.get(name))
                 if token is not None:
                     if not isinstance(token, str):
                         raise DataError(os.path.join(folder, file), f"{name} = {token!r} must be a token string")
+                    named.append((os.path.join(folder, file), name, source[name], True))
                     return token
             token_ids = generation_ids(name)  # generation_config may list several eos ids; the first is the main one
             if token_ids:
@@ -184,6 +219,24 @@ class Tokenizer:
         eos = resolve("eos_token", eos_token)
         if eos is None:
             raise DataError(folder, "no eos token in its tokenizer files; pass eos_token=")
+        bos, pad = resolve("bos_token", bos_token), resolve("pad_token", pad_token)
+        # The special tokens transformers also registers at load (SPECIAL_TOKENS_ATTRIBUTES, the additional or extra
+        # special tokens, added_tokens_decoder), each from the file that wins for it
+        for key in ("unk_token", "sep_token", "cls_token", "mask_token", "additional_special_tokens",
+                    "extra_special_tokens", "added_tokens_decoder"):
+            source, file = next(((source, file) for source, file in files if source.get(key) is not None), ({}, ""))
+            value, where = source.get(key), os.path.join(folder, file)
+            if key == "added_tokens_decoder" and isinstance(value, dict):
+                # its own special flag for each, as transformers adds them
+                named += [(where, f"{key}[{i!r}]", t, t.get("special", False) if isinstance(t, dict) else True)
+                          for i, t in value.items()]
+            elif key.endswith("special_tokens") and isinstance(value, (list, dict)):
+                # a list, or (transformers 5's extra_special_tokens) a dict of name -> token
+                named += [(where, f"{key}[{i!r}]", t, True)
+                          for i, t in (value.items() if isinstance(value, dict) else enumerate(value))]
+            elif value is not None and key.endswith("_token"):
+                named.append((where, key, value, True))
+        _register_special_tokens(tk, named)
         settings = {k: v for k, v in {**files[1][0], **files[0][0]}.items() if k not in _SETTINGS_WE_WRITE}
         # special_tokens_map.json may spell tokens as AddedToken dicts, which tokenizer_config.json does not take
         for key in ("unk_token", "sep_token", "cls_token", "mask_token"):
@@ -192,7 +245,7 @@ class Tokenizer:
         if isinstance(settings.get("additional_special_tokens"), list):
             settings["additional_special_tokens"] = [_token_str(t) for t in settings["additional_special_tokens"]]
         try:
-            return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
+            return cls(tk, bos, eos, pad,
                        chat_template=_saved_chat_template(folder, tok_config), settings=settings,
                        # where generation_config.json names none, transformers generates with config.json's
                        generation_eos_ids=generation_ids("eos_token") if "eos_token_id" in gen_config else

@@ -125,6 +125,68 @@ def test_tokenizer_config_and_special_tokens_map_disagreeing_resolve_as_transfor
     assert (again.eos_token, again.pad_token, again.bos_token, again.model_max_length) == expected
 
 
+def _snapshot(folder, special_tokens, tok_config, edit=lambda tokenizer_json: None):
+    """A tokenizer folder as a snapshot may hold it: a small byte-level BPE with `special_tokens` added, its
+    tokenizer.json changed by `edit`, and `tok_config` as its tokenizer_config.json."""
+    tk = HFTokenizerCore(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["Hello there, how can I help?"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special_tokens, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer_json = json.loads(tk.to_str())
+    edit(tokenizer_json)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer_json, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_config, f)
+    return str(folder)
+
+
+def test_special_tokens_that_are_plain_vocab_entries_are_one_token_as_in_transformers(tok_dir, tmp_path):
+    """transformers registers the special tokens tokenizer_config.json names (bos, eos, pad, unk, additional special
+    tokens, added_tokens_decoder) as added tokens at load, keeping their vocab ids: an eos '</s>' that tokenizer.json
+    has only as an ordinary vocab entry is then one token in rendered text, the id that is trained and stopped at,
+    where it would otherwise be cut into byte pieces."""
+    from transformers import PreTrainedTokenizerFast
+
+    def plain_entries(tokenizer_json):
+        tokenizer_json["model"]["vocab"].update({"</s>": 1000, "<sep>": 1001, "<tool>": 1002})
+
+    folder = _snapshot(tmp_path / "a", ["<|endoftext|>"], {
+        "eos_token": "</s>", "unk_token": "<sep>", "additional_special_tokens": ["<tool>"]}, plain_entries)
+    ours, hf = data.Tokenizer.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)
+    hf.chat_template = data.TULU_TEMPLATE
+    conv = CONVERSATIONS[0]
+    ids, mask = data.render_chat(ours, conv, "tulu")
+    assert ours.eos_id == hf.eos_token_id == 1000 and ids[-1] == 1000 and mask[-1] == 1
+    assert ids == hf.apply_chat_template(conv, tokenize=True)["input_ids"]
+    for text in ("a<sep>b", "<tool>Hello</s>"):
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert ours.encode("<tool>")[0] == 1002
+    # saved, the folder reads the same in transformers, and in ours
+    ours.save_pretrained(str(tmp_path / "saved"))
+    assert data.render_chat(data.Tokenizer.from_pretrained(str(tmp_path / "saved")), conv, "tulu")[0] == ids
+    assert PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved")).encode(
+        "Hi</s>", add_special_tokens=False) == ours.encode("Hi</s>")
+    # A special token the vocabulary lacks would be a new id past the model's embedding table: refused, named
+    for config in ({"eos_token": "</s>", "pad_token": "<pad>"}, {"eos_token": "</s>", "unk_token": "<unk>"},
+                   {"eos_token": "</s>", "additional_special_tokens": ["<tool>", "<rag>"]}):
+        field, token = [(k, v if isinstance(v, str) else v[-1]) for k, v in config.items()][-1]
+        field += "[1]" if field == "additional_special_tokens" else ""
+        with pytest.raises(DataError, match=re.escape(f"tokenizer_config.json: {field} {token!r} is not in the "
+                                                      "vocabulary of tokenizer.json")):
+            data.Tokenizer.from_pretrained(_snapshot(tmp_path / "b", ["<|endoftext|>"], config, plain_entries))
+    # a tokenizer.json whose special tokens all are added tokens already (SmolLM2's) is left as it is: same cache keys
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "added_tokens_decoder": _added_tokens_decoder()}))
+    assert data.Tokenizer.from_pretrained(str(tmp_path))._tk.to_str() == \
+        HFTokenizerCore.from_file(os.path.join(tok_dir, "tokenizer.json")).to_str()
+
+
 def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     """model_max_length (lm-eval's context length), unk and additional special tokens (what decode skips) survive a
     load and save, from tokenizer_config.json or special_tokens_map.json; the special tokens we resolve win."""
