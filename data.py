@@ -264,7 +264,14 @@ class Tokenizer:
         return enc.ids, enc.offsets
 
     def decode(self, ids, skip_special_tokens=True):
-        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            # transformers counts bos, eos and pad as special whatever tokenizer.json flags them: from_pretrained
+            # flags the ones the files name (_register_special_tokens), but an eos set since (use_chat_template's
+            # <|im_end|>, which a saved model names as its eos) may still be flagged otherwise
+            special = {self.bos_id, self.eos_id, self.pad_id}
+            ids = [i for i in ids if i not in special]
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token):
         return self._tk.token_to_id(token)

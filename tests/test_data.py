@@ -187,6 +187,34 @@ def test_special_tokens_that_are_plain_vocab_entries_are_one_token_as_in_transfo
         HFTokenizerCore.from_file(os.path.join(tok_dir, "tokenizer.json")).to_str()
 
 
+def test_decode_drops_the_special_tokens_the_config_names_as_transformers_does(tmp_path):
+    """An eos that tokenizer.json has as an added token flagged special=false is still special to transformers (the
+    config names it), so decode(skip_special_tokens=True) drops it: a rollout's text has no '<|im_end|>' at its end
+    (IFEval's end_phrase checks would fail on it). So does an eos set after load (ChatML's <|im_end|>), which the
+    saved model names as its eos."""
+    from transformers import PreTrainedTokenizerFast
+
+    def not_special(tokenizer_json):
+        for token in tokenizer_json["added_tokens"]:
+            token["special"] = token["content"] == "<|endoftext|>"
+
+    folder = _snapshot(tmp_path / "a", ["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                       {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, not_special)
+    ours, hf = data.Tokenizer.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)
+    response = ours.encode("Can I help?") + [ours.eos_id, ours.pad_id]
+    assert ours.decode(response) == hf.decode(response, skip_special_tokens=True) == "Can I help?"
+    assert ours.decode(response, skip_special_tokens=False) == "Can I help?<|im_end|><|endoftext|>"
+    # trained in ChatML, <|im_end|> (an added token flagged non-special, named by no file) becomes the eos
+    folder = _snapshot(tmp_path / "b", ["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                       {"eos_token": "<|endoftext|>"}, not_special)
+    ours = data.Tokenizer.from_pretrained(folder)
+    ours.use_chat_template("chatml")
+    ours.save_pretrained(str(tmp_path / "saved"))
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved"))
+    response = ours.encode("Can I help?") + [ours.eos_id]
+    assert ours.decode(response) == hf.decode(response, skip_special_tokens=True) == "Can I help?"
+
+
 def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     """model_max_length (lm-eval's context length), unk and additional special tokens (what decode skips) survive a
     load and save, from tokenizer_config.json or special_tokens_map.json; the special tokens we resolve win."""
