@@ -103,8 +103,8 @@ def _register_special_tokens(tk, named):
         if content in added and (added[content] or not special):
             continue
         if tk.token_to_id(content) is None:
-            raise DataError(where, f"{field} {content!r} is not in the vocabulary of tokenizer.json (transformers would "
-                            f"add it as a new id, past the model's embedding table)")
+            raise DataError(where, f"{field} {content!r} is not in the vocabulary of tokenizer.json (transformers "
+                            f"would add it as a new id, past the model's embedding table)")
         # a token given as an AddedToken dict keeps its flags; a string one gets transformers' (normalized=False)
         flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized")
                  if isinstance(value, dict) and isinstance(value.get(k), bool)}
@@ -275,6 +275,12 @@ class Tokenizer:
 
     def token_to_id(self, token):
         return self._tk.token_to_id(token)
+
+    def is_added_token(self, token):
+        """Whether `token` is one of tokenizer.json's added tokens, which are split out of the text before the
+        pre-tokenizer sees it, so that it is one token wherever it appears. An ordinary vocab entry such as
+        '<|im_end|>' is not: the byte-level pre-tokenizer cuts '<|' and '|>' off it, so it comes out in pieces."""
+        return any(t.content == token for t in self._tk.get_added_tokens_decoder().values())
 
     def same_ids(self, other):
         """Whether both turn text into the same token ids (the same tokenizer.json), whatever their bos, eos and pad."""
@@ -490,13 +496,29 @@ def check_template_name(requested):
                                                    f"the model was saved with)")
 
 
+def check_template_tokens(template, tok, where=None):
+    """The markers of `template` that must each be one token of `tok` (an added token): the end of an assistant turn,
+    which is trained and which generation stops at (tulu: eos; chatml: <|im_end|>), and ChatML's <|im_start|>. A
+    tokenizer without them would render them as pieces of text: the end of a turn never trained as one token (ChatML's
+    stop ids then fall back to eos, which ChatML never trains), so generation would run on to max_new_tokens."""
+    markers = {"tulu": [tok.eos_token], "chatml": ["<|im_start|>", "<|im_end|>"]}[template]
+    for marker in markers:
+        if not tok.is_added_token(marker):
+            has = "no" if tok.token_to_id(marker) is None else "only an ordinary vocabulary entry (no added token) for"
+            hint = "; --template=tulu needs none but the tokenizer's eos" if template == "chatml" else ""
+            raise DataError(where or f"--template={template}", f"the tokenizer has {has} {marker}, which the "
+                            f"{template} chat template needs as one token{hint}")
+
+
 def resolve_template(requested, tok):
     """The chat template to render with: `requested`, else the one the model was saved with (tulu when none).
     Rendering in another format than the model was saved with is allowed, but said; a saved template that renders
-    neither like tulu nor like chatml needs a `requested` one."""
+    neither like tulu nor like chatml needs a `requested` one. Either way, the tokenizer must have the template's
+    tokens (check_template_tokens)."""
     check_template_name(requested)
     saved = template_name(tok.chat_template, tok)
     if requested:
+        check_template_tokens(requested, tok)
         if saved and requested != saved:
             # a model trained in ChatML keeps <|im_end|> as its eos, which tulu then ends its turns with
             eos = f" (whose turns end with this tokenizer's eos, {tok.eos_token})" if requested == "tulu" else ""
@@ -513,6 +535,8 @@ def resolve_template(requested, tok):
         raise DataError("the model's saved chat template", f"renders neither like tulu nor like chatml (a user turn "
                         f"'Hi' with the generation prompt: {theirs[:300]}; ours: {ours}); pass --template=tulu or "
                         f"--template=chatml to train and evaluate with ours (a trained model is saved with it)")
+    check_template_tokens(saved or "tulu", tok, f"the model's saved chat template ({saved})" if saved else
+                          "the default chat template (tulu)")
     return saved or "tulu"
 
 

@@ -874,6 +874,43 @@ def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok,
         data.resolve_template("ChatML", tok)
 
 
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_refused(tmp_path):
+    """ChatML's <|im_end|> is trained and generation stops at it, and tulu's eos likewise: a tokenizer without them as
+    added tokens would render them as pieces of text, so that the end of a turn is never one trained token and
+    generation never stops at it (ChatML's stop ids fall back to eos, which ChatML never trains). Refused, naming the
+    token, whether the template is asked for or saved with the model."""
+    import train_sft
+    conv = CONVERSATIONS[0]
+    no_chatml = data.Tokenizer.from_pretrained(_snapshot(tmp_path / "a", ["<|endoftext|>"],
+                                                         {"eos_token": "<|endoftext|>"}))
+    assert data.resolve_template("tulu", no_chatml) == "tulu"
+    with pytest.raises(DataError, match=r"--template=chatml: the tokenizer has no <\|im_start\|>, which the chatml "
+                                        r"chat template needs as one token; --template=tulu needs none but"):
+        data.resolve_template("chatml", no_chatml)
+    no_chatml.chat_template = data.CHATML_TEMPLATE  # saved with it (trained elsewhere with another tokenizer)
+    with pytest.raises(DataError, match=r"saved chat template \(chatml\): the tokenizer has no <\|im_start\|>"):
+        data.resolve_template("", no_chatml)
+    # SFT, which takes --template=chatml without resolving it against a saved one, refuses it too
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": conv}) + "\n")
+    with pytest.raises(DataError, match=r"--template=chatml: the tokenizer has no <\|im_start\|>"):
+        train_sft.load_rows(train_sft.SFTConfig(data=str(tmp_path / "rows.jsonl"), model=str(tmp_path / "a"),
+                                                template="chatml"))
+    # <|im_end|> an ordinary vocab entry, which byte-level pre-tokenization cuts into pieces
+    im_end_in_vocab = data.Tokenizer.from_pretrained(_snapshot(
+        tmp_path / "b", ["<|endoftext|>", "<|im_start|>"], {"eos_token": "<|endoftext|>"},
+        lambda tokenizer_json: tokenizer_json["model"]["vocab"].update({"<|im_end|>": 1000})))
+    assert len(im_end_in_vocab.encode("Hi<|im_end|>")) > 2
+    with pytest.raises(DataError, match=r"--template=chatml: the tokenizer has only an ordinary vocabulary entry "
+                                        r"\(no added token\) for <\|im_end\|>"):
+        data.resolve_template("chatml", im_end_in_vocab)
+    # tulu's eos likewise (from_pretrained makes the files' eos an added token; one made otherwise may not be)
+    core = HFTokenizerCore.from_str(im_end_in_vocab._tk.to_str())
+    eos_in_vocab = data.Tokenizer(core, None, "<|im_end|>")
+    with pytest.raises(DataError, match=r"default chat template \(tulu\): the tokenizer has only an ordinary "
+                                        r"vocabulary entry \(no added token\) for <\|im_end\|>, which the tulu"):
+        data.resolve_template("", eos_in_vocab)
+
+
 def test_the_chat_template_is_found_where_transformers_saves_it(tok_dir, tmp_path):
     """transformers 5 saves the template as chat_template.jinja, which wins over tokenizer_config.json's; the
     config's may also be a list of named templates, of which transformers uses 'default'."""
