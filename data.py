@@ -61,10 +61,21 @@ def _read_json(path):
     return obj
 
 
+class NamedChatTemplates(dict):
+    """A chat_template that tokenizer_config.json gives as a list of named templates none of which is named 'default'
+    (tool_use and rag only, say): name -> jinja, as transformers keeps it. transformers loads such a tokenizer and
+    refuses only to render with no template named, and so do we: resolve_template refuses it unless --template
+    names one of ours. `where` is the file it came from."""
+
+    def __init__(self, templates, where):
+        super().__init__(templates)
+        self.where = where
+
+
 def _saved_chat_template(folder, tok_config):
     """The chat template a snapshot was saved with, looked up as transformers does: chat_template.jinja (where
     transformers 5 saves it) before tokenizer_config.json's chat_template, which may also be a list of named
-    templates, of which the one named 'default' is used."""
+    templates, of which the one named 'default' is used (a NamedChatTemplates where none is)."""
     path = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -75,11 +86,12 @@ def _saved_chat_template(folder, tok_config):
     saved = tok_config.get("chat_template")
     where = os.path.join(folder, "tokenizer_config.json")
     if isinstance(saved, list):
-        named = {t.get("name"): t.get("template") for t in saved if isinstance(t, dict)}
-        if not isinstance(named.get("default"), str):
-            raise DataError(where, f"chat_template lists the templates {sorted(map(str, named))}, none of them a "
-                            "string named 'default'")
-        saved = named["default"]
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in saved):
+            raise DataError(where, "chat_template is a list whose entries must each be {name, template}, both "
+                            "strings")
+        named = {t["name"]: t["template"] for t in saved}
+        return named["default"] if "default" in named else NamedChatTemplates(named, where)
     if saved is not None and not isinstance(saved, str):
         raise DataError(where, f"chat_template must be a jinja string or a list of {{name, template}}, got "
                         f"{type(saved).__name__}")
@@ -312,7 +324,9 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   **self.settings, "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "pad_token": self.pad_token}
-        if self.chat_template is not None:
+        if isinstance(self.chat_template, dict):  # named templates, none of them the default: as they were given
+            config["chat_template"] = [{"name": name, "template": t} for name, t in self.chat_template.items()]
+        elif self.chat_template is not None:
             config["chat_template"] = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
@@ -524,6 +538,9 @@ def resolve_template(requested, tok):
             eos = f" (whose turns end with this tokenizer's eos, {tok.eos_token})" if requested == "tulu" else ""
             log.warning(f"the model was saved with the {saved} chat template; using {requested}{eos} (--template)")
         return requested
+    if isinstance(tok.chat_template, NamedChatTemplates):
+        raise DataError(tok.chat_template.where, f"chat_template lists the templates {sorted(tok.chat_template)}, "
+                        f"none of them named 'default'; pass --template=tulu or --template=chatml")
     if tok.chat_template and saved is None:
         messages, add_generation_prompt = TEMPLATE_PROBES[0]
         try:
@@ -594,6 +611,8 @@ def template_name(chat_template, tok):
     tokenizer_config.json); other jinja (SmolLM2-Instruct's, AllenAI's Tulu 3 models') is the one of ours it renders
     exactly like on TEMPLATE_PROBES, with `tok`'s special tokens. None when there is no template, or it renders like
     neither (a ChatML without SmolLM2's default system turn, say, on which ours would train something else)."""
+    if not isinstance(chat_template, str):  # none, or named templates with no default (NamedChatTemplates)
+        return None
     if chat_template in CHAT_TEMPLATES:
         return chat_template
     if not chat_template:

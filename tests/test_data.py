@@ -933,11 +933,46 @@ def test_the_chat_template_is_found_where_transformers_saves_it(tok_dir, tmp_pat
     conv = CONVERSATIONS[1]
     assert data.render_chat(data.Tokenizer.from_pretrained(listed), conv, "chatml")[0] == \
         transformers.AutoTokenizer.from_pretrained(listed).apply_chat_template(conv, tokenize=True)["input_ids"]
-    with pytest.raises(ValueError, match=r"listed2.tokenizer_config.json: chat_template lists the templates "
-                                         r"\['tool_use'\], none of them a string named 'default'"):
-        data.Tokenizer.from_pretrained(folder("listed2", [{"name": "tool_use", "template": data.TULU_TEMPLATE}]))
+    for entries in ([{"name": "default", "template": 3}], [{"name": "default"}], ["<|user|>"]):
+        with pytest.raises(ValueError, match=r"listed2.tokenizer_config.json: chat_template is a list whose entries "
+                                             r"must each be \{name, template\}, both strings"):
+            data.Tokenizer.from_pretrained(folder("listed2", entries))
+        shutil.rmtree(tmp_path / "listed2")
     with pytest.raises(ValueError, match="chat_template must be a jinja string .* got int"):
         data.Tokenizer.from_pretrained(folder("number", 3))
+
+
+def test_named_chat_templates_with_no_default_are_refused_only_where_a_template_is_needed(tok_dir, tmp_path):
+    """A tokenizer_config.json chat_template listing named templates none of which is 'default' (tool_use and rag):
+    transformers loads the tokenizer and refuses only to render with no template named; so do we, so that
+    --template=tulu or chatml trains and evaluates with it, and --template= (the saved one) is refused, naming the
+    file. Saved again (no template trained into it), the list stays as it was."""
+    import transformers
+    shutil.copytree(tok_dir, tmp_path / "snapshot")
+    config = json.loads((tmp_path / "snapshot" / "tokenizer_config.json").read_text())
+    listed = [{"name": "tool_use", "template": data.TULU_TEMPLATE}, {"name": "rag", "template": data.CHATML_TEMPLATE}]
+    (tmp_path / "snapshot" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": listed}))
+    tok = data.Tokenizer.from_pretrained(str(tmp_path / "snapshot"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "snapshot"))
+    conv = CONVERSATIONS[1]
+    with pytest.raises(ValueError, match="no default"):  # transformers' refusal, where a template is needed
+        hf.apply_chat_template(conv)
+    for template in ("tulu", "chatml"):
+        assert data.resolve_template(template, tok) == template
+        assert data.render_chat(tok, conv, template)[0] == hf.apply_chat_template(
+            conv, chat_template=data.CHAT_TEMPLATES[template], tokenize=True)["input_ids"]
+    with pytest.raises(DataError, match=r"snapshot.tokenizer_config.json: chat_template lists the templates "
+                                        r"\['rag', 'tool_use'\], none of them named 'default'; pass --template=tulu"):
+        data.resolve_template("", tok)
+    assert data.template_name(tok.chat_template, tok) is None and tok.end_of_turn_ids() == [tok.eos_id]
+    assert pickle.loads(pickle.dumps(tok)).chat_template == tok.chat_template
+    tok.save_pretrained(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"] == listed
+    with pytest.raises(DataError, match=r"saved.tokenizer_config.json: chat_template lists the templates"):
+        data.resolve_template("", data.Tokenizer.from_pretrained(str(tmp_path / "saved")))
+    tok.use_chat_template("tulu")  # trained in tulu: saved with it
+    tok.save_pretrained(str(tmp_path / "trained"))
+    assert data.resolve_template("", data.Tokenizer.from_pretrained(str(tmp_path / "trained"))) == "tulu"
 
 
 def test_truncation_and_padding_stored_in_tokenizer_json_are_not_applied(tok_dir, tmp_path):
