@@ -61,10 +61,21 @@ def _read_json(path):
     return obj
 
 
+class NamedChatTemplates(dict):
+    """A chat_template that tokenizer_config.json gives as a list of named templates none of which is named 'default'
+    (tool_use and rag only, say): name -> jinja, as transformers keeps it. transformers loads such a tokenizer and
+    refuses only to render with no template named, and so do we: resolve_template refuses it unless --template
+    names one of ours. `where` is the file it came from."""
+
+    def __init__(self, templates, where):
+        super().__init__(templates)
+        self.where = where
+
+
 def _saved_chat_template(folder, tok_config):
     """The chat template a snapshot was saved with, looked up as transformers does: chat_template.jinja (where
     transformers 5 saves it) before tokenizer_config.json's chat_template, which may also be a list of named
-    templates, of which the one named 'default' is used."""
+    templates, of which the one named 'default' is used (a NamedChatTemplates where none is)."""
     path = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -75,15 +86,46 @@ def _saved_chat_template(folder, tok_config):
     saved = tok_config.get("chat_template")
     where = os.path.join(folder, "tokenizer_config.json")
     if isinstance(saved, list):
-        named = {t.get("name"): t.get("template") for t in saved if isinstance(t, dict)}
-        if not isinstance(named.get("default"), str):
-            raise DataError(where, f"chat_template lists the templates {sorted(map(str, named))}, none of them a "
-                            "string named 'default'")
-        saved = named["default"]
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in saved):
+            raise DataError(where, "chat_template is a list whose entries must each be {name, template}, both "
+                            "strings")
+        named = {t["name"]: t["template"] for t in saved}
+        return named["default"] if "default" in named else NamedChatTemplates(named, where)
     if saved is not None and not isinstance(saved, str):
         raise DataError(where, f"chat_template must be a jinja string or a list of {{name, template}}, got "
                         f"{type(saved).__name__}")
     return saved
+
+
+def _register_special_tokens(tk, named):
+    """Make each special token a tokenizer's files name an added token of `tk`, as transformers does at load: one that
+    is only an ordinary vocab entry (an eos '</s>' missing from tokenizer.json's added_tokens, say) would otherwise be
+    cut into byte pieces wherever a template writes it, so that it is never trained, nor stopped at. Each keeps its
+    vocab id, as in transformers; one the vocab lacks is refused, where transformers would append an id past the
+    model's embedding table. An added token named special that tokenizer.json flags otherwise is flagged special, so
+    that decode(skip_special_tokens=True) drops it as transformers does. `named`: (where, field, token (a string or
+    an AddedToken dict), special); a token that already is an added token (special, where it should be) is left as
+    it is, so a tokenizer.json that already has them all (SmolLM2's) is unchanged."""
+    added = {t.content: t.special for t in tk.get_added_tokens_decoder().values()}
+    for where, field, value, special in named:
+        content = _token_str(value)
+        if not isinstance(content, str):
+            raise DataError(where, f"{field} = {value!r} must be a token string")
+        if content in added and (added[content] or not special):
+            continue
+        if tk.token_to_id(content) is None:
+            raise DataError(where, f"{field} {content!r} is not in the vocabulary of tokenizer.json (transformers "
+                            f"would add it as a new id, past the model's embedding table)")
+        # a token given as an AddedToken dict keeps its flags; a string one gets transformers' (normalized=False)
+        flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized")
+                 if isinstance(value, dict) and isinstance(value.get(k), bool)}
+        token = tokenizers.AddedToken(content, **{"normalized": False, **flags}, special=special)
+        if special:
+            tk.add_special_tokens([token])
+        else:
+            tk.add_tokens([token])
+        added[content] = special
 
 
 # tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over).
@@ -158,14 +200,19 @@ class Tokenizer:
         if "added_tokens_decoder" not in tok_config:
             files.reverse()
 
+        # Every special token the files name, as (where, field, value, special), for _register_special_tokens
+        named = []
+
         def resolve(name, given):
             if given is not None:
+                named.append((f"tokenizer: {name}=", name, given, True))
                 return given
             for source, file in files:
                 token = _token_str(source.get(name))
                 if token is not None:
                     if not isinstance(token, str):
                         raise DataError(os.path.join(folder, file), f"{name} = {token!r} must be a token string")
+                    named.append((os.path.join(folder, file), name, source[name], True))
                     return token
             token_ids = generation_ids(name)  # generation_config may list several eos ids; the first is the main one
             if token_ids:
@@ -184,6 +231,24 @@ class Tokenizer:
         eos = resolve("eos_token", eos_token)
         if eos is None:
             raise DataError(folder, "no eos token in its tokenizer files; pass eos_token=")
+        bos, pad = resolve("bos_token", bos_token), resolve("pad_token", pad_token)
+        # The special tokens transformers also registers at load (SPECIAL_TOKENS_ATTRIBUTES, the additional or extra
+        # special tokens, added_tokens_decoder), each from the file that wins for it
+        for key in ("unk_token", "sep_token", "cls_token", "mask_token", "additional_special_tokens",
+                    "extra_special_tokens", "added_tokens_decoder"):
+            source, file = next(((source, file) for source, file in files if source.get(key) is not None), ({}, ""))
+            value, where = source.get(key), os.path.join(folder, file)
+            if key == "added_tokens_decoder" and isinstance(value, dict):
+                # its own special flag for each, as transformers adds them
+                named += [(where, f"{key}[{i!r}]", t, t.get("special", False) if isinstance(t, dict) else True)
+                          for i, t in value.items()]
+            elif key.endswith("special_tokens") and isinstance(value, (list, dict)):
+                # a list, or (transformers 5's extra_special_tokens) a dict of name -> token
+                named += [(where, f"{key}[{i!r}]", t, True)
+                          for i, t in (value.items() if isinstance(value, dict) else enumerate(value))]
+            elif value is not None and key.endswith("_token"):
+                named.append((where, key, value, True))
+        _register_special_tokens(tk, named)
         settings = {k: v for k, v in {**files[1][0], **files[0][0]}.items() if k not in _SETTINGS_WE_WRITE}
         # special_tokens_map.json may spell tokens as AddedToken dicts, which tokenizer_config.json does not take
         for key in ("unk_token", "sep_token", "cls_token", "mask_token"):
@@ -192,7 +257,7 @@ class Tokenizer:
         if isinstance(settings.get("additional_special_tokens"), list):
             settings["additional_special_tokens"] = [_token_str(t) for t in settings["additional_special_tokens"]]
         try:
-            return cls(tk, resolve("bos_token", bos_token), eos, resolve("pad_token", pad_token),
+            return cls(tk, bos, eos, pad,
                        chat_template=_saved_chat_template(folder, tok_config), settings=settings,
                        # where generation_config.json names none, transformers generates with config.json's
                        generation_eos_ids=generation_ids("eos_token") if "eos_token_id" in gen_config else
@@ -211,10 +276,23 @@ class Tokenizer:
         return enc.ids, enc.offsets
 
     def decode(self, ids, skip_special_tokens=True):
-        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            # transformers counts bos, eos and pad as special whatever tokenizer.json flags them: from_pretrained
+            # flags the ones the files name (_register_special_tokens), but an eos set since (use_chat_template's
+            # <|im_end|>, which a saved model names as its eos) may still be flagged otherwise
+            special = {self.bos_id, self.eos_id, self.pad_id}
+            ids = [i for i in ids if i not in special]
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token):
         return self._tk.token_to_id(token)
+
+    def is_added_token(self, token):
+        """Whether `token` is one of tokenizer.json's added tokens, which are split out of the text before the
+        pre-tokenizer sees it, so that it is one token wherever it appears. An ordinary vocab entry such as
+        '<|im_end|>' is not: the byte-level pre-tokenizer cuts '<|' and '|>' off it, so it comes out in pieces."""
+        return any(t.content == token for t in self._tk.get_added_tokens_decoder().values())
 
     def same_ids(self, other):
         """Whether both turn text into the same token ids (the same tokenizer.json), whatever their bos, eos and pad."""
@@ -246,7 +324,9 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   **self.settings, "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "pad_token": self.pad_token}
-        if self.chat_template is not None:
+        if isinstance(self.chat_template, dict):  # named templates, none of them the default: as they were given
+            config["chat_template"] = [{"name": name, "template": t} for name, t in self.chat_template.items()]
+        elif self.chat_template is not None:
             config["chat_template"] = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
@@ -430,18 +510,37 @@ def check_template_name(requested):
                                                    f"the model was saved with)")
 
 
+def check_template_tokens(template, tok, where=None):
+    """The markers of `template` that must each be one token of `tok` (an added token): the end of an assistant turn,
+    which is trained and which generation stops at (tulu: eos; chatml: <|im_end|>), and ChatML's <|im_start|>. A
+    tokenizer without them would render them as pieces of text: the end of a turn never trained as one token (ChatML's
+    stop ids then fall back to eos, which ChatML never trains), so generation would run on to max_new_tokens."""
+    markers = {"tulu": [tok.eos_token], "chatml": ["<|im_start|>", "<|im_end|>"]}[template]
+    for marker in markers:
+        if not tok.is_added_token(marker):
+            has = "no" if tok.token_to_id(marker) is None else "only an ordinary vocabulary entry (no added token) for"
+            hint = "; --template=tulu needs none but the tokenizer's eos" if template == "chatml" else ""
+            raise DataError(where or f"--template={template}", f"the tokenizer has {has} {marker}, which the "
+                            f"{template} chat template needs as one token{hint}")
+
+
 def resolve_template(requested, tok):
     """The chat template to render with: `requested`, else the one the model was saved with (tulu when none).
     Rendering in another format than the model was saved with is allowed, but said; a saved template that renders
-    neither like tulu nor like chatml needs a `requested` one."""
+    neither like tulu nor like chatml needs a `requested` one. Either way, the tokenizer must have the template's
+    tokens (check_template_tokens)."""
     check_template_name(requested)
     saved = template_name(tok.chat_template, tok)
     if requested:
+        check_template_tokens(requested, tok)
         if saved and requested != saved:
             # a model trained in ChatML keeps <|im_end|> as its eos, which tulu then ends its turns with
             eos = f" (whose turns end with this tokenizer's eos, {tok.eos_token})" if requested == "tulu" else ""
             log.warning(f"the model was saved with the {saved} chat template; using {requested}{eos} (--template)")
         return requested
+    if isinstance(tok.chat_template, NamedChatTemplates):
+        raise DataError(tok.chat_template.where, f"chat_template lists the templates {sorted(tok.chat_template)}, "
+                        f"none of them named 'default'; pass --template=tulu or --template=chatml")
     if tok.chat_template and saved is None:
         messages, add_generation_prompt = TEMPLATE_PROBES[0]
         try:
@@ -453,6 +552,8 @@ def resolve_template(requested, tok):
         raise DataError("the model's saved chat template", f"renders neither like tulu nor like chatml (a user turn "
                         f"'Hi' with the generation prompt: {theirs[:300]}; ours: {ours}); pass --template=tulu or "
                         f"--template=chatml to train and evaluate with ours (a trained model is saved with it)")
+    check_template_tokens(saved or "tulu", tok, f"the model's saved chat template ({saved})" if saved else
+                          "the default chat template (tulu)")
     return saved or "tulu"
 
 
@@ -510,6 +611,8 @@ def template_name(chat_template, tok):
     tokenizer_config.json); other jinja (SmolLM2-Instruct's, AllenAI's Tulu 3 models') is the one of ours it renders
     exactly like on TEMPLATE_PROBES, with `tok`'s special tokens. None when there is no template, or it renders like
     neither (a ChatML without SmolLM2's default system turn, say, on which ours would train something else)."""
+    if not isinstance(chat_template, str):  # none, or named templates with no default (NamedChatTemplates)
+        return None
     if chat_template in CHAT_TEMPLATES:
         return chat_template
     if not chat_template:

@@ -62,6 +62,8 @@ def load_rows(cfg):
     # since SFT is where a template is trained in
     if not cfg.template:
         cfg.template = data.resolve_template("", tok)
+    else:  # (resolve_template checks these for the saved one)
+        data.check_template_tokens(cfg.template, tok)
     return tok, train_rows, eval_rows
 
 

@@ -125,6 +125,96 @@ def test_tokenizer_config_and_special_tokens_map_disagreeing_resolve_as_transfor
     assert (again.eos_token, again.pad_token, again.bos_token, again.model_max_length) == expected
 
 
+def _snapshot(folder, special_tokens, tok_config, edit=lambda tokenizer_json: None):
+    """A tokenizer folder as a snapshot may hold it: a small byte-level BPE with `special_tokens` added, its
+    tokenizer.json changed by `edit`, and `tok_config` as its tokenizer_config.json."""
+    tk = HFTokenizerCore(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["Hello there, how can I help?"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special_tokens, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer_json = json.loads(tk.to_str())
+    edit(tokenizer_json)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer_json, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_config, f)
+    return str(folder)
+
+
+def test_special_tokens_that_are_plain_vocab_entries_are_one_token_as_in_transformers(tok_dir, tmp_path):
+    """transformers registers the special tokens tokenizer_config.json names (bos, eos, pad, unk, additional special
+    tokens, added_tokens_decoder) as added tokens at load, keeping their vocab ids: an eos '</s>' that tokenizer.json
+    has only as an ordinary vocab entry is then one token in rendered text, the id that is trained and stopped at,
+    where it would otherwise be cut into byte pieces."""
+    from transformers import PreTrainedTokenizerFast
+
+    def plain_entries(tokenizer_json):
+        tokenizer_json["model"]["vocab"].update({"</s>": 1000, "<sep>": 1001, "<tool>": 1002})
+
+    folder = _snapshot(tmp_path / "a", ["<|endoftext|>"], {
+        "eos_token": "</s>", "unk_token": "<sep>", "additional_special_tokens": ["<tool>"]}, plain_entries)
+    ours, hf = data.Tokenizer.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)
+    hf.chat_template = data.TULU_TEMPLATE
+    conv = CONVERSATIONS[0]
+    ids, mask = data.render_chat(ours, conv, "tulu")
+    assert ours.eos_id == hf.eos_token_id == 1000 and ids[-1] == 1000 and mask[-1] == 1
+    assert ids == hf.apply_chat_template(conv, tokenize=True)["input_ids"]
+    for text in ("a<sep>b", "<tool>Hello</s>"):
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert ours.encode("<tool>")[0] == 1002
+    # saved, the folder reads the same in transformers, and in ours
+    ours.save_pretrained(str(tmp_path / "saved"))
+    assert data.render_chat(data.Tokenizer.from_pretrained(str(tmp_path / "saved")), conv, "tulu")[0] == ids
+    assert PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved")).encode(
+        "Hi</s>", add_special_tokens=False) == ours.encode("Hi</s>")
+    # A special token the vocabulary lacks would be a new id past the model's embedding table: refused, named
+    for config in ({"eos_token": "</s>", "pad_token": "<pad>"}, {"eos_token": "</s>", "unk_token": "<unk>"},
+                   {"eos_token": "</s>", "additional_special_tokens": ["<tool>", "<rag>"]}):
+        field, token = [(k, v if isinstance(v, str) else v[-1]) for k, v in config.items()][-1]
+        field += "[1]" if field == "additional_special_tokens" else ""
+        with pytest.raises(DataError, match=re.escape(f"tokenizer_config.json: {field} {token!r} is not in the "
+                                                      "vocabulary of tokenizer.json")):
+            data.Tokenizer.from_pretrained(_snapshot(tmp_path / "b", ["<|endoftext|>"], config, plain_entries))
+    # a tokenizer.json whose special tokens all are added tokens already (SmolLM2's) is left as it is: same cache keys
+    shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "added_tokens_decoder": _added_tokens_decoder()}))
+    assert data.Tokenizer.from_pretrained(str(tmp_path))._tk.to_str() == \
+        HFTokenizerCore.from_file(os.path.join(tok_dir, "tokenizer.json")).to_str()
+
+
+def test_decode_drops_the_special_tokens_the_config_names_as_transformers_does(tmp_path):
+    """An eos that tokenizer.json has as an added token flagged special=false is still special to transformers (the
+    config names it), so decode(skip_special_tokens=True) drops it: a rollout's text has no '<|im_end|>' at its end
+    (IFEval's end_phrase checks would fail on it). So does an eos set after load (ChatML's <|im_end|>), which the
+    saved model names as its eos."""
+    from transformers import PreTrainedTokenizerFast
+
+    def not_special(tokenizer_json):
+        for token in tokenizer_json["added_tokens"]:
+            token["special"] = token["content"] == "<|endoftext|>"
+
+    folder = _snapshot(tmp_path / "a", ["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                       {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, not_special)
+    ours, hf = data.Tokenizer.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)
+    response = ours.encode("Can I help?") + [ours.eos_id, ours.pad_id]
+    assert ours.decode(response) == hf.decode(response, skip_special_tokens=True) == "Can I help?"
+    assert ours.decode(response, skip_special_tokens=False) == "Can I help?<|im_end|><|endoftext|>"
+    # trained in ChatML, <|im_end|> (an added token flagged non-special, named by no file) becomes the eos
+    folder = _snapshot(tmp_path / "b", ["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                       {"eos_token": "<|endoftext|>"}, not_special)
+    ours = data.Tokenizer.from_pretrained(folder)
+    ours.use_chat_template("chatml")
+    ours.save_pretrained(str(tmp_path / "saved"))
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved"))
+    response = ours.encode("Can I help?") + [ours.eos_id]
+    assert ours.decode(response) == hf.decode(response, skip_special_tokens=True) == "Can I help?"
+
+
 def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
     """model_max_length (lm-eval's context length), unk and additional special tokens (what decode skips) survive a
     load and save, from tokenizer_config.json or special_tokens_map.json; the special tokens we resolve win."""
@@ -784,6 +874,43 @@ def test_resolve_template_takes_the_saved_one_and_says_when_overridden(demo_tok,
         data.resolve_template("ChatML", tok)
 
 
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_refused(tmp_path):
+    """ChatML's <|im_end|> is trained and generation stops at it, and tulu's eos likewise: a tokenizer without them as
+    added tokens would render them as pieces of text, so that the end of a turn is never one trained token and
+    generation never stops at it (ChatML's stop ids fall back to eos, which ChatML never trains). Refused, naming the
+    token, whether the template is asked for or saved with the model."""
+    import train_sft
+    conv = CONVERSATIONS[0]
+    no_chatml = data.Tokenizer.from_pretrained(_snapshot(tmp_path / "a", ["<|endoftext|>"],
+                                                         {"eos_token": "<|endoftext|>"}))
+    assert data.resolve_template("tulu", no_chatml) == "tulu"
+    with pytest.raises(DataError, match=r"--template=chatml: the tokenizer has no <\|im_start\|>, which the chatml "
+                                        r"chat template needs as one token; --template=tulu needs none but"):
+        data.resolve_template("chatml", no_chatml)
+    no_chatml.chat_template = data.CHATML_TEMPLATE  # saved with it (trained elsewhere with another tokenizer)
+    with pytest.raises(DataError, match=r"saved chat template \(chatml\): the tokenizer has no <\|im_start\|>"):
+        data.resolve_template("", no_chatml)
+    # SFT, which takes --template=chatml without resolving it against a saved one, refuses it too
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": conv}) + "\n")
+    with pytest.raises(DataError, match=r"--template=chatml: the tokenizer has no <\|im_start\|>"):
+        train_sft.load_rows(train_sft.SFTConfig(data=str(tmp_path / "rows.jsonl"), model=str(tmp_path / "a"),
+                                                template="chatml"))
+    # <|im_end|> an ordinary vocab entry, which byte-level pre-tokenization cuts into pieces
+    im_end_in_vocab = data.Tokenizer.from_pretrained(_snapshot(
+        tmp_path / "b", ["<|endoftext|>", "<|im_start|>"], {"eos_token": "<|endoftext|>"},
+        lambda tokenizer_json: tokenizer_json["model"]["vocab"].update({"<|im_end|>": 1000})))
+    assert len(im_end_in_vocab.encode("Hi<|im_end|>")) > 2
+    with pytest.raises(DataError, match=r"--template=chatml: the tokenizer has only an ordinary vocabulary entry "
+                                        r"\(no added token\) for <\|im_end\|>"):
+        data.resolve_template("chatml", im_end_in_vocab)
+    # tulu's eos likewise (from_pretrained makes the files' eos an added token; one made otherwise may not be)
+    core = HFTokenizerCore.from_str(im_end_in_vocab._tk.to_str())
+    eos_in_vocab = data.Tokenizer(core, None, "<|im_end|>")
+    with pytest.raises(DataError, match=r"default chat template \(tulu\): the tokenizer has only an ordinary "
+                                        r"vocabulary entry \(no added token\) for <\|im_end\|>, which the tulu"):
+        data.resolve_template("", eos_in_vocab)
+
+
 def test_the_chat_template_is_found_where_transformers_saves_it(tok_dir, tmp_path):
     """transformers 5 saves the template as chat_template.jinja, which wins over tokenizer_config.json's; the
     config's may also be a list of named templates, of which transformers uses 'default'."""
@@ -806,11 +933,46 @@ def test_the_chat_template_is_found_where_transformers_saves_it(tok_dir, tmp_pat
     conv = CONVERSATIONS[1]
     assert data.render_chat(data.Tokenizer.from_pretrained(listed), conv, "chatml")[0] == \
         transformers.AutoTokenizer.from_pretrained(listed).apply_chat_template(conv, tokenize=True)["input_ids"]
-    with pytest.raises(ValueError, match=r"listed2.tokenizer_config.json: chat_template lists the templates "
-                                         r"\['tool_use'\], none of them a string named 'default'"):
-        data.Tokenizer.from_pretrained(folder("listed2", [{"name": "tool_use", "template": data.TULU_TEMPLATE}]))
+    for entries in ([{"name": "default", "template": 3}], [{"name": "default"}], ["<|user|>"]):
+        with pytest.raises(ValueError, match=r"listed2.tokenizer_config.json: chat_template is a list whose entries "
+                                             r"must each be \{name, template\}, both strings"):
+            data.Tokenizer.from_pretrained(folder("listed2", entries))
+        shutil.rmtree(tmp_path / "listed2")
     with pytest.raises(ValueError, match="chat_template must be a jinja string .* got int"):
         data.Tokenizer.from_pretrained(folder("number", 3))
+
+
+def test_named_chat_templates_with_no_default_are_refused_only_where_a_template_is_needed(tok_dir, tmp_path):
+    """A tokenizer_config.json chat_template listing named templates none of which is 'default' (tool_use and rag):
+    transformers loads the tokenizer and refuses only to render with no template named; so do we, so that
+    --template=tulu or chatml trains and evaluates with it, and --template= (the saved one) is refused, naming the
+    file. Saved again (no template trained into it), the list stays as it was."""
+    import transformers
+    shutil.copytree(tok_dir, tmp_path / "snapshot")
+    config = json.loads((tmp_path / "snapshot" / "tokenizer_config.json").read_text())
+    listed = [{"name": "tool_use", "template": data.TULU_TEMPLATE}, {"name": "rag", "template": data.CHATML_TEMPLATE}]
+    (tmp_path / "snapshot" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": listed}))
+    tok = data.Tokenizer.from_pretrained(str(tmp_path / "snapshot"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "snapshot"))
+    conv = CONVERSATIONS[1]
+    with pytest.raises(ValueError, match="no default"):  # transformers' refusal, where a template is needed
+        hf.apply_chat_template(conv)
+    for template in ("tulu", "chatml"):
+        assert data.resolve_template(template, tok) == template
+        assert data.render_chat(tok, conv, template)[0] == hf.apply_chat_template(
+            conv, chat_template=data.CHAT_TEMPLATES[template], tokenize=True)["input_ids"]
+    with pytest.raises(DataError, match=r"snapshot.tokenizer_config.json: chat_template lists the templates "
+                                        r"\['rag', 'tool_use'\], none of them named 'default'; pass --template=tulu"):
+        data.resolve_template("", tok)
+    assert data.template_name(tok.chat_template, tok) is None and tok.end_of_turn_ids() == [tok.eos_id]
+    assert pickle.loads(pickle.dumps(tok)).chat_template == tok.chat_template
+    tok.save_pretrained(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"] == listed
+    with pytest.raises(DataError, match=r"saved.tokenizer_config.json: chat_template lists the templates"):
+        data.resolve_template("", data.Tokenizer.from_pretrained(str(tmp_path / "saved")))
+    tok.use_chat_template("tulu")  # trained in tulu: saved with it
+    tok.save_pretrained(str(tmp_path / "trained"))
+    assert data.resolve_template("", data.Tokenizer.from_pretrained(str(tmp_path / "trained"))) == "tulu"
 
 
 def test_truncation_and_padding_stored_in_tokenizer_json_are_not_applied(tok_dir, tmp_path):
