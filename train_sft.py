@@ -10,8 +10,9 @@ Loss: cross-entropy on the assistant tokens only, weighted per token over the wh
 token losses over every micro-batch and rank, divided by the number of trained tokens in all of them), so the
 split into micro-batches, accumulation steps and ranks does not change the update. This is not open-instruct's
 'mean', which averages over the tokens of each micro-batch and then over micro-batches, so that at one sequence
-per device a short conversation's tokens weigh more than a long one's. --loss_reduction=sum is Tulu 3's sum loss
-(see below).
+per device a short conversation's tokens weigh more than a long one's. --loss_reduction=sum is Tulu 3's sum loss:
+each conversation's summed token losses, divided by the number of conversations in the effective batch (so it takes
+--packing=false).
 """
 import math
 from dataclasses import dataclass
