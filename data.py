@@ -107,25 +107,34 @@ def _register_special_tokens(tk, named):
     that decode(skip_special_tokens=True) drops it as transformers does. `named`: (where, field, token (a string or
     an AddedToken dict), special); a token that already is an added token (special, where it should be) is left as
     it is, so a tokenizer.json that already has them all (SmolLM2's) is unchanged."""
-    added = {t.content: t.special for t in tk.get_added_tokens_decoder().values()}
+    added = {t.content: t for t in tk.get_added_tokens_decoder().values()}
+    flag_names = ("single_word", "lstrip", "rstrip", "normalized")
     for where, field, value, special in named:
         content = _token_str(value)
         if not isinstance(content, str):
             raise DataError(where, f"{field} = {value!r} must be a token string")
-        if content in added and (added[content] or not special):
+        if content in added and (added[content].special or not special):
             continue
         if tk.token_to_id(content) is None:
-            raise DataError(where, f"{field} {content!r} is not in the vocabulary of tokenizer.json (transformers "
-                            f"would add it as a new id, past the model's embedding table)")
-        # a token given as an AddedToken dict keeps its flags; a string one gets transformers' (normalized=False)
-        flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized")
-                 if isinstance(value, dict) and isinstance(value.get(k), bool)}
+            if field.split("[")[0] in ("bos_token", "eos_token", "pad_token"):  # used: rendered, trained, padded with
+                raise DataError(where, f"{field} {content!r} is not in the vocabulary of tokenizer.json (transformers "
+                                f"would add it as a new id, past the model's embedding table)")
+            log.warning(f"{where}: {field} {content!r} is not in the vocabulary of tokenizer.json, so it is not "
+                        f"added (transformers would give it a new id past the model's embedding table; nothing here "
+                        f"uses it)")
+            continue
+        # an added token keeps its flags (only special changes); one given as an AddedToken dict takes its own; a
+        # string one gets transformers' (normalized=False)
+        if content in added:
+            flags = {k: getattr(added[content], k) for k in flag_names}
+        else:
+            flags = {k: value[k] for k in flag_names if isinstance(value, dict) and isinstance(value.get(k), bool)}
         token = tokenizers.AddedToken(content, **{"normalized": False, **flags}, special=special)
         if special:
             tk.add_special_tokens([token])
         else:
             tk.add_tokens([token])
-        added[content] = special
+        added[content] = token
 
 
 # tokenizer_config.json keys that Tokenizer.save_pretrained writes from its own state (the rest are carried over).
@@ -168,6 +177,7 @@ class Tokenizer:
         self.eos_id = tk.token_to_id(eos_token)
         self.pad_id = tk.token_to_id(self.pad_token)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self._added_tokens = {t.content for t in tk.get_added_tokens_decoder().values()}
         # The eos ids the snapshot's generation_config.json lists (Llama 3 style lists name several): transformers'
         # generate stops at each of them, so ours does too (see stop_token_ids).
         self.generation_eos_ids = [int(i) for i in generation_eos_ids]
@@ -215,9 +225,11 @@ class Tokenizer:
                     named.append((os.path.join(folder, file), name, source[name], True))
                     return token
             token_ids = generation_ids(name)  # generation_config may list several eos ids; the first is the main one
-            if token_ids:
-                return tk.id_to_token(token_ids[0])
-            return "<|endoftext|>" if name == "eos_token" and tk.token_to_id("<|endoftext|>") is not None else None
+            token = tk.id_to_token(token_ids[0]) if token_ids else \
+                "<|endoftext|>" if name == "eos_token" and tk.token_to_id("<|endoftext|>") is not None else None
+            if name == "eos_token" and token is not None:  # one token wherever a template writes it, as one named is
+                named.append((os.path.join(folder, "generation_config.json"), "eos_token_id", token, True))
+            return token
 
         def generation_ids(name, config=gen_config, file="generation_config.json"):
             token_ids = config.get(f"{name}_id")
@@ -280,8 +292,10 @@ class Tokenizer:
         if skip_special_tokens:
             # transformers counts bos, eos and pad as special whatever tokenizer.json flags them: from_pretrained
             # flags the ones the files name (_register_special_tokens), but an eos set since (use_chat_template's
-            # <|im_end|>, which a saved model names as its eos) may still be flagged otherwise
-            special = {self.bos_id, self.eos_id, self.pad_id}
+            # <|im_end|>, which a saved model names as its eos) may still be flagged otherwise. Only added tokens:
+            # a bos or pad taken from generation_config.json's ids may be an ordinary token ('!'), part of the text.
+            special = {i for i, token in ((self.bos_id, self.bos_token), (self.eos_id, self.eos_token),
+                                          (self.pad_id, self.pad_token)) if self.is_added_token(token)}
             ids = [i for i in ids if i not in special]
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -292,7 +306,7 @@ class Tokenizer:
         """Whether `token` is one of tokenizer.json's added tokens, which are split out of the text before the
         pre-tokenizer sees it, so that it is one token wherever it appears. An ordinary vocab entry such as
         '<|im_end|>' is not: the byte-level pre-tokenizer cuts '<|' and '|>' off it, so it comes out in pieces."""
-        return any(t.content == token for t in self._tk.get_added_tokens_decoder().values())
+        return token in self._added_tokens
 
     def same_ids(self, other):
         """Whether both turn text into the same token ids (the same tokenizer.json), whatever their bos, eos and pad."""

@@ -144,7 +144,7 @@ def _snapshot(folder, special_tokens, tok_config, edit=lambda tokenizer_json: No
     return str(folder)
 
 
-def test_special_tokens_that_are_plain_vocab_entries_are_one_token_as_in_transformers(tok_dir, tmp_path):
+def test_special_tokens_that_are_plain_vocab_entries_are_one_token_as_in_transformers(tok_dir, tmp_path, caplog):
     """transformers registers the special tokens tokenizer_config.json names (bos, eos, pad, unk, additional special
     tokens, added_tokens_decoder) as added tokens at load, keeping their vocab ids: an eos '</s>' that tokenizer.json
     has only as an ordinary vocab entry is then one token in rendered text, the id that is trained and stopped at,
@@ -170,14 +170,21 @@ def test_special_tokens_that_are_plain_vocab_entries_are_one_token_as_in_transfo
     assert data.render_chat(data.Tokenizer.from_pretrained(str(tmp_path / "saved")), conv, "tulu")[0] == ids
     assert PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved")).encode(
         "Hi</s>", add_special_tokens=False) == ours.encode("Hi</s>")
-    # A special token the vocabulary lacks would be a new id past the model's embedding table: refused, named
-    for config in ({"eos_token": "</s>", "pad_token": "<pad>"}, {"eos_token": "</s>", "unk_token": "<unk>"},
-                   {"eos_token": "</s>", "additional_special_tokens": ["<tool>", "<rag>"]}):
-        field, token = [(k, v if isinstance(v, str) else v[-1]) for k, v in config.items()][-1]
-        field += "[1]" if field == "additional_special_tokens" else ""
-        with pytest.raises(DataError, match=re.escape(f"tokenizer_config.json: {field} {token!r} is not in the "
-                                                      "vocabulary of tokenizer.json")):
-            data.Tokenizer.from_pretrained(_snapshot(tmp_path / "b", ["<|endoftext|>"], config, plain_entries))
+    # A special token the vocabulary lacks would be a new id past the model's embedding table: refused, named, where
+    # it is used (bos, eos, pad); said and left out where nothing uses it
+    with pytest.raises(DataError, match=re.escape("tokenizer_config.json: pad_token '<pad>' is not in the vocabulary "
+                                                  "of tokenizer.json")):
+        data.Tokenizer.from_pretrained(_snapshot(tmp_path / "b", ["<|endoftext|>"],
+                                                 {"eos_token": "</s>", "pad_token": "<pad>"}, plain_entries))
+    for config, unused in (({"eos_token": "</s>", "unk_token": "<unk>"}, "unk_token '<unk>'"),
+                           ({"eos_token": "</s>", "additional_special_tokens": ["<tool>", "<rag>"]},
+                            "additional_special_tokens[1] '<rag>'")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nanotulu.data"):
+            tok = data.Tokenizer.from_pretrained(_snapshot(tmp_path / "b", ["<|endoftext|>"], config, plain_entries))
+        assert f"tokenizer_config.json: {unused} is not in the vocabulary of tokenizer.json, so it is not added" \
+            in caplog.text
+        assert tok.eos_id == 1000 and tok.token_to_id(re.findall(r"'(.*)'", unused)[0]) is None
     # a tokenizer.json whose special tokens all are added tokens already (SmolLM2's) is left as it is: same cache keys
     shutil.copy(os.path.join(tok_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
@@ -213,6 +220,48 @@ def test_decode_drops_the_special_tokens_the_config_names_as_transformers_does(t
     hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "saved"))
     response = ours.encode("Can I help?") + [ours.eos_id]
     assert ours.decode(response) == hf.decode(response, skip_special_tokens=True) == "Can I help?"
+
+
+def test_a_special_token_made_special_at_load_keeps_its_added_token_flags(tmp_path):
+    """An added token flagged special=false in tokenizer.json that the config names as eos is flagged special, and
+    keeps its other flags: with rstrip it swallows the spaces after it, in ours as in transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    def rstrip_not_special(tokenizer_json):
+        for token in tokenizer_json["added_tokens"]:
+            if token["content"] == "<|end|>":
+                token.update(special=False, rstrip=True)
+
+    folder = _snapshot(tmp_path, ["<|endoftext|>", "<|end|>"], {"eos_token": "<|end|>"}, rstrip_not_special)
+    ours, hf = data.Tokenizer.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)
+    text = "Hi<|end|>   Hello"
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert ours.encode(text)[-2:] == [ours.eos_id] + ours.encode("Hello")
+
+
+def test_a_bos_or_pad_from_generation_config_that_is_an_ordinary_token_stays_in_decoded_text(tmp_path):
+    """With no tokenizer file naming them, bos and pad come from generation_config.json's ids, which may be ordinary
+    tokens ('!'): decoding keeps them, as it is text the model wrote."""
+    folder = _snapshot(tmp_path, ["<|endoftext|>"], {"eos_token": "<|endoftext|>", "bos_token": None})
+    bang = data.Tokenizer.from_pretrained(folder).token_to_id("!")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": bang, "pad_token_id": bang}))
+    tok = data.Tokenizer.from_pretrained(folder)
+    assert tok.bos_id == tok.pad_id == bang
+    assert tok.decode(tok.encode("Hello! Hi!!")) == "Hello! Hi!!"
+
+
+def test_an_eos_that_only_generation_config_names_is_one_token_and_renders_in_tulu(tmp_path):
+    """A base model whose tokenizer files name no eos: its eos is generation_config.json's, and it is registered like
+    one the files name, so the tulu template (and eval's raw-text mode, which resolves it) takes it."""
+    def plain_eos(tokenizer_json):
+        tokenizer_json["model"]["vocab"]["</s>"] = 1000
+
+    folder = _snapshot(tmp_path, ["<|endoftext|>"], {}, plain_eos)
+    os.remove(os.path.join(folder, "tokenizer_config.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1000}))
+    tok = data.Tokenizer.from_pretrained(folder)
+    assert tok.eos_id == 1000 and tok.encode("Hi</s>")[-1] == 1000
+    assert data.resolve_template("", tok) == "tulu"
 
 
 def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):
