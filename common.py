@@ -756,12 +756,15 @@ def replace_dir(tmp, path):
     shutil.rmtree(aside, ignore_errors=True)
 
 
+_CANNOT_SYNC = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 def _sync(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as e:  # a folder on a filesystem that cannot sync one (EINVAL): its files were synced
-        if not (e.errno == errno.EINVAL and os.path.isdir(path)):
+    except OSError as e:  # a folder on a filesystem that cannot sync one (some network and FUSE mounts): its files
+        if not (e.errno in _CANNOT_SYNC and os.path.isdir(path)):  # were synced
             raise
     finally:
         os.close(fd)
@@ -863,7 +866,7 @@ def load_checkpoint(path, model, optimizer=None):
 # what it trains on or how (the effective batch is total_batch_size, which is compared).
 RESUMABLE_CHANGES = {"run_dir", "resume", "overwrite", "device", "progress", "log_every", "eval_every", "eval_data",
                      "eval_batch_size", "samples_per_step", "checkpoint_every", "keep_checkpoints", "cache_dir",
-                     "batch_size", "grad_accum", "fsdp", "compile", "gradient_checkpointing"}
+                     "batch_size", "grad_accum", "fsdp", "compile", "gradient_checkpointing", "eval_max_new_tokens"}
 
 
 def weights_digest(model):
@@ -880,10 +883,14 @@ def weights_digest(model):
 
 
 def model_configs(model):
-    """The config of each model in `model` (the policy, a value model's backbone), by module name: rope_theta,
-    rms_norm_eps and the head split come from --model's config.json, not from a checkpoint's tensors."""
-    return {name: dataclasses.asdict(m.config) for name, m in unwrap(model).named_modules()
-            if isinstance(getattr(m, "config", None), ModelConfig)}
+    """The settings that shape what each model in `model` computes (the policy, a value model's backbone), by module
+    name: rope_theta, rms_norm_eps and the head split come from config.json, not from a checkpoint's tensors. Its
+    token ids, position limit and init scale do not change what a trained model computes, and may be edited."""
+    return {name: {k: v for k, v in dataclasses.asdict(m.config).items() if k not in _NOT_COMPUTED}
+            for name, m in unwrap(model).named_modules() if isinstance(getattr(m, "config", None), ModelConfig)}
+
+
+_NOT_COMPUTED = {"bos_token_id", "eos_token_id", "max_position_embeddings", "initializer_range"}
 
 
 def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
@@ -941,15 +948,18 @@ def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
                           f"reference must be that starting model: put it back, or start a new run")
     saved_models = extra.get("model_config", model_config)  # (checkpoints before it was recorded: not checked)
     if model_config is not None and saved_models != model_config:
-        diff = []
+        diff, sources = [], set()
         for name in sorted(set(saved_models) | set(model_config)):
             then, now = saved_models.get(name, {}), model_config.get(name, {})
-            diff += [f"{name + ' ' if name else ''}{key}: {then.get(key)!r} then, {now.get(key)!r} now"
-                     for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
-        diff = "; ".join(diff)
-        raise ConfigError(f"--resume: the model built from --model={cfg.model or '(the demo preset)'} is not "
-                          f"configured as the one {path} trained ({diff}): its config.json was edited since, or "
-                          f"--model is another model; put it back, or start a new run")
+            changed = [f"{name + ' ' if name else ''}{key}: {then.get(key)!r} then, {now.get(key)!r} now"
+                       for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
+            diff += changed
+            if changed:  # (RLVR's value model is built from --value_model)
+                key = "value_model" if name.startswith("value") and getattr(cfg, "value_model", "") else "model"
+                sources.add(f"--{key}={getattr(cfg, key) or '(the demo preset)'}")
+        raise ConfigError(f"--resume: the model built from {' and '.join(sorted(sources))} is not configured as the "
+                          f"one {path} trained ({'; '.join(diff)}): its config.json was edited since, or it is another "
+                          f"model; put it back, or start a new run")
     if data_digest is not None and extra.get("data_digest", data_digest) != data_digest:
         rows = f"--data={cfg.data}" if cfg.data else "the demo's"
         raise ConfigError(f"--resume: the training rows ({rows}) are not the ones the run in {cfg.run_dir} trained on "

@@ -1,5 +1,6 @@
 """common.py: config parsing, batch / lr resolution, schedules, optimizer groups, checkpoints, run folder, the end
 of a multi-rank run."""
+import errno
 import itertools
 import json
 import logging
@@ -7,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -623,6 +625,28 @@ def test_a_folder_is_on_disk_before_it_is_renamed_into_place_and_the_rename_afte
                                               ".tmp_final/sub/tokenizer.json"])
     assert events[rename + 1:] == ["."]  # the folder holding the rename
     assert (final / "sub/tokenizer.json").read_text() == "sub/tokenizer.json"
+
+
+@pytest.mark.parametrize("code", ["EINVAL", "EBADF", "ENOTSUP"])
+def test_a_filesystem_that_cannot_sync_a_folder_still_saves_but_a_file_that_fails_to_sync_stops_it(tmp_path,
+                                                                                                    monkeypatch, code):
+    real_fsync = os.fsync
+
+    def folders_fail(fd, kind=stat.S_ISDIR):
+        if kind(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        real_fsync(fd)
+    tmp = tmp_path / ".tmp_final"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_text("weights")
+    monkeypatch.setattr(os, "fsync", folders_fail)
+    common.replace_dir(str(tmp), str(tmp_path / "final"))
+    assert os.listdir(tmp_path / "final") == ["model.safetensors"]
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_text("weights")
+    monkeypatch.setattr(os, "fsync", lambda fd: folders_fail(fd, kind=stat.S_ISREG))
+    with pytest.raises(OSError):
+        common.replace_dir(str(tmp), str(tmp_path / "final"))
 
 
 def test_checkpoints_keep_last_k(tmp_path):

@@ -323,13 +323,14 @@ def test_a_resume_on_rows_edited_in_place_is_refused(setup):
 
 def test_a_resume_from_a_model_whose_config_was_edited_since_is_refused(setup):
     """The checkpoint holds the weights, but rope_theta and rms_norm_eps come from --model's config.json: edited
-    since, the run would go on training another function of the same weights."""
+    since, the run would go on training another function of the same weights. (Its eos ids may change.)"""
     model = setup / "base_edited_later"
     shutil.copytree(setup / "base", model)
     train_sft.main(args(setup, "config_edited", model=model, max_steps=2, checkpoint_every=1, batch_size=2))
     shutil.rmtree(setup / "config_edited" / "final")
     config = json.loads((model / "config.json").read_text())
     config["rms_norm_eps"] = 0.1
+    config["eos_token_id"] = [config["eos_token_id"], 1]  # (not what the model computes: not named below)
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(common.ConfigError, match=r"--resume: the model built from --model=\S*base_edited_later is not "
                                                  r"configured as the one \S*step_0000002 trained \(rms_norm_eps: "
