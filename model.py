@@ -103,11 +103,17 @@ class ModelConfig:
         if not isinstance(d.get("tie_word_embeddings", False), bool):
             raise CheckpointError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or "
                                   "false")
-        for key in ("bos_token_id", "eos_token_id"):
-            ids = d.get(key)
-            if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                           for i in (ids if isinstance(ids, list) else [ids])):
-                raise CheckpointError(f"{where}: key {key!r} = {ids!r} must be a token id or a list of them")
+        def token_id(i):
+            return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+        # eos_token_id may list several ids (LlamaConfig takes int or list), bos_token_id may not: transformers
+        # refuses a list there (at load, so a folder we saved with one would fail only for its consumer).
+        bos = d.get("bos_token_id")
+        if bos is not None and not token_id(bos):
+            raise CheckpointError(f"{where}: key 'bos_token_id' = {bos!r} must be one token id (a non-negative "
+                                  "integer; unlike eos_token_id, not a list: transformers refuses one)")
+        eos = d.get("eos_token_id")
+        if eos is not None and not all(token_id(i) for i in (eos if isinstance(eos, list) else [eos])):
+            raise CheckpointError(f"{where}: key 'eos_token_id' = {eos!r} must be a token id or a list of them")
         num_heads = d["num_attention_heads"]
         # Fallbacks are LlamaConfig's own defaults, so a sparse config.json means what transformers reads.
         fields = dict(

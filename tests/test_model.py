@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import Generation, ModelConfig, Transformer, filter_logits, generate, grouped_decode_attention, to_hf_state
+from model import (CheckpointError, Generation, ModelConfig, Transformer, filter_logits, generate,
+                   grouped_decode_attention, to_hf_state)
 
 VOCAB = 128
 
@@ -196,6 +197,20 @@ def test_unsupported_config_features_are_refused(key, value):
     d[key] = value
     with pytest.raises(ValueError, match=f"key '{key}'"):
         ModelConfig.from_hf_dict(d)
+
+
+def test_a_list_of_bos_ids_is_refused_at_load_as_transformers_refuses_it():
+    """LlamaConfig takes a list of eos ids but only one bos id: a config.json with a bos list, read and saved back,
+    would be a final/ that transformers refuses. A list of eos ids stays valid."""
+    d = {**ModelConfig.from_preset("tiny").to_hf_dict(), "bos_token_id": [0, 1]}
+    d.pop("torch_dtype")
+    with pytest.raises(Exception, match="bos_token_id"):
+        LlamaConfig(**d)
+    with pytest.raises(CheckpointError, match=r"snap/config.json: key 'bos_token_id' = \[0, 1\] must be one token id"):
+        ModelConfig.from_hf_dict(d, where="snap/config.json")
+    ok = {**d, "bos_token_id": 1, "eos_token_id": [0, 5]}
+    assert ModelConfig.from_hf_dict(ok).eos_token_id == LlamaConfig(**ok).eos_token_id == [0, 5]
+    assert ModelConfig.from_hf_dict({**d, "bos_token_id": None}).bos_token_id is None  # LlamaConfig takes None too
 
 
 def test_a_top_level_theta_that_disagrees_with_rope_parameters_is_refused():
