@@ -428,9 +428,10 @@ class Transformer(nn.Module):
                     if name.endswith("rotary_emb.inv_freq"):  # older transformers stored this derived buffer
                         continue
                     if name in where or (weight_map is not None and weight_map.get(name) != file):
-                        raise CheckpointError(f"{path}: tensor {name} is in {file}, but "
-                                              + (f"also in {where[name]}" if name in where else
-                                            f"{index_path} puts it in {weight_map.get(name)}"))
+                        raise CheckpointError(f"{path}: tensor {name} is in {file}, but " + (
+                            f"also in {where[name]}" if name in where else
+                            f"{index_path} puts it in {weight_map[name]}" if name in weight_map else
+                            f"{index_path} does not list it in its weight_map"))
                     tensors[name], where[name] = f.get_tensor(name).to(dtype), file
         listed_nowhere = sorted(n for n in weight_map or () if n not in where and not n.endswith("rotary_emb.inv_freq"))
         if listed_nowhere:

@@ -110,6 +110,12 @@ def test_a_shard_index_that_disagrees_with_its_shards_or_a_broken_file_is_named(
     index_file.write_text(json.dumps(moved))
     with pytest.raises(ValueError, match=f"tensor {name} is in {shards[0]}, but .*index.json puts it in {shards[1]}"):
         Transformer.from_pretrained(str(path))
+    # an index that leaves out a tensor its shard holds (transformers would ignore the tensor)
+    index_file.write_text(json.dumps({**index, "weight_map": {n: f for n, f in index["weight_map"].items()
+                                                              if n != name}}))
+    with pytest.raises(ValueError, match=f"tensor {name} is in {shards[0]}, but .*index.json does not list it in its "
+                                         "weight_map"):
+        Transformer.from_pretrained(str(path))
     index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], "model.extra": shards[0]}}))
     with pytest.raises(ValueError, match=r"lists tensors that no shard holds: \['model.extra'\]"):
         Transformer.from_pretrained(str(path))
