@@ -448,7 +448,13 @@ class Transformer(nn.Module):
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [f"{k}: checkpoint {tuple(tensors[k].shape)} ({where[k]}) vs model {tuple(expected[k])}"
                       for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k]]
-        problems = ([f"missing tensors: {missing}"] if missing else []) + \
+        # A tied checkpoint (no lm_head.weight) whose config.json does not say so: transformers defaults
+        # tie_word_embeddings to false and would initialise the head at random, so this is refused, but the fix is
+        # one key in config.json.
+        untied_hint = " (the checkpoint has no lm_head.weight and config.json does not say tie_word_embeddings: " \
+            "true; if the output head is the embedding, as SmolLM2's is, set it to true there)" \
+            if "lm_head.weight" in missing and len(missing) == 1 else ""
+        problems = ([f"missing tensors: {missing}{untied_hint}"] if missing else []) + \
                    ([f"unexpected tensors: {unexpected}"] if unexpected else []) + \
                    ([f"shape mismatches: {mismatched}"] if mismatched else [])
         if problems:

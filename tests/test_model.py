@@ -172,6 +172,21 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
         Transformer.from_pretrained(path)
 
 
+def test_a_tied_checkpoint_whose_config_json_does_not_say_so_is_refused_with_the_fix(tmp_path):
+    """transformers reads a config.json without tie_word_embeddings as untied and would initialise the missing
+    head at random: refused, with the key to set."""
+    _, path = hf_llama(tmp_path, "hf", **{**SMALL, "tie_word_embeddings": True})
+    assert "lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    del d["tie_word_embeddings"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f)
+    with pytest.raises(CheckpointError, match=r"missing tensors: \['lm_head.weight'\] \(the checkpoint has no "
+                                              r"lm_head.weight and config.json does not say tie_word_embeddings: true"):
+        Transformer.from_pretrained(path)
+
+
 def test_config_checks_name_the_file_and_a_default_rope_scaling_is_no_scaling():
     d = ModelConfig.from_preset("tiny").to_hf_dict()
     assert ModelConfig.from_hf_dict({**d, "rope_scaling": {"rope_type": "default"}}) == ModelConfig.from_hf_dict(d)
