@@ -404,6 +404,10 @@ class Transformer(nn.Module):
                 raise CheckpointError(f"{index_path}: no weight_map object (tensor name -> shard file name)")
             files = set(weight_map.values())
         else:
+            broken = [_broken_link(path, f) for f in ("model.safetensors", "model.safetensors.index.json")]
+            broken = [b for b in broken if b]
+            if broken:
+                raise FileNotFoundError(f"{path}: {'; '.join(broken)}")
             pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.isfile(
                 os.path.join(path, f))]
             hint = f" ({pickled[0]} is there: PyTorch pickles are not read; transformers' save_pretrained writes " \
@@ -416,6 +420,9 @@ class Transformer(nn.Module):
         expected = {k: v.shape for k, v in to_hf_state(model.state_dict(), config).items()}
         tensors, where = {}, {}
         absent = sorted(f for f in files if not os.path.isfile(os.path.join(path, f)))
+        broken = [b for b in (_broken_link(path, f) for f in absent) if b]  # (a cache snapshot cut short)
+        if broken:
+            raise CheckpointError(f"{path}: {'; '.join(broken)}")
         if absent:
             raise CheckpointError(f"{index_path}: lists shards that are not in {path}: {', '.join(absent)}")
         for file in sorted(files):
@@ -502,12 +509,26 @@ def model_folder_problem(path):
         return "a file, not a folder (a model is the Hugging Face folder of config.json and the weights)"
     if os.path.isfile(os.path.join(path, "final", "config.json")):  # a run folder's own config.json is its settings
         return f"a run folder; its trained model is {os.path.join(path, 'final')}"
+    broken = _broken_link(path, "config.json")
+    if broken:
+        return broken
     if not os.path.isfile(os.path.join(path, "config.json")):
         snapshots = os.path.join(path, "snapshots")
         hint = f"; in a Hugging Face cache folder the model is {snapshots}/<revision>" \
             if os.path.isdir(snapshots) else ""
         return f"no config.json, so not a Hugging Face model folder{hint}"
     return None
+
+
+def _broken_link(folder, name):
+    """'<name> is a broken link to <target>' when folder/name is a symbolic link to nothing (a Hugging Face cache
+    snapshot whose download was cut short links to a blob that never arrived), else None: such a file is there,
+    and saying it is missing would send the user looking for the wrong mistake."""
+    file = os.path.join(folder, name)
+    if not os.path.islink(file) or os.path.exists(file):
+        return None
+    target = os.path.normpath(os.path.join(folder, os.readlink(file)))
+    return f"{name} is a broken link to {target} (a download cut short? fetch the model again)"
 
 
 def _read_json_object(path):

@@ -136,6 +136,33 @@ def test_a_shard_index_that_disagrees_with_its_shards_or_a_broken_file_is_named(
         Transformer.from_pretrained(str(path))
 
 
+def test_a_broken_link_is_named_as_such_not_as_a_missing_file(tmp_path):
+    """A Hugging Face cache snapshot whose download was cut short: its files are links to blobs that are not there."""
+    hf, _ = hf_llama(tmp_path, "hf", **SMALL)
+    path = tmp_path / "snapshot"
+    hf.save_pretrained(str(path), max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    os.remove(path / shard)
+    os.symlink("../../blobs/abc123", path / shard)
+    blob = os.path.normpath(tmp_path / "../blobs/abc123")
+    with pytest.raises(ValueError, match=f"{shard} is a broken link to {blob}"):
+        Transformer.from_pretrained(str(path))
+    for name in ("model.safetensors.index.json", "config.json"):
+        text = (path / name).read_text()
+        os.remove(path / name)
+        os.symlink("../../blobs/def456", path / name)
+        with pytest.raises(FileNotFoundError, match=f"{path}: {name} is a broken link to "
+                                                    f"{os.path.normpath(tmp_path / '../blobs/def456')}"):
+            Transformer.from_pretrained(str(path))
+        (path / name).unlink()
+        (path / name).write_text(text)
+    os.remove(path / "model.safetensors.index.json")  # a single-file checkpoint, its file a link to nothing
+    os.symlink("/nonexistent/blob", path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is a broken link to /nonexistent/blob"):
+        Transformer.from_pretrained(str(path))
+
+
 def test_dtype_and_device_arguments(smol):
     model = Transformer.from_pretrained(smol[1], dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
