@@ -509,6 +509,13 @@ def model_folder_problem(path):
         return "a file, not a folder (a model is the Hugging Face folder of config.json and the weights)"
     if os.path.isfile(os.path.join(path, "final", "config.json")):  # a run folder's own config.json is its settings
         return f"a run folder; its trained model is {os.path.join(path, 'final')}"
+    run_files = [f for f in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(path, f))]
+    weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if os.path.lexists(
+        os.path.join(path, f))]
+    if run_files and not weights:  # a run still training, or killed: its config.json is settings, not a model's
+        return (f"a run folder ({' and '.join(run_files)}) with no final model yet: final/ is written when the run "
+                "finishes, and a checkpoint is not a model folder; let the run finish, or resume it (--resume=true) "
+                "to finish")
     broken = _broken_link(path, "config.json")
     if broken:
         return broken

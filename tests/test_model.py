@@ -163,6 +163,21 @@ def test_a_broken_link_is_named_as_such_not_as_a_missing_file(tmp_path):
         Transformer.from_pretrained(str(path))
 
 
+@pytest.mark.parametrize("marker", ["checkpoints", "metrics.jsonl"])
+def test_a_run_folder_without_final_is_named_a_run_with_no_final_model_yet(tmp_path, marker):
+    """A run still training (or killed) has its settings as config.json and checkpoints, but no final/ yet."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"lr": 1e-5, "run_dir": str(run)}))
+    if marker == "checkpoints":
+        (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    else:
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(FileNotFoundError, match=rf"{run}: a run folder \({marker}\) with no final model yet: .*a "
+                                                "checkpoint is not a model folder"):
+        Transformer.from_pretrained(str(run))
+
+
 def test_dtype_and_device_arguments(smol):
     model = Transformer.from_pretrained(smol[1], dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
