@@ -8,6 +8,7 @@ matmul each; to_hf_state / from_hf_state convert at the checkpoint boundary.
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -498,6 +499,39 @@ class Transformer(nn.Module):
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+        # Then what an earlier save into this folder left that this one did not write (after, so that a save cut
+        # short still leaves a loadable folder): see _remove_stale_files.
+        _remove_stale_files(path, tokenizer is not None)
+
+
+# Weight files save_pretrained does not write (it writes one model.safetensors): a sharded save's index and shards,
+# and PyTorch pickles. transformers and from_pretrained read model.safetensors first, but other loaders may read
+# the index or a pickle, and would load the earlier model.
+_SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+_OLD_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Tokenizer files data.Tokenizer.save_pretrained does not write (tokenizer.json and tokenizer_config.json hold the
+# whole tokenizer): a stale special_tokens_map.json overrides tokenizer_config.json's eos on reload, in transformers
+# and in data.Tokenizer alike (its other settings were carried into tokenizer_config.json when the tokenizer was
+# read); added_tokens.json would add tokens, and a slow tokenizer's vocabulary would be the earlier tokenizer's.
+_OLD_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def _remove_stale_files(path, tokenizer_saved):
+    """Remove from a folder save_pretrained just wrote the weight files (and, when it saved a tokenizer, the
+    tokenizer files) of an earlier save there, as transformers' save_pretrained removes stale shards."""
+    stale = {f for f in os.listdir(path) if _SHARD.fullmatch(f)} | set(_OLD_WEIGHT_FILES)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):  # shards under other names
+        try:
+            weight_map = _read_json_object(os.path.join(path, index)).get("weight_map")
+            stale |= {f for f in weight_map.values() if isinstance(f, str) and os.path.basename(f) == f}
+        except (OSError, CheckpointError, AttributeError):  # no index, or a broken one: its shards are matched above
+            pass
+    if tokenizer_saved:
+        stale |= set(_OLD_TOKENIZER_FILES)
+    stale -= {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    for name in sorted(stale):
+        if os.path.lexists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
 
 
 def model_folder_problem(path):

@@ -590,6 +590,32 @@ def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids_a
     assert json.loads((tmp_path / "chatml" / "generation_config.json").read_text())["eos_token_id"] == [im_end, 0, 5]
 
 
+def test_saving_into_an_earlier_hf_folder_leaves_none_of_its_weight_or_tokenizer_files(tmp_path):
+    """A sharded checkpoint and a special_tokens_map.json left beside the new save would be read by some loaders
+    (the index) and override the new tokenizer's eos on reload (the map): save_pretrained removes them."""
+    import data
+    from transformers import PreTrainedTokenizerFast
+    tok = data.build_demo_tokenizer(data.make_demo_data(0, n_train=32, n_heldout=8), vocab_size=300)
+    path = tmp_path / "m"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(
+        str(path), max_shard_size="20KB")
+    shards = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 1
+    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (path / "notes.txt").write_text("mine")  # not a file of a save: kept
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+    tok.use_chat_template("chatml")  # trained in ChatML: <|im_end|> is the eos
+    model.save_pretrained(str(path), tokenizer=tok)
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "model.safetensors", "notes.txt",
+                                        "tokenizer.json", "tokenizer_config.json"]
+    assert data.Tokenizer.from_pretrained(str(path)).eos_token == "<|im_end|>"
+    assert PreTrainedTokenizerFast.from_pretrained(str(path)).eos_token == "<|im_end|>"
+    back = LlamaForCausalLM.from_pretrained(str(path))
+    assert torch.equal(back.model.embed_tokens.weight, model.embed_tokens.weight)
+
+
 def test_to_hf_state_splits_fused_projections(tiny):
     state = to_hf_state(tiny.state_dict(), tiny.config)
     assert state["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
