@@ -167,11 +167,23 @@ def refuse_unused(cfg, names, why):
 
 def check_folder(cfg, name, hint=""):
     """A model folder named by --name that is not there, or not a model folder (model.model_folder_problem), is an
-    error saying so, before anything tries to read it; `hint` is added when there is nothing at all."""
+    error saying so, before anything tries to read it; `hint` is added when there is nothing at all. Every such
+    setting but --value_model is loaded as a causal LM, so a reward model's folder is refused there too."""
     path = getattr(cfg, name)
-    problem = path and model_folder_problem(path)
+    problem = path and (model_folder_problem(path) or (name != "value_model" and reward_model_problem(path)))
     if problem:
         raise FileNotFoundError(f"--{name}={path}: {problem}{'' if os.path.exists(path) else hint}")
+
+
+def reward_model_problem(path):
+    """Why the folder `path` is not to be loaded as a causal LM (a policy, DPO's reference, a model to evaluate)
+    when it is a reward model's, else None. Its backbone is a valid causal-LM folder, so it would load without a
+    word, but it was trained to score with its value head, not to generate."""
+    if os.path.isfile(os.path.join(path, VALUE_HEAD)):
+        return (f"a reward model's folder ({VALUE_HEAD}: train_dpo.py --objective=reward_model wrote it), not a "
+                "policy: it was trained to score responses, not to write them; train_rlvr.py --algo=ppo takes it "
+                "as --value_model")
+    return None
 
 
 def refuse_if_given(cfg, name, why):

@@ -110,6 +110,9 @@ def load_model_and_tokenizer(path, device="cpu", dtype=torch.float32):
     if not os.path.exists(path):  # (what is there, but not a model, from_pretrained names)
         raise FileNotFoundError(f"no model at {path}: expected a folder with config.json, model weights and "
                                 f"tokenizer.json (as written by save_pretrained)")
+    problem = common.reward_model_problem(path)  # it would load, as the causal LM it is not
+    if problem:
+        raise FileNotFoundError(f"{path}: {problem}")
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(path)
     check_vocab(tok, model.config.vocab_size, path)

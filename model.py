@@ -8,6 +8,7 @@ matmul each; to_hf_state / from_hf_state convert at the checkpoint boundary.
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -103,11 +104,17 @@ class ModelConfig:
         if not isinstance(d.get("tie_word_embeddings", False), bool):
             raise CheckpointError(f"{where}: key 'tie_word_embeddings' = {d['tie_word_embeddings']!r} must be true or "
                                   "false")
-        for key in ("bos_token_id", "eos_token_id"):
-            ids = d.get(key)
-            if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                           for i in (ids if isinstance(ids, list) else [ids])):
-                raise CheckpointError(f"{where}: key {key!r} = {ids!r} must be a token id or a list of them")
+        def token_id(i):
+            return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+        # eos_token_id may list several ids (LlamaConfig takes int or list), bos_token_id may not: transformers
+        # refuses a list there (at load, so a folder we saved with one would fail only for its consumer).
+        bos = d.get("bos_token_id")
+        if bos is not None and not token_id(bos):
+            raise CheckpointError(f"{where}: key 'bos_token_id' = {bos!r} must be one token id (a non-negative "
+                                  "integer; unlike eos_token_id, not a list: transformers refuses one)")
+        eos = d.get("eos_token_id")
+        if eos is not None and not all(token_id(i) for i in (eos if isinstance(eos, list) else [eos])):
+            raise CheckpointError(f"{where}: key 'eos_token_id' = {eos!r} must be a token id or a list of them")
         num_heads = d["num_attention_heads"]
         # Fallbacks are LlamaConfig's own defaults, so a sparse config.json means what transformers reads.
         fields = dict(
@@ -398,6 +405,10 @@ class Transformer(nn.Module):
                 raise CheckpointError(f"{index_path}: no weight_map object (tensor name -> shard file name)")
             files = set(weight_map.values())
         else:
+            broken = [_broken_link(path, f) for f in ("model.safetensors", "model.safetensors.index.json")]
+            broken = [b for b in broken if b]
+            if broken:
+                raise FileNotFoundError(f"{path}: {'; '.join(broken)}")
             pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.isfile(
                 os.path.join(path, f))]
             hint = f" ({pickled[0]} is there: PyTorch pickles are not read; transformers' save_pretrained writes " \
@@ -410,6 +421,9 @@ class Transformer(nn.Module):
         expected = {k: v.shape for k, v in to_hf_state(model.state_dict(), config).items()}
         tensors, where = {}, {}
         absent = sorted(f for f in files if not os.path.isfile(os.path.join(path, f)))
+        broken = [b for b in (_broken_link(path, f) for f in absent) if b]  # (a cache snapshot cut short)
+        if broken:
+            raise CheckpointError(f"{path}: {'; '.join(broken)}")
         if absent:
             raise CheckpointError(f"{index_path}: lists shards that are not in {path}: {', '.join(absent)}")
         for file in sorted(files):
@@ -422,9 +436,10 @@ class Transformer(nn.Module):
                     if name.endswith("rotary_emb.inv_freq"):  # older transformers stored this derived buffer
                         continue
                     if name in where or (weight_map is not None and weight_map.get(name) != file):
-                        raise CheckpointError(f"{path}: tensor {name} is in {file}, but "
-                                              + (f"also in {where[name]}" if name in where else
-                                            f"{index_path} puts it in {weight_map.get(name)}"))
+                        raise CheckpointError(f"{path}: tensor {name} is in {file}, but " + (
+                            f"also in {where[name]}" if name in where else
+                            f"{index_path} puts it in {weight_map[name]}" if name in weight_map else
+                            f"{index_path} does not list it in its weight_map"))
                     tensors[name], where[name] = f.get_tensor(name).to(dtype), file
         listed_nowhere = sorted(n for n in weight_map or () if n not in where and not n.endswith("rotary_emb.inv_freq"))
         if listed_nowhere:
@@ -441,7 +456,13 @@ class Transformer(nn.Module):
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [f"{k}: checkpoint {tuple(tensors[k].shape)} ({where[k]}) vs model {tuple(expected[k])}"
                       for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k]]
-        problems = ([f"missing tensors: {missing}"] if missing else []) + \
+        # A tied checkpoint (no lm_head.weight) whose config.json does not say so: transformers defaults
+        # tie_word_embeddings to false and would initialise the head at random, so this is refused, but the fix is
+        # one key in config.json.
+        untied_hint = " (the checkpoint has no lm_head.weight and config.json does not say tie_word_embeddings: " \
+            "true; if the output head is the embedding, as SmolLM2's is, set it to true there)" \
+            if "lm_head.weight" in missing and len(missing) == 1 else ""
+        problems = ([f"missing tensors: {missing}{untied_hint}"] if missing else []) + \
                    ([f"unexpected tensors: {unexpected}"] if unexpected else []) + \
                    ([f"shape mismatches: {mismatched}"] if mismatched else [])
         if problems:
@@ -478,6 +499,39 @@ class Transformer(nn.Module):
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+        # Then what an earlier save into this folder left that this one did not write (after, so that a save cut
+        # short still leaves a loadable folder): see _remove_stale_files.
+        _remove_stale_files(path, tokenizer is not None)
+
+
+# Weight files save_pretrained does not write (it writes one model.safetensors): a sharded save's index and shards,
+# and PyTorch pickles. transformers and from_pretrained read model.safetensors first, but other loaders may read
+# the index or a pickle, and would load the earlier model.
+_SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+_OLD_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Tokenizer files data.Tokenizer.save_pretrained does not write (tokenizer.json and tokenizer_config.json hold the
+# whole tokenizer): a stale special_tokens_map.json overrides tokenizer_config.json's eos on reload, in transformers
+# and in data.Tokenizer alike (its other settings were carried into tokenizer_config.json when the tokenizer was
+# read); added_tokens.json would add tokens, and a slow tokenizer's vocabulary would be the earlier tokenizer's.
+_OLD_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def _remove_stale_files(path, tokenizer_saved):
+    """Remove from a folder save_pretrained just wrote the weight files (and, when it saved a tokenizer, the
+    tokenizer files) of an earlier save there, as transformers' save_pretrained removes stale shards."""
+    stale = {f for f in os.listdir(path) if _SHARD.fullmatch(f)} | set(_OLD_WEIGHT_FILES)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):  # shards under other names
+        try:
+            weight_map = _read_json_object(os.path.join(path, index)).get("weight_map")
+            stale |= {f for f in weight_map.values() if isinstance(f, str) and os.path.basename(f) == f}
+        except (OSError, CheckpointError, AttributeError):  # no index, or a broken one: its shards are matched above
+            pass
+    if tokenizer_saved:
+        stale |= set(_OLD_TOKENIZER_FILES)
+    stale -= {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    for name in sorted(stale):
+        if os.path.lexists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
 
 
 def model_folder_problem(path):
@@ -489,12 +543,33 @@ def model_folder_problem(path):
         return "a file, not a folder (a model is the Hugging Face folder of config.json and the weights)"
     if os.path.isfile(os.path.join(path, "final", "config.json")):  # a run folder's own config.json is its settings
         return f"a run folder; its trained model is {os.path.join(path, 'final')}"
+    run_files = [f for f in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(path, f))]
+    weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if os.path.lexists(
+        os.path.join(path, f))]
+    if run_files and not weights:  # a run still training, or killed: its config.json is settings, not a model's
+        return (f"a run folder ({' and '.join(run_files)}) with no final model yet: final/ is written when the run "
+                "finishes, and a checkpoint is not a model folder; let the run finish, or resume it (--resume=true) "
+                "to finish")
+    broken = _broken_link(path, "config.json")
+    if broken:
+        return broken
     if not os.path.isfile(os.path.join(path, "config.json")):
         snapshots = os.path.join(path, "snapshots")
         hint = f"; in a Hugging Face cache folder the model is {snapshots}/<revision>" \
             if os.path.isdir(snapshots) else ""
         return f"no config.json, so not a Hugging Face model folder{hint}"
     return None
+
+
+def _broken_link(folder, name):
+    """'<name> is a broken link to <target>' when folder/name is a symbolic link to nothing (a Hugging Face cache
+    snapshot whose download was cut short links to a blob that never arrived), else None: such a file is there,
+    and saying it is missing would send the user looking for the wrong mistake."""
+    file = os.path.join(folder, name)
+    if not os.path.islink(file) or os.path.exists(file):
+        return None
+    target = os.path.normpath(os.path.join(folder, os.readlink(file)))
+    return f"{name} is a broken link to {target} (a download cut short? fetch the model again)"
 
 
 def _read_json_object(path):

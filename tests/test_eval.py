@@ -1030,6 +1030,17 @@ def test_missing_model_tells_to_train_the_demo_first(tmp_path, monkeypatch):
     assert "no model at elsewhere" in str(e.value) and "train_sft.py" not in str(e.value)
 
 
+def test_a_reward_models_folder_is_refused_as_the_model_to_evaluate(model_dir, tmp_path):
+    """It is a causal-LM folder plus value_head.safetensors, and would be scored as the generator it is not."""
+    from safetensors.torch import save_file
+    rm = tmp_path / "rm"
+    shutil.copytree(model_dir, rm)
+    save_file({"score.weight": torch.zeros(1, 8)}, str(rm / common.VALUE_HEAD))
+    with pytest.raises(SystemExit, match=rf"error: {rm}: a reward model's folder \(value_head.safetensors.*"
+                                         "--value_model"):
+        ev.main([f"--model={rm}", f"--out={tmp_path / 'eval.json'}", "--demo_seed=0"])
+
+
 def test_the_demo_evaluation_takes_the_split_of_the_run_that_trained_the_model_and_says_a_missing_template(
         model_dir, tmp_path, monkeypatch, capsys):
     """A model trained on --demo_seed=3 was scored on seed 0's held-out rows, which seed 3 partly trains on; a

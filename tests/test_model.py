@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import Generation, ModelConfig, Transformer, filter_logits, generate, grouped_decode_attention, to_hf_state
+from model import (CheckpointError, Generation, ModelConfig, Transformer, filter_logits, generate,
+                   grouped_decode_attention, to_hf_state)
 
 VOCAB = 128
 
@@ -109,6 +110,12 @@ def test_a_shard_index_that_disagrees_with_its_shards_or_a_broken_file_is_named(
     index_file.write_text(json.dumps(moved))
     with pytest.raises(ValueError, match=f"tensor {name} is in {shards[0]}, but .*index.json puts it in {shards[1]}"):
         Transformer.from_pretrained(str(path))
+    # an index that leaves out a tensor its shard holds (transformers would ignore the tensor)
+    index_file.write_text(json.dumps({**index, "weight_map": {n: f for n, f in index["weight_map"].items()
+                                                              if n != name}}))
+    with pytest.raises(ValueError, match=f"tensor {name} is in {shards[0]}, but .*index.json does not list it in its "
+                                         "weight_map"):
+        Transformer.from_pretrained(str(path))
     index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], "model.extra": shards[0]}}))
     with pytest.raises(ValueError, match=r"lists tensors that no shard holds: \['model.extra'\]"):
         Transformer.from_pretrained(str(path))
@@ -127,6 +134,48 @@ def test_a_shard_index_that_disagrees_with_its_shards_or_a_broken_file_is_named(
     (path / "config.json").write_text(json.dumps(ModelConfig.from_preset("tiny").to_hf_dict()))
     with pytest.raises(ValueError, match=r"index.json: no weight_map object \(tensor name -> shard file name\)"):
         Transformer.from_pretrained(str(path))
+
+
+def test_a_broken_link_is_named_as_such_not_as_a_missing_file(tmp_path):
+    """A Hugging Face cache snapshot whose download was cut short: its files are links to blobs that are not there."""
+    hf, _ = hf_llama(tmp_path, "hf", **SMALL)
+    path = tmp_path / "snapshot"
+    hf.save_pretrained(str(path), max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    os.remove(path / shard)
+    os.symlink("../../blobs/abc123", path / shard)
+    blob = os.path.normpath(tmp_path / "../blobs/abc123")
+    with pytest.raises(ValueError, match=f"{shard} is a broken link to {blob}"):
+        Transformer.from_pretrained(str(path))
+    for name in ("model.safetensors.index.json", "config.json"):
+        text = (path / name).read_text()
+        os.remove(path / name)
+        os.symlink("../../blobs/def456", path / name)
+        with pytest.raises(FileNotFoundError, match=f"{path}: {name} is a broken link to "
+                                                    f"{os.path.normpath(tmp_path / '../blobs/def456')}"):
+            Transformer.from_pretrained(str(path))
+        (path / name).unlink()
+        (path / name).write_text(text)
+    os.remove(path / "model.safetensors.index.json")  # a single-file checkpoint, its file a link to nothing
+    os.symlink("/nonexistent/blob", path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is a broken link to /nonexistent/blob"):
+        Transformer.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("marker", ["checkpoints", "metrics.jsonl"])
+def test_a_run_folder_without_final_is_named_a_run_with_no_final_model_yet(tmp_path, marker):
+    """A run still training (or killed) has its settings as config.json and checkpoints, but no final/ yet."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"lr": 1e-5, "run_dir": str(run)}))
+    if marker == "checkpoints":
+        (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    else:
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(FileNotFoundError, match=rf"{run}: a run folder \({marker}\) with no final model yet: .*a "
+                                                "checkpoint is not a model folder"):
+        Transformer.from_pretrained(str(run))
 
 
 def test_dtype_and_device_arguments(smol):
@@ -165,6 +214,21 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
         Transformer.from_pretrained(path)
 
 
+def test_a_tied_checkpoint_whose_config_json_does_not_say_so_is_refused_with_the_fix(tmp_path):
+    """transformers reads a config.json without tie_word_embeddings as untied and would initialise the missing
+    head at random: refused, with the key to set."""
+    _, path = hf_llama(tmp_path, "hf", **{**SMALL, "tie_word_embeddings": True})
+    assert "lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    del d["tie_word_embeddings"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f)
+    with pytest.raises(CheckpointError, match=r"missing tensors: \['lm_head.weight'\] \(the checkpoint has no "
+                                              r"lm_head.weight and config.json does not say tie_word_embeddings: true"):
+        Transformer.from_pretrained(path)
+
+
 def test_config_checks_name_the_file_and_a_default_rope_scaling_is_no_scaling():
     d = ModelConfig.from_preset("tiny").to_hf_dict()
     assert ModelConfig.from_hf_dict({**d, "rope_scaling": {"rope_type": "default"}}) == ModelConfig.from_hf_dict(d)
@@ -196,6 +260,20 @@ def test_unsupported_config_features_are_refused(key, value):
     d[key] = value
     with pytest.raises(ValueError, match=f"key '{key}'"):
         ModelConfig.from_hf_dict(d)
+
+
+def test_a_list_of_bos_ids_is_refused_at_load_as_transformers_refuses_it():
+    """LlamaConfig takes a list of eos ids but only one bos id: a config.json with a bos list, read and saved back,
+    would be a final/ that transformers refuses. A list of eos ids stays valid."""
+    d = {**ModelConfig.from_preset("tiny").to_hf_dict(), "bos_token_id": [0, 1]}
+    d.pop("torch_dtype")
+    with pytest.raises(Exception, match="bos_token_id"):
+        LlamaConfig(**d)
+    with pytest.raises(CheckpointError, match=r"snap/config.json: key 'bos_token_id' = \[0, 1\] must be one token id"):
+        ModelConfig.from_hf_dict(d, where="snap/config.json")
+    ok = {**d, "bos_token_id": 1, "eos_token_id": [0, 5]}
+    assert ModelConfig.from_hf_dict(ok).eos_token_id == LlamaConfig(**ok).eos_token_id == [0, 5]
+    assert ModelConfig.from_hf_dict({**d, "bos_token_id": None}).bos_token_id is None  # LlamaConfig takes None too
 
 
 def test_a_top_level_theta_that_disagrees_with_rope_parameters_is_refused():
@@ -510,6 +588,32 @@ def test_saving_with_a_tokenizer_adds_its_end_of_turn_ids_to_a_list_of_eos_ids_a
     model.save_pretrained(str(tmp_path / "chatml"), tokenizer=tok)
     assert json.loads((tmp_path / "chatml" / "config.json").read_text())["eos_token_id"] == [im_end, 0, 5]
     assert json.loads((tmp_path / "chatml" / "generation_config.json").read_text())["eos_token_id"] == [im_end, 0, 5]
+
+
+def test_saving_into_an_earlier_hf_folder_leaves_none_of_its_weight_or_tokenizer_files(tmp_path):
+    """A sharded checkpoint and a special_tokens_map.json left beside the new save would be read by some loaders
+    (the index) and override the new tokenizer's eos on reload (the map): save_pretrained removes them."""
+    import data
+    from transformers import PreTrainedTokenizerFast
+    tok = data.build_demo_tokenizer(data.make_demo_data(0, n_train=32, n_heldout=8), vocab_size=300)
+    path = tmp_path / "m"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(
+        str(path), max_shard_size="20KB")
+    shards = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 1
+    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (path / "notes.txt").write_text("mine")  # not a file of a save: kept
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+    tok.use_chat_template("chatml")  # trained in ChatML: <|im_end|> is the eos
+    model.save_pretrained(str(path), tokenizer=tok)
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "model.safetensors", "notes.txt",
+                                        "tokenizer.json", "tokenizer_config.json"]
+    assert data.Tokenizer.from_pretrained(str(path)).eos_token == "<|im_end|>"
+    assert PreTrainedTokenizerFast.from_pretrained(str(path)).eos_token == "<|im_end|>"
+    back = LlamaForCausalLM.from_pretrained(str(path))
+    assert torch.equal(back.model.embed_tokens.weight, model.embed_tokens.weight)
 
 
 def test_to_hf_state_splits_fused_projections(tiny):

@@ -254,6 +254,24 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
         train_rlvr.build_value_model(cfg, tiny.model)
 
 
+def test_a_reward_model_is_refused_as_the_policy_and_taken_as_the_value_model(tiny, tmp_path):
+    """A reward model's folder is a valid causal-LM folder plus its value head: as --model it would load without a
+    word as a policy it is not, so it is refused there (train_rlvr.main, before anything is read), saying where it
+    belongs; --value_model takes it."""
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny.model_dir, rm)
+    save_file({"score.weight": torch.zeros(1, tiny.model.config.hidden_size)}, str(rm / common.VALUE_HEAD))
+    with pytest.raises(FileNotFoundError, match=rf"--model={rm}: a reward model's folder \(value_head.safetensors"
+                                                r".*train_rlvr.py --algo=ppo takes it as --value_model"):
+        train_rlvr.main([f"--config={os.path.join(ROOT, 'configs', 'rlvr_demo.json')}", f"--model={rm}",
+                         f"--data={tiny.train}", f"--run_dir={tmp_path / 'run'}", "--device=cpu"])
+    assert not (tmp_path / "run").exists()
+    cfg = train_rlvr.RLVRConfig(model=tiny.model_dir, value_model=str(rm))
+    common.check_folder(cfg, "model")
+    common.check_folder(cfg, "value_model")
+    assert train_rlvr.build_value_model(cfg, tiny.model).score.weight.abs().sum() == 0
+
+
 @pytest.mark.parametrize("args, world, why", [
     (["--prompts_per_step=3"], 2, "prompts_per_step=3 is not a multiple of the 2 ranks"),
     (["--algo=grpo", "--num_samples=1"], 1, "GRPO needs at least 2 samples per prompt"),

@@ -556,6 +556,14 @@ def model_folder_mistakes(root, write_tiny_demo_model):
 
     run = copy("run", move_into("final"))
     (run / "config.json").write_text(json.dumps({"lr": 1e-3}))  # a trainer's settings
+    training = root / "training"  # a run still training (or killed): checkpoints, no final/ yet
+    (training / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (training / "config.json").write_text(json.dumps({"lr": 1e-3}))
+
+    def reward_model(folder):
+        import torch
+        from safetensors.torch import save_file
+        save_file({"score.weight": torch.zeros(1, 8)}, str(folder / "value_head.safetensors"))
     return {
         "rope scaling": (copy("rope", edit_json("config.json", rope_scaling={"rope_type": "llama3"})),
                          "config.json: key 'rope_scaling' has rope type 'llama3'"),
@@ -571,6 +579,8 @@ def model_folder_mistakes(root, write_tiny_demo_model):
         "eos": (copy("eos", edit_json("tokenizer_config.json", eos_token="</s>")),
                 "eos: eos_token '</s>' is not in the vocabulary"),
         "run folder": (run, f"{run}: a run folder; its trained model is {run / 'final'}"),
+        "run in progress": (training, f"{training}: a run folder (checkpoints) with no final model yet"),
+        "reward model": (copy("rm", reward_model), "a reward model's folder (value_head.safetensors"),
         "cache root": (copy("models--org--name", move_into("snapshots/0123abc")),
                        "in a Hugging Face cache folder the model is"),
         "pickle": (copy("pickle", lambda f: os.replace(f / "model.safetensors", f / "pytorch_model.bin")),
