@@ -181,8 +181,8 @@ def reward_model_problem(path):
     word, but it was trained to score with its value head, not to generate."""
     if os.path.isfile(os.path.join(path, VALUE_HEAD)):
         return (f"a reward model's folder ({VALUE_HEAD}: train_dpo.py --objective=reward_model wrote it), not a "
-                "policy: it was trained to score responses, not to write them; train_rlvr.py --algo=ppo takes it "
-                "as --value_model")
+                "policy: read here, its backbone would be taken for a causal LM and its head dropped; "
+                "train_rlvr.py --algo=ppo takes it as --value_model")
     return None
 
 
@@ -958,7 +958,9 @@ def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
         raise ConfigError(f"--resume: the model at --model={cfg.model} (its weights or config.json) is not the one "
                           f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
                           f"reference must be that starting model: put it back, or start a new run")
-    saved_models = extra.get("model_config", model_config)  # (checkpoints before it was recorded: not checked)
+    # (checkpoints from before it was recorded: not checked; some recorded settings it no longer compares)
+    saved_models = {name: {k: v for k, v in config.items() if k not in _NOT_COMPUTED}
+                    for name, config in extra.get("model_config", model_config or {}).items()}
     if model_config is not None and saved_models != model_config:
         diff, sources = [], set()
         for name in sorted(set(saved_models) | set(model_config)):

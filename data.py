@@ -227,7 +227,11 @@ class Tokenizer:
             token_ids = generation_ids(name)  # generation_config may list several eos ids; the first is the main one
             token = tk.id_to_token(token_ids[0]) if token_ids else \
                 "<|endoftext|>" if name == "eos_token" and tk.token_to_id("<|endoftext|>") is not None else None
-            if name == "eos_token" and token is not None:  # one token wherever a template writes it, as one named is
+            # An eos that would be cut into pieces ('</s>' only in the vocab) is made one token, as one the files
+            # name is, so that a template can end a turn with it; one that is already one token stays as it is (it
+            # may be ordinary text, '!', that other text merges with)
+            if name == "eos_token" and token is not None and tk.encode(token, add_special_tokens=False).ids != \
+                    [tk.token_to_id(token)]:
                 named.append((os.path.join(folder, "generation_config.json"), "eos_token_id", token, True))
             return token
 
@@ -334,6 +338,9 @@ class Tokenizer:
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # links into a cache's blobs/: replaced (model.py)
+            if os.path.islink(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
         self._tk.save(os.path.join(path, "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   **self.settings, "bos_token": self.bos_token, "eos_token": self.eos_token,

@@ -476,6 +476,11 @@ class Transformer(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            # in a Hugging Face cache snapshot they are links into blobs/, which other revisions share: replaced,
+            # not written through
+            if os.path.islink(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
         dtype = self.embed_tokens.weight.dtype
         config = self.config.to_hf_dict(dtype)
         eos = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
@@ -508,7 +513,10 @@ class Transformer(nn.Module):
 # and PyTorch pickles. transformers and from_pretrained read model.safetensors first, but other loaders may read
 # the index or a pickle, and would load the earlier model.
 _SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
-_OLD_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# value_head.safetensors is a reward model's head (train_dpo.py writes it after this save): left beside a policy
+# saved over it, it would make the folder read as a reward model's.
+_OLD_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                     "value_head.safetensors")
 # Tokenizer files data.Tokenizer.save_pretrained does not write (tokenizer.json and tokenizer_config.json hold the
 # whole tokenizer): a stale special_tokens_map.json overrides tokenizer_config.json's eos on reload, in transformers
 # and in data.Tokenizer alike (its other settings were carried into tokenizer_config.json when the tokenizer was
@@ -523,15 +531,17 @@ def _remove_stale_files(path, tokenizer_saved):
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):  # shards under other names
         try:
             weight_map = _read_json_object(os.path.join(path, index)).get("weight_map")
-            stale |= {f for f in weight_map.values() if isinstance(f, str) and os.path.basename(f) == f}
+            stale |= {f for f in weight_map.values() if isinstance(f, str) and os.path.basename(f) == f
+                      and f.endswith((".safetensors", ".bin"))}  # (not whatever else a broken index names)
         except (OSError, CheckpointError, AttributeError):  # no index, or a broken one: its shards are matched above
             pass
     if tokenizer_saved:
         stale |= set(_OLD_TOKENIZER_FILES)
     stale -= {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
     for name in sorted(stale):
-        if os.path.lexists(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
+        file = os.path.join(path, name)
+        if os.path.islink(file) or os.path.isfile(file):
+            os.remove(file)
 
 
 def model_folder_problem(path):
@@ -544,8 +554,8 @@ def model_folder_problem(path):
     if os.path.isfile(os.path.join(path, "final", "config.json")):  # a run folder's own config.json is its settings
         return f"a run folder; its trained model is {os.path.join(path, 'final')}"
     run_files = [f for f in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(path, f))]
-    weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if os.path.lexists(
-        os.path.join(path, f))]
+    weights = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                           "pytorch_model.bin.index.json") if os.path.lexists(os.path.join(path, f))]
     if run_files and not weights:  # a run still training, or killed: its config.json is settings, not a model's
         return (f"a run folder ({' and '.join(run_files)}) with no final model yet: final/ is written when the run "
                 "finishes, and a checkpoint is not a model folder; let the run finish, or resume it (--resume=true) "

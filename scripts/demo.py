@@ -215,6 +215,9 @@ def main(argv=None):
     unknown = [w for w in wanted + ([args.redo] if args.redo else []) if w not in names]
     if unknown:
         ap.error(f"unknown stage(s) {unknown}; stages are {names}")
+    if "--objective=reward_model" in args.dpo_args.split():
+        ap.error("--dpo_args=--objective=reward_model: the DPO stage is the policy that RLVR starts from and that "
+                 "the demo scores; train a reward model with train_dpo.py itself")
     if args.eval_limit < 0:  # a negative limit would leave the last rows out of every stage's scores
         ap.error(f"--eval_limit must be 0 (every example) or more, got {args.eval_limit}")
     if args.threads < 1:

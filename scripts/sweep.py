@@ -303,6 +303,9 @@ def main(argv=None):
     if grid_set:
         ap.error(f"{grid_set}: set by the sweep for every point (use --lrs / --ratios / --batch_sizes / --seed / "
                  "--config / --model / --data)")
+    if "--objective=reward_model" in passthrough:
+        ap.error("--objective=reward_model: the sweep scores each point as a policy; a reward model's score is its "
+                 "held-out pair accuracy, which train_dpo.py logs (eval_accuracy in its metrics.jsonl)")
     if args.data and not args.config:
         ap.error("--data needs --config, the trainer preset for real data (e.g. configs/sft_smoltulu_1130.json); "
                  "without one the trainer would take its CPU demo preset")

@@ -1,5 +1,7 @@
 """common.py: config parsing, batch / lr resolution, schedules, optimizer groups, checkpoints, run folder, the end
 of a multi-rank run."""
+import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -402,6 +404,25 @@ def test_each_rank_resumes_with_the_rng_state_it_saved(tmp_path, monkeypatch):
         assert torch.equal(got[0], resumed.setdefault(rank, got)[0]) and got[1:] == resumed[rank][1:], rank
     for a, b in itertools.combinations(range(4), 2):
         assert not torch.equal(resumed[a][0], resumed[b][0]) and resumed[a][1:] != resumed[b][1:], (a, b)
+
+
+def test_a_resume_compares_the_model_settings_that_shape_what_it_computes(tmp_path):
+    """rope_theta edited since the checkpoint is refused; eos ids, the position limit and the init scale are not
+    compared, even where a checkpoint recorded them."""
+    from model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64))
+    common.save_checkpoint(str(tmp_path), 1, model, None, extra={"sampler": {}})
+    state_file = os.path.join(common.latest_checkpoint(str(tmp_path)), "state.pt")
+    state = torch.load(state_file, weights_only=False)
+    state["extra"]["model_config"] = {"": dataclasses.asdict(model.config)}  # recorded whole
+    torch.save(state, state_file)
+    cfg = common.parse_config(Cfg, [f"--run_dir={tmp_path}", "--resume=true"])
+    for edit, refused in (({"eos_token_id": [0, 5], "max_position_embeddings": 64, "initializer_range": 1.0}, False),
+                          ({"rope_theta": 500.0}, True)):
+        now = Transformer(dataclasses.replace(model.config, **edit))
+        with pytest.raises(common.ConfigError, match=r"\(rope_theta: 10000.0 then, 500.0 now\)") if refused \
+                else contextlib.nullcontext():
+            assert common.check_resume(cfg, model_config=common.model_configs(now))[0].endswith("step_0000001")
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):

@@ -262,6 +262,11 @@ def test_an_eos_that_only_generation_config_names_is_one_token_and_renders_in_tu
     tok = data.Tokenizer.from_pretrained(folder)
     assert tok.eos_id == 1000 and tok.encode("Hi</s>")[-1] == 1000
     assert data.resolve_template("", tok) == "tulu"
+    # one that is one token already ('!': ordinary text, which other text may merge with) is left as it is
+    bang = tok.token_to_id("!")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bang}))
+    tok = data.Tokenizer.from_pretrained(folder)
+    assert tok.eos_id == bang and not tok.is_added_token("!") and tok.decode(tok.encode("Hi!")) == "Hi!"
 
 
 def test_saving_keeps_the_snapshots_other_tokenizer_settings(tok_dir, tmp_path):

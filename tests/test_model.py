@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -605,6 +606,10 @@ def test_saving_into_an_earlier_hf_folder_leaves_none_of_its_weight_or_tokenizer
     assert len(shards) > 1
     (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     (path / "notes.txt").write_text("mine")  # not a file of a save: kept
+    (path / "value_head.safetensors").write_text("an earlier reward model's head")  # would make it a reward model
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["x"] = "notes.txt"  # a broken index naming a file of the user's: only weight files go
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
     tok.use_chat_template("chatml")  # trained in ChatML: <|im_end|> is the eos
     model.save_pretrained(str(path), tokenizer=tok)
@@ -614,6 +619,27 @@ def test_saving_into_an_earlier_hf_folder_leaves_none_of_its_weight_or_tokenizer
     assert PreTrainedTokenizerFast.from_pretrained(str(path)).eos_token == "<|im_end|>"
     back = LlamaForCausalLM.from_pretrained(str(path))
     assert torch.equal(back.model.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_saving_into_a_cache_snapshot_replaces_its_links_and_leaves_the_blobs_they_share(tmp_path):
+    import data
+    tok = data.build_demo_tokenizer(data.make_demo_data(0, n_train=32, n_heldout=8), vocab_size=300)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+    model.save_pretrained(str(tmp_path / "first"), tokenizer=tok)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "main"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    names = sorted(os.listdir(tmp_path / "first"))
+    for name in names:  # as the hub's cache lays a revision out: links into content-addressed blobs
+        shutil.copy(tmp_path / "first" / name, blobs / name)
+        os.symlink(os.path.join("..", "..", "blobs", name), snapshot / name)
+    before = {name: (blobs / name).read_bytes() for name in names}
+    tok.use_chat_template("chatml")  # another eos and template: other config and tokenizer files
+    Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(str(snapshot),
+                                                                                             tokenizer=tok)
+    assert {name: (blobs / name).read_bytes() for name in names} == before
+    assert not any(os.path.islink(snapshot / name) for name in names)
+    assert data.Tokenizer.from_pretrained(str(snapshot)).eos_token == "<|im_end|>"
 
 
 def test_to_hf_state_splits_fused_projections(tiny):

@@ -186,6 +186,14 @@ def test_demo_refuses_a_count_below_its_minimum_before_any_stage(flag, why, tmp_
     assert why in capsys.readouterr().err
 
 
+def test_demo_refuses_a_reward_model_as_its_dpo_stage_before_any_stage(tmp_path, capsys, monkeypatch):
+    """Trained, it failed when the demo scored it as a policy (a reward model's folder is refused there)."""
+    monkeypatch.setattr(demo, "run_stage", lambda *a: pytest.fail("trained a stage before refusing"))
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "demo"), "--dpo_args=--objective=reward_model"])
+    assert "the DPO stage is the policy that RLVR starts from" in capsys.readouterr().err
+
+
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--redo=ppo"])
@@ -290,7 +298,9 @@ def test_an_interrupted_sweep_point_continues_from_its_last_checkpoint(tmp_path,
     (["--lrs=,"], "--lrs: '' is not a number"),
     (["--ratios=1e-4,-1e-4"], "--ratios: '-1e-4' is not positive"),
     (["--lrs=1e-3", "--ratios=1e-4"], "--lrs and --ratios both set the learning rates"),
-    (["--eval_tasks=gsm8k"], "--eval_tasks needs --eval_data_dir")])  # (it scored the demo task and said nothing)
+    (["--eval_tasks=gsm8k"], "--eval_tasks needs --eval_data_dir"),  # (it scored the demo task and said nothing)
+    (["--stage=dpo", "--model=m", "--objective=reward_model"], "--objective=reward_model: the sweep scores each "
+                                                               "point as a policy")])  # (every point failed at eval)
 def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, capsys, monkeypatch):
     """Batches cut to whole numbers, a grid of no points or an --lrs the ratios would override is an error."""
     never_trains(monkeypatch)
@@ -577,7 +587,7 @@ def model_folder_mistakes(root, write_tiny_demo_model):
         "tokenizer.json": (copy("tokenizer", lambda f: (f / "tokenizer.json").write_text("{not json")),
                            "tokenizer.json: not a readable tokenizer"),
         "eos": (copy("eos", edit_json("tokenizer_config.json", eos_token="</s>")),
-                "eos: eos_token '</s>' is not in the vocabulary"),
+                "tokenizer_config.json: eos_token '</s>' is not in the vocabulary of tokenizer.json"),
         "run folder": (run, f"{run}: a run folder; its trained model is {run / 'final'}"),
         "run in progress": (training, f"{training}: a run folder (checkpoints) with no final model yet"),
         "reward model": (copy("rm", reward_model), "a reward model's folder (value_head.safetensors"),
@@ -585,6 +595,9 @@ def model_folder_mistakes(root, write_tiny_demo_model):
                        "in a Hugging Face cache folder the model is"),
         "pickle": (copy("pickle", lambda f: os.replace(f / "model.safetensors", f / "pytorch_model.bin")),
                    "(pytorch_model.bin is there: PyTorch pickles are not read"),
+        "pickle beside a training log": (copy("pickle_log", lambda f: (
+            os.replace(f / "model.safetensors", f / "pytorch_model.bin"), (f / "metrics.jsonl").write_text(""))),
+            "(pytorch_model.bin is there: PyTorch pickles are not read"),
         "a file": (good / "model.safetensors", "model.safetensors: a file, not a folder"),
         "a shard": (copy("shard", lose_a_shard), "model.safetensors.index.json: lists shards that are not in "
                     f"{root / 'shard'}: model-00002-of-00002.safetensors"),
