@@ -102,8 +102,9 @@ def _register_special_tokens(tk, named):
     """Make each special token a tokenizer's files name an added token of `tk`, as transformers does at load: one that
     is only an ordinary vocab entry (an eos '</s>' missing from tokenizer.json's added_tokens, say) would otherwise be
     cut into byte pieces wherever a template writes it, so that it is never trained, nor stopped at. Each keeps its
-    vocab id, as in transformers; one the vocab lacks is refused, where transformers would append an id past the
-    model's embedding table. An added token named special that tokenizer.json flags otherwise is flagged special, so
+    vocab id, as in transformers; one the vocab lacks, where transformers would append an id past the model's
+    embedding table, is refused if it is bos, eos or pad (which are used) and said and left out otherwise. An added
+    token named special that tokenizer.json flags otherwise is flagged special, so
     that decode(skip_special_tokens=True) drops it as transformers does. `named`: (where, field, token (a string or
     an AddedToken dict), special); a token that already is an added token (special, where it should be) is left as
     it is, so a tokenizer.json that already has them all (SmolLM2's) is unchanged."""
