@@ -954,6 +954,8 @@ def _normalize_rlvr(row, where, check_ground_truth=None):
     if messages[-1]["role"] == "assistant":
         raise DataError(where, "the prompt ends with an assistant message (only the last message may be the "
                         "reference answer)" if len(messages) > 1 else "prompt holds only an assistant message")
+    if not any(m["role"] == "user" for m in messages):  # a system prompt alone: no question to verify an answer to
+        raise DataError(where, "the prompt has no user message")
     gt = row["ground_truth"]
     if isinstance(gt, (list, dict)):
         if str(row["dataset"]).lower() != "ifeval":  # a JSON dump of ['5'] would never verify against '5'

@@ -705,7 +705,9 @@ def test_rlvr_rows_drop_reference_answer_and_validate():
                                     {"role": "assistant", "content": "b"}], "ground_truth": "1", "dataset": "gsm8k"},
                       "the prompt ends with an assistant message"),
                      ({"messages": [{"role": "assistant", "content": "a"}], "ground_truth": "1", "dataset": "gsm8k"},
-                      "prompt holds only an assistant message")]:
+                      "prompt holds only an assistant message"),
+                     ({"messages": [{"role": "system", "content": "Be brief."}], "ground_truth": "1",
+                       "dataset": "gsm8k"}, "the prompt has no user message")]:
         with pytest.raises(DataError, match=re.escape(why)):
             data.load_rlvr_rows([row])
     # the verifiers match dataset names in any case, so 'IFEval' rows may carry their constraints as JSON objects
