@@ -352,7 +352,7 @@ def main(argv=None):
     if cfg.truncation not in data.TRUNCATIONS:
         raise common.ConfigError(f"truncation={cfg.truncation!r}: expected one of {', '.join(data.TRUNCATIONS)}")
     try:
-        kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+        kernels.reference.check_preference_args(cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
     if not cfg.model:

@@ -178,9 +178,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_hidden_grad, need_weight_grad = ctx.need
         if ctx.reduction == "none":
             hidden, weight, labels = ctx.saved_tensors
-            _, grad_hidden, grad_weight = chunked_cross_entropy(
-                hidden, weight, labels, ctx.ignore_index, ctx.z_loss, grad_output.to(torch.float32),
-                need_hidden_grad, need_weight_grad)
+            with torch.autocast(hidden.device.type, enabled=False):  # as in the forward, whatever backward runs under
+                _, grad_hidden, grad_weight = chunked_cross_entropy(
+                    hidden, weight, labels, ctx.ignore_index, ctx.z_loss, grad_output.to(torch.float32),
+                    need_hidden_grad, need_weight_grad)
         else:
             # Out of place: the saved gradients must survive a second backward (retain_graph=True).
             grad_hidden, grad_weight = ctx.saved_tensors

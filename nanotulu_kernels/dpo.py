@@ -80,18 +80,22 @@ class PreferenceLossFunction(torch.autograd.Function):
             float(simpo_gamma), LOSS_TYPE=LOSS_TYPES.index(loss_type), BLOCK=BLOCK_PAIRS)
         ctx.save_for_backward(grad_c, grad_r)
         ctx.mark_non_differentiable(reward_c, reward_r)
+        ctx.loss_type = loss_type
         return losses.mean(), reward_c, reward_r
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_reward_c, _grad_reward_r):
         grad_c, grad_r = ctx.saved_tensors
-        return grad_c * grad_loss, grad_r * grad_loss, None, None, None, None, None, None, None, None
+        # The reference log-probs enter every loss but SimPO's as the policy's do with the sign flipped (z takes
+        # pc - rc and pr - rr, each over the same token count), so their gradients are the policy's negated.
+        ref_grads = (None, None) if ctx.loss_type == "simpo" else (-grad_c * grad_loss, -grad_r * grad_loss)
+        return grad_c * grad_loss, grad_r * grad_loss, None, None, *ref_grads, None, None, None, None
 
 
 def preference_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, ref_chosen_logps,
                     ref_rejected_logps, loss_type="dpo_norm", beta=5.0, label_smoothing=0.0, simpo_gamma=0.5):
     """Triton path of kernels.preference_loss (formulas in nanotulu_kernels/reference.py)."""
-    check_preference_args(loss_type, beta, label_smoothing)
+    check_preference_args(loss_type, beta, label_smoothing, simpo_gamma)
     loss, chosen_rewards, rejected_rewards = PreferenceLossFunction.apply(
         chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, ref_chosen_logps, ref_rejected_logps,
         loss_type, beta, label_smoothing, simpo_gamma)

@@ -6,6 +6,7 @@ LM head is applied chunk by chunk with activation checkpointing, so at most one 
 alive at a time in forward and in backward: memory bounded, though slower than the kernels (each chunk's logits
 are computed twice, unless one chunk holds them all).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,8 @@ class RecomputedChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight32, labels = ctx.saved_tensors
-        with torch.enable_grad():
+        # autocast off: a backward() called under autocast would recompute bf16 logits for a loss taken in fp32
+        with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.detach().requires_grad_(), weight32.detach().requires_grad_()
             loss = _chunk_token_losses(h, w, labels, ctx.ignore_index, ctx.z_loss)
             grad_hidden, grad_weight = torch.autograd.grad(loss, (h, w), grad_loss)
@@ -124,11 +126,13 @@ class DPOOutput:
     accuracy: torch.Tensor          # scalar, mean(chosen_rewards > rejected_rewards)
 
 
-def check_preference_args(loss_type, beta, label_smoothing):
+def check_preference_args(loss_type, beta, label_smoothing, simpo_gamma=0.0):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"preference loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if beta <= 0:
-        raise ValueError(f"preference loss: beta must be > 0, got {beta}")
+    if not (math.isfinite(beta) and beta > 0):  # (nan and inf passed a plain > 0 test, for a nan loss)
+        raise ValueError(f"preference loss: beta must be a finite number > 0, got {beta}")
+    if not math.isfinite(simpo_gamma):
+        raise ValueError(f"preference loss: simpo_gamma must be a finite number, got {simpo_gamma}")
     if not 0.0 <= label_smoothing < 0.5:  # at 0.5 the loss no longer tells chosen from rejected; past it, it flips
         raise ValueError(f"preference loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type not in ("dpo", "dpo_norm"):
@@ -147,7 +151,7 @@ def preference_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens
       ipo:      (z - 1/(2 beta))^2 with mean logps
     A reward model's Bradley-Terry loss is loss_type='dpo', beta=1, zero references, scores as logps.
     """
-    check_preference_args(loss_type, beta, label_smoothing)
+    check_preference_args(loss_type, beta, label_smoothing, simpo_gamma)
     pc, pr = chosen_logps.float(), rejected_logps.float()
     rc, rr = ref_chosen_logps.float(), ref_rejected_logps.float()
     if loss_type != "dpo":  # mean over response tokens; an empty response counts as one token of logp 0
@@ -190,7 +194,7 @@ def fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected
 
     `cross_entropy` and `pair_loss` are the backend's fused pieces (default: this file's references)."""
     pairs = split_pairs(hidden, labels, ref_chosen_logps, ref_rejected_logps)
-    check_preference_args(loss_type, beta, label_smoothing)
+    check_preference_args(loss_type, beta, label_smoothing, simpo_gamma)
     logps, tokens = sequence_logprobs(hidden, weight, labels, ignore_index, cross_entropy)
     return (pair_loss or preference_loss)(logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:], ref_chosen_logps,
                            ref_rejected_logps, loss_type, beta, label_smoothing, simpo_gamma)

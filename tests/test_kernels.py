@@ -552,6 +552,37 @@ def test_the_preference_loss_gradient_carries_the_upstream_factor(backend):
     assert torch.allclose(scores.grad, torch.cat([-torch.sigmoid(-d), torch.sigmoid(-d)]) / 3 / 4, atol=1e-7)
 
 
+def test_the_reference_log_probs_get_the_policy_gradient_negated_on_both_backends(backend):
+    """The trainers pass detached references, but one that requires grad gets its gradient on both backends alike
+    (the Triton path returned none): z takes pc - rc and pr - rr, so it is the policy's negated (none for SimPO)."""
+    for loss_type in ("dpo", "dpo_norm", "ipo", "simpo"):
+        pc, pr, rc, rr = (torch.tensor(v, device=DEVICE, requires_grad=True)
+                          for v in ([-6.0, -3.0], [-9.0, -4.0], [-7.0, -2.0], [-8.0, -5.0]))
+        counts = torch.tensor([3, 2], device=DEVICE)
+        kernels.preference_loss(pc, pr, counts, counts, rc, rr, loss_type=loss_type, beta=2.0).loss.backward()
+        if loss_type == "simpo":
+            assert rc.grad is None or not rc.grad.any(), loss_type
+        else:
+            torch.testing.assert_close(rc.grad, -pc.grad, msg=loss_type)
+            torch.testing.assert_close(rr.grad, -pr.grad, msg=loss_type)
+
+
+def test_the_loss_gradient_does_not_depend_on_the_autocast_a_backward_runs_under(backend):
+    """A backward() called under bf16 autocast recomputed the logits in bf16 for a loss taken in fp32 (the reference's
+    chunks: gradients ~4% off) or failed (the Triton per-token path: an fp32 out= GEMM of bf16 operands)."""
+    hidden, weight, labels = make_inputs()
+    for reduction in ("none", "mean"):
+        grads = []
+        for under_autocast in (False, True):
+            h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+            loss = kernels.fused_linear_cross_entropy(h, w, labels, reduction=reduction)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=under_autocast):
+                (loss * upstream_grad(N, 1) if reduction == "none" else loss).sum().backward()
+            grads.append((h.grad, w.grad))
+        for a, b, name in zip(*grads, ("grad_hidden", "grad_weight")):
+            assert_close(a, b, 1e-6, f"{backend}/{reduction} {name}")
+
+
 def test_an_empty_response_is_averaged_over_one_token(backend):
     """A response with no scored token (summed log-prob 0) counts as one token in the per-token means: finite
     losses and gradients, the hand formula with a count of 1."""
@@ -573,8 +604,12 @@ def test_dpo_bad_arguments(backend):
     hidden, weight, labels, ref_c, ref_r = make_pairs()
     with pytest.raises(ValueError, match="loss_type"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="kto")
-    with pytest.raises(ValueError, match="beta must be > 0, got 0"):  # a constant loss; ipo divides by it
-        kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, beta=0)
+    for beta in (0, float("nan"), float("inf")):  # 0: a constant loss, ipo divides by it; nan, inf: a nan loss
+        with pytest.raises(ValueError, match=f"beta must be a finite number > 0, got {beta}"):
+            kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, beta=beta)
+    with pytest.raises(ValueError, match="simpo_gamma must be a finite number, got nan"):
+        kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="simpo",
+                                      simpo_gamma=float("nan"))
     with pytest.raises(ValueError, match="label_smoothing"):
         kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, loss_type="ipo", label_smoothing=0.1)
     for eps in (0.5, 1.0, -2.0):  # from 0.5 on the loss prefers the rejected answer; below 0 it is unbounded
