@@ -8,10 +8,11 @@ of constant lr/batch drawn in, as in the paper's figures.
 
     # CPU demo grid (3 x 3 on the synthetic task; 9 points took 400 s on 2 cores with --batch_sizes=2,4,8)
     python scripts/sweep.py
-    # the paper's 135M SFT ablation on tulu-3-sft-mixture, 8 GPUs per point
+    # SFT of SmolLM2-135M on tulu-3-sft-mixture, 8 GPUs per point: ratios from 2.3e-8 (below Tulu 3's 3.9e-8) to
+    # 3.4e-5 (above SmolTulu SFT-1130's 1.1e-5)
     python scripts/sweep.py --stage=sft --config=configs/sft_smoltulu_1130.json --nproc_per_node=8 \\
         --model=PATH/SmolLM2-135M --data='PATH/tulu-3-sft-mixture/data/*.parquet' \\
-        --lrs=3e-5,9e-5,2.7e-4 --batch_sizes=8,32,128 --eval_tasks=arc,gsm8k,hellaswag,ifeval \\
+        --lrs=3e-6,1e-5,3e-5,9e-5,2.7e-4 --batch_sizes=8,32,128 --eval_tasks=arc,gsm8k,hellaswag,ifeval \\
         --eval_data_dir=PATH/evals --out=runs/sweep_135m
     # ratios at a fixed batch instead of learning rates: lr = ratio x batch
     python scripts/sweep.py --ratios=1e-6,1e-5,1e-4 --batch_sizes=16
@@ -42,6 +43,7 @@ from demo import interrupted_in_one_line, pin_cpu_kernels, run_child, write_json
 TRAINERS = {"sft": "train_sft.py", "dpo": "train_dpo.py"}
 DEMO_CONFIGS = {"sft": "configs/sweep_demo_sft.json", "dpo": "configs/dpo_demo.json"}
 DEFAULT_BATCHES = {"sft": "4,8,16", "dpo": "8,16,32"}  # multiples of the demo presets' per-device batch (2, 8)
+DEFAULT_LRS = {"sft": "1e-3,3e-3,9e-3", "dpo": "3e-5,1e-4,3e-4"}  # around the demo presets' (4e-3 packed; 1e-4)
 GRID_KEYS = ("lr", "lr_bs_ratio", "total_batch_size", "grad_accum", "run_dir", "seed", "config", "model", "data")
 DEMO_METRICS = ["arith_acc", "constraint_acc", "pref_acc"]
 
@@ -107,7 +109,8 @@ def evaluate(args, final, run_dir):
     import eval as evaluation
     model, tok = evaluation.load_model_and_tokenizer(final)
     demo_seed, _ = evaluation.demo_seed_of(*evaluation.run_config_of(final))  # the split the trainer held out
-    scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(demo_seed), limit=args.eval_limit or None)
+    scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(demo_seed), limit=args.eval_limit or None,
+                                      template=data.resolve_template("", tok))  # the one it was trained in
     return {k: scores[k] for k in DEMO_METRICS}
 
 
@@ -127,9 +130,26 @@ def point_settings(args, lr, batch, passthrough):
     with open(args.config) as f:
         preset = json.load(f)
     files = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in data.data_files(args.data)] if args.data else []
+    # The model a point starts from and the benchmark files likewise (a model retrained into the same --model
+    # folder left the old rows standing); kept out of demo points' settings, which stored neither.
+    folders = {key: folder_files(getattr(args, key), MODEL_FILES if key == "model" else None)
+               for key in ("model", "eval_data_dir") if getattr(args, key)}
     return {"lr": lr, "batch": batch, "trainer_options": trainer_options(passthrough), "preset": preset,
-            "data_files": files,
+            "data_files": files, **{f"{key}_files": listed for key, listed in folders.items()},
             **{k: getattr(args, k) for k in keys}}
+
+
+# What a model folder's model is (not what else is kept there, such as the demo's cached scores)
+MODEL_FILES = re.compile(r"(generation_)?config\.json|model.*\.safetensors(\.index\.json)?|tokenizer(_config)?\.json|"
+                         r"special_tokens_map\.json|chat_template\.jinja")
+
+
+def folder_files(folder, names=None):
+    """[relative path, size, modification time] of every file under `folder` (those whose name `names` matches),
+    in a fixed order."""
+    return sorted([os.path.relpath(os.path.join(root, name), folder), os.path.getsize(os.path.join(root, name)),
+                   os.path.getmtime(os.path.join(root, name))]
+                  for root, _, found in os.walk(folder) for name in found if names is None or names.fullmatch(name))
 
 
 ATTEMPT = "--- attempt "  # train.log's line before each attempt at a point
@@ -255,7 +275,8 @@ def plot_contours(results, metrics, out):
                     ax.annotate(f"{z[i, j]:.1f}", (b, lr), ha="center", va="center", fontsize=8, color="white",
                                 bbox=dict(boxstyle="round,pad=0.15", fc="black", alpha=0.45, lw=0))
         ratios = sorted({r["lr_bs_ratio"] for r in ok})
-        for ratio in np.logspace(math.floor(math.log10(ratios[0])), math.ceil(math.log10(ratios[-1])), 7):
+        decades = range(math.floor(math.log10(ratios[0])), math.ceil(math.log10(ratios[-1])) + 1)
+        for ratio in [m * 10.0 ** e for e in decades for m in (1, 2, 5)]:  # round values, which the labels say
             ax.plot(x, np.log10(ratio) + x, "w--", lw=0.8, alpha=0.8)  # log lr = log ratio + log batch
             # label the line where it leaves the plot (right edge or top), inside it, so the colorbar hides none
             bx = min(x[-1], y[-1] - np.log10(ratio))
@@ -284,7 +305,8 @@ def main(argv=None):
                                                   "sweep preset)")
     ap.add_argument("--model", default="")
     ap.add_argument("--data", default="")
-    ap.add_argument("--lrs", default=None, help="learning rates (default 1e-3,3e-3,9e-3)")
+    ap.add_argument("--lrs", default=None, help="learning rates (default, for the demo presets: "
+                                                "1e-3,3e-3,9e-3 for SFT, 3e-5,1e-4,3e-4 for DPO)")
     ap.add_argument("--batch_sizes", default=None, help="effective batches (default: sft 4,8,16; dpo 8,16,32)")
     ap.add_argument("--ratios", default="", help="lr/batch ratios instead of --lrs (lr = ratio x batch)")
     ap.add_argument("--nproc_per_node", type=int, default=1, help="> 1: each point is a torchrun job")
@@ -318,7 +340,9 @@ def main(argv=None):
     args.eval_tasks = args.eval_tasks or ("arc,gsm8k,hellaswag,ifeval" if args.eval_data_dir else "")
     if args.lrs and args.ratios:
         ap.error("--lrs and --ratios both set the learning rates: give one")
-    args.lrs = args.lrs or "1e-3,3e-3,9e-3"
+    if args.config and not (args.lrs or args.ratios):  # (a paper preset's lr is ~100 times below the demo's)
+        ap.error("--config needs --lrs or --ratios: the default learning rates are the demo presets'")
+    args.lrs = args.lrs or DEFAULT_LRS[args.stage]
     if not args.config:
         args.config = os.path.join(ROOT, DEMO_CONFIGS[args.stage])
     args.batch_sizes = args.batch_sizes or DEFAULT_BATCHES[args.stage]

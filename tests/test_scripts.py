@@ -194,6 +194,21 @@ def test_demo_refuses_a_reward_model_as_its_dpo_stage_before_any_stage(tmp_path,
     assert "the DPO stage is the policy that RLVR starts from" in capsys.readouterr().err
 
 
+def test_the_demo_and_the_sweep_score_a_model_in_the_template_it_was_trained_in(tmp_path, monkeypatch,
+                                                                                write_tiny_demo_model):
+    """Both scored every model in tulu: a point trained with --template=chatml was scored in a format it never saw."""
+    import eval as evaluation
+    _, tok, model = write_tiny_demo_model(tmp_path)
+    tok.use_chat_template("chatml")
+    model.save_pretrained(str(tmp_path / "chatml"), tokenizer=tok)
+    used = []
+    monkeypatch.setattr(evaluation, "evaluate_demo", lambda *a, template, **k: used.append(template) or {
+        name: 0.0 for name in sweep.DEMO_METRICS})
+    demo.evaluate_stage(str(tmp_path / "chatml"), seed=0)
+    sweep.evaluate(argparse.Namespace(eval_data_dir="", eval_limit=0), str(tmp_path / "chatml"), str(tmp_path))
+    assert used == ["chatml", "chatml"]
+
+
 def test_demo_rejects_an_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--redo=ppo"])
@@ -252,18 +267,29 @@ def test_sweep_refuses_options_the_grid_sets_and_real_data_without_a_preset(tmp_
             sweep.main([f"--out={tmp_path}", *extra])
 
 
-def test_a_sweep_point_counts_its_preset_and_data_by_content_and_runs_the_grids_lr(tmp_path):
-    preset, rows = tmp_path / "preset.json", tmp_path / "rows.jsonl"
+def test_a_sweep_point_counts_its_preset_data_model_and_benchmarks_by_content_and_runs_the_grids_lr(tmp_path):
+    preset, rows, model, evals = tmp_path / "preset.json", tmp_path / "rows.jsonl", tmp_path / "m", tmp_path / "evals"
     preset.write_text(json.dumps({"epochs": 1, "lr_bs_ratio": 1e-5}))
     rows.write_text('{"messages": []}\n')
-    args = argparse.Namespace(stage="sft", config=str(preset), model="m", data=str(rows), seed=0, eval_tasks="arc",
-                              eval_data_dir="evals", eval_limit=0, nproc_per_node=1)
+    for folder, name in ((model, "model.safetensors"), (evals / "arc", "test.jsonl")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text("1")
+    args = argparse.Namespace(stage="sft", config=str(preset), model=str(model), data=str(rows), seed=0,
+                              eval_tasks="arc", eval_data_dir=str(evals), eval_limit=0, nproc_per_node=1)
     before = sweep.point_settings(args, 1e-3, 8, [])
     assert sweep.point_settings(args, 1e-3, 8, []) == before
     preset.write_text(json.dumps({"epochs": 2, "lr_bs_ratio": 1e-5}))  # edited in place: another point
     assert sweep.point_settings(args, 1e-3, 8, [])["preset"] != before["preset"]
     rows.write_text('{"messages": []}\n{"messages": []}\n')
     assert sweep.point_settings(args, 1e-3, 8, [])["data_files"] != before["data_files"]
+    # a model retrained into the same folder, or other benchmark files: another point; scores cached beside the
+    # model (the demo's) are not the model
+    (model / "demo_eval_seed0_limitall.json").write_text("{}")
+    assert sweep.point_settings(args, 1e-3, 8, [])["model_files"] == before["model_files"]
+    (model / "model.safetensors").write_text("22")
+    assert sweep.point_settings(args, 1e-3, 8, [])["model_files"] != before["model_files"]
+    (evals / "arc" / "test.jsonl").write_text("22")
+    assert sweep.point_settings(args, 1e-3, 8, [])["eval_data_dir_files"] != before["eval_data_dir_files"]
     # the preset's lr_bs_ratio would replace the grid's lr in the trainer
     import train_sft
     cmd = sweep.train_command(args, str(tmp_path / "run"), 1e-3, 8, [])
@@ -310,10 +336,12 @@ def test_a_sweep_grid_it_cannot_run_as_written_is_refused(flags, why, tmp_path, 
 
 
 @pytest.mark.parametrize("flags, why", [
-    (["--config=PRESET_DIR/none.json"], "--config=PRESET_DIR/none.json: No such file or directory"),
-    (["--config=PRESET_DIR/not_json.json"], "--config=PRESET_DIR/not_json.json: not a JSON preset (Expecting"),
-    (["--config=configs/sft_smoltulu_1130.json", "--data=PRESET_DIR/none.jsonl", "--eval_data_dir=evals"],
-     "--data=PRESET_DIR/none.jsonl: no such file, folder or glob"),
+    (["--config=PRESET_DIR/none.json", "--lrs=1e-5"], "--config=PRESET_DIR/none.json: No such file or directory"),
+    (["--config=PRESET_DIR/not_json.json", "--lrs=1e-5"],
+     "--config=PRESET_DIR/not_json.json: not a JSON preset (Expecting"),
+    (["--config=configs/sft_smoltulu_1130.json", "--data=PRESET_DIR/none.jsonl", "--eval_data_dir=evals",
+      "--lrs=1e-5"], "--data=PRESET_DIR/none.jsonl: no such file, folder or glob"),
+    (["--config=configs/sft_smoltulu_1130.json"], "--config needs --lrs or --ratios"),  # it took the demo's lrs
     (["--nproc_per_node=0"], "--nproc_per_node must be at least 1, got 0"),  # it ran one process
     (["--eval_limit=-1"], "--eval_limit must be 0 (every example) or more, got -1")])  # it left the last row out
 def test_a_sweep_input_it_cannot_read_or_a_count_below_one_is_one_message_before_any_point(
