@@ -4,7 +4,7 @@ SmolTulu's claim: the ratio lr / effective batch decides whether a small model g
 GSM8K: higher ratios) or at pattern recognition (HellaSwag, IFEval: lower ratios). This script trains one run per
 grid point (an ordinary trainer invocation, one after another; a torchrun job per point with --nproc_per_node),
 evaluates it, and writes sweep.csv, sweep.md and one contour plot per metric over (log batch, log lr) with lines
-of constant lr/batch drawn in, as in the paper's figures.
+of constant lr/batch drawn in, as in the paper's figures (over (log batch, log lr/batch) for a --ratios grid).
 
     # CPU demo grid (3 x 3 on the synthetic task; 9 points took 400 s on 2 cores with --batch_sizes=2,4,8)
     python scripts/sweep.py
@@ -239,8 +239,9 @@ def write_tables(results, out):
     return metrics, table
 
 
-def plot_contours(results, metrics, out):
-    """One contour plot per metric over (log10 batch, log10 lr), with constant lr/batch lines."""
+def plot_contours(results, metrics, out, by_ratio=False):
+    """One contour plot per metric over (log10 batch, log10 lr), with constant lr/batch lines; `by_ratio` (a grid of
+    --ratios, whose learning rates differ at every batch) over (log10 batch, log10 lr/batch) instead."""
     for name in os.listdir(out):  # an earlier grid's plots would stand beside this grid's table
         if name.startswith("contour_") and name.endswith(".png"):
             os.remove(os.path.join(out, name))
@@ -253,10 +254,12 @@ def plot_contours(results, metrics, out):
         print("matplotlib is not installed: no plots (the tables are written)")
         return []
     ok = [r for r in results if r["status"] == "ok"]
-    lrs = sorted({r["lr"] for r in ok})
+    rate = "lr_bs_ratio" if by_ratio else "lr"
+    lrs = sorted({r[rate] for r in ok})
     batches = sorted({r["batch"] for r in ok})
     if len(lrs) < 2 or len(batches) < 2:
-        print("fewer than 2 distinct learning rates or batch sizes finished: no contour plots")
+        print(f"fewer than 2 distinct {'ratios' if by_ratio else 'learning rates'} or batch sizes finished: no "
+              f"contour plots")
         return []
     x, y = np.log10(batches), np.log10(lrs)
     paths = []
@@ -264,7 +267,7 @@ def plot_contours(results, metrics, out):
         z = np.full((len(lrs), len(batches)), np.nan)
         for r in ok:
             if metric in r["metrics"]:
-                z[lrs.index(r["lr"]), batches.index(r["batch"])] = 100 * r["metrics"][metric]
+                z[lrs.index(r[rate]), batches.index(r["batch"])] = 100 * r["metrics"][metric]
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
         if np.isfinite(z).sum() >= 4 and np.nanmax(z) > np.nanmin(z):
             cs = ax.contourf(x, y, np.ma.masked_invalid(z), levels=12, cmap="viridis")
@@ -276,7 +279,8 @@ def plot_contours(results, metrics, out):
                                 bbox=dict(boxstyle="round,pad=0.15", fc="black", alpha=0.45, lw=0))
         ratios = sorted({r["lr_bs_ratio"] for r in ok})
         decades = range(math.floor(math.log10(ratios[0])), math.ceil(math.log10(ratios[-1])) + 1)
-        for ratio in [m * 10.0 ** e for e in decades for m in (1, 2, 5)]:  # round values, which the labels say
+        # lines at round ratios, which their labels say (none where the ratios are the rows)
+        for ratio in [] if by_ratio else [m * 10.0 ** e for e in decades for m in (1, 2, 5)]:
             ax.plot(x, np.log10(ratio) + x, "w--", lw=0.8, alpha=0.8)  # log lr = log ratio + log batch
             # label the line where it leaves the plot (right edge or top), inside it, so the colorbar hides none
             bx = min(x[-1], y[-1] - np.log10(ratio))
@@ -286,8 +290,8 @@ def plot_contours(results, metrics, out):
         ax.set_xlim(x[0], x[-1])
         ax.set_ylim(y[0], y[-1])
         ax.set_xlabel("log10 effective batch (rows per step)")
-        ax.set_ylabel("log10 learning rate")
-        ax.set_title(f"{metric}: dashed lines = constant lr/batch")
+        ax.set_ylabel("log10 lr / batch" if by_ratio else "log10 learning rate")
+        ax.set_title(f"{metric}: lr = ratio x batch" if by_ratio else f"{metric}: dashed lines = constant lr/batch")
         fig.tight_layout()
         path = os.path.join(out, f"contour_{metric.replace('/', '_')}.png")
         fig.savefig(path, dpi=110)
@@ -376,7 +380,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     results = [run_point(args, lr, b, ratio, passthrough) for lr, b, ratio in points]
     metrics, table = write_tables(results, args.out)
-    plots = plot_contours(results, metrics, args.out)
+    plots = plot_contours(results, metrics, args.out, by_ratio=bool(args.ratios))
     failed = [r["point"] for r in results if r["status"] != "ok"]
     print("\n" + table)
     print(f"\n{len(results) - len(failed)}/{len(results)} points ok in {time.perf_counter() - t0:.0f} s; "

@@ -369,6 +369,20 @@ def test_sweep_contour_plots_with_a_full_grid(tmp_path):
     assert table.count("\n") == 1 + len(results)  # header, separator, one line per point
 
 
+def test_a_ratio_sweep_is_plotted_over_batch_and_ratio(tmp_path, monkeypatch):
+    """A --ratios grid over several batches has a learning rate of its own at every point: over (batch, lr) each row
+    of the plot held one point, and no contour was drawn (a colorbar over an empty plot). Over (batch, ratio) the
+    grid is full."""
+    import matplotlib.axes
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "contourf", lambda self, x, y, z, **k: drawn.append((z.shape, z.count()))
+                        or matplotlib.axes.Axes.pcolormesh(self, x, y, z))
+    results = [{"point": sweep.point_name(ratio * b, b), "lr": ratio * b, "batch": b, "lr_bs_ratio": ratio,
+                "status": "ok", "metrics": {"arith_acc": ratio * b}} for ratio in (1e-4, 1e-3) for b in (2, 8)]
+    assert len(sweep.plot_contours(results, ["arith_acc"], str(tmp_path), by_ratio=True)) == 1
+    assert drawn == [((2, 2), 4)]  # all four points, on a 2 x 2 grid (over lr: 4 x 2, half of it empty)
+
+
 def test_sweep_ratio_mode_sets_lr_from_the_ratio():
     ns = type("A", (), {"ratios": "1e-4,1e-3", "batch_sizes": "3,16", "lrs": ""})()
     points = sweep.grid(ns)
