@@ -898,11 +898,13 @@ def model_configs(model):
     """The settings that shape what each model in `model` computes (the policy, a value model's backbone), by module
     name: rope_theta, rms_norm_eps and the head split come from config.json, not from a checkpoint's tensors. Its
     token ids, position limit and init scale do not change what a trained model computes, and may be edited."""
-    return {name: {k: v for k, v in dataclasses.asdict(m.config).items() if k not in _NOT_COMPUTED}
+    return {name: _computed(dataclasses.asdict(m.config))
             for name, m in unwrap(model).named_modules() if isinstance(getattr(m, "config", None), ModelConfig)}
 
 
-_NOT_COMPUTED = {"bos_token_id", "eos_token_id", "max_position_embeddings", "initializer_range"}
+def _computed(config):
+    return {k: v for k, v in config.items() if k not in ("bos_token_id", "eos_token_id", "max_position_embeddings",
+                                                          "initializer_range")}
 
 
 def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
@@ -959,8 +961,7 @@ def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
                           f"the run in {cfg.run_dir} started from (was it retrained, or its config edited?), and the "
                           f"reference must be that starting model: put it back, or start a new run")
     # (checkpoints from before it was recorded: not checked; some recorded settings it no longer compares)
-    saved_models = {name: {k: v for k, v in config.items() if k not in _NOT_COMPUTED}
-                    for name, config in extra.get("model_config", model_config or {}).items()}
+    saved_models = {name: _computed(config) for name, config in extra.get("model_config", model_config or {}).items()}
     if model_config is not None and saved_models != model_config:
         diff, sources = [], set()
         for name in sorted(set(saved_models) | set(model_config)):

@@ -531,10 +531,11 @@ def _remove_stale_files(path, tokenizer_saved):
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):  # shards under other names
         try:
             weight_map = _read_json_object(os.path.join(path, index)).get("weight_map")
+        except (OSError, CheckpointError):  # no index, or a broken one: its shards are matched by name above
+            continue
+        if isinstance(weight_map, dict):  # only weight files, not whatever else a broken index names
             stale |= {f for f in weight_map.values() if isinstance(f, str) and os.path.basename(f) == f
-                      and f.endswith((".safetensors", ".bin"))}  # (not whatever else a broken index names)
-        except (OSError, CheckpointError, AttributeError):  # no index, or a broken one: its shards are matched above
-            pass
+                      and f.endswith((".safetensors", ".bin"))}
     if tokenizer_saved:
         stale |= set(_OLD_TOKENIZER_FILES)
     stale -= {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
