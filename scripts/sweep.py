@@ -78,8 +78,9 @@ def train_command(args, run_dir, lr, batch, passthrough):
     launcher = [sys.executable]
     if args.nproc_per_node > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
-    # --overwrite: a point is only trained again when it has no result or failed (--retry_failed); --resume: from
-    # its last checkpoint, where it has one (an interrupted point of a preset that checkpoints), else from the start
+    # --overwrite: a point is only trained again when it has no result or its training failed (--retry_failed);
+    # --resume: from its last checkpoint, where it has one (an interrupted point of a preset that checkpoints), else
+    # from the start
     # --lr_bs_ratio=0: the grid's lr is the one trained with, whatever ratio a preset sets (a command-line --lr
     # turns a preset's ratio off already; this says so in the command)
     cmd = launcher + [os.path.join(ROOT, TRAINERS[args.stage]), f"--run_dir={run_dir}", f"--lr={lr!r}",
@@ -175,6 +176,7 @@ def run_point(args, lr, batch, ratio, passthrough):
     run_dir = os.path.join(args.out, name)
     result_path = os.path.join(run_dir, "sweep_point.json")
     settings = point_settings(args, lr, batch, passthrough)
+    trained_seconds = None
     if os.path.exists(result_path):
         with open(result_path) as f:
             result = json.load(f)
@@ -190,19 +192,26 @@ def run_point(args, lr, batch, ratio, passthrough):
         if result["status"] == "ok" or not args.retry_failed:
             print(f"--- {name}: done before ({result['status']}), skipped", flush=True)
             return result
+        # training finished and only the evaluation failed (a benchmark file missing, say): its model is reused
+        if os.path.isdir(os.path.join(run_dir, "final")):
+            trained_seconds = result.get("train_seconds")
     os.makedirs(run_dir, exist_ok=True)
-    cmd = train_command(args, run_dir, lr, batch, passthrough)
-    print(f"--- {name}: {' '.join(cmd)}", flush=True)
     result = {"point": name, "lr": lr, "batch": batch, "lr_bs_ratio": ratio, "settings": settings}
-    t0 = time.perf_counter()
     phase = f"training (log: {os.path.join(run_dir, 'train.log')})"
     try:
-        with open(os.path.join(run_dir, "train.log"), "a") as log:  # after an interrupted attempt's, if any
-            # (on a line of its own: a killed attempt may have left its last line unfinished)
-            log.write(f"\n{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
-            log.flush()
-            run_child(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-        result["train_seconds"] = round(time.perf_counter() - t0, 1)
+        if trained_seconds is None:
+            cmd = train_command(args, run_dir, lr, batch, passthrough)
+            print(f"--- {name}: {' '.join(cmd)}", flush=True)
+            t0 = time.perf_counter()
+            with open(os.path.join(run_dir, "train.log"), "a") as log:  # after an interrupted attempt's, if any
+                # (on a line of its own: a killed attempt may have left its last line unfinished)
+                log.write(f"\n{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+                log.flush()
+                run_child(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            trained_seconds = round(time.perf_counter() - t0, 1)
+        else:
+            print(f"--- {name}: trained before, evaluated again", flush=True)
+        result["train_seconds"] = trained_seconds
         phase = "evaluation (its output is above)"
         result["metrics"] = evaluate(args, os.path.join(run_dir, "final"), run_dir)
         result["status"] = "ok"
@@ -319,7 +328,8 @@ def main(argv=None):
     ap.add_argument("--eval_data_dir", default="", help="benchmark files for eval.py ('' = the demo held-out split)")
     ap.add_argument("--eval_limit", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retry_failed", action="store_true")
+    ap.add_argument("--retry_failed", action="store_true",
+                    help="run failed points again: trained again where training failed, else evaluated again")
     ap.add_argument("--out", default=None, help="default: runs/sweep_<stage>")
     args, passthrough = ap.parse_known_args(argv)
     bad = [p for p in passthrough if not (p.startswith("--") and "=" in p)]

@@ -469,6 +469,8 @@ def test_sweep_point_reruns_only_failed_points_with_retry_failed_and_refuses_oth
         trained.append(cmd)
         if outcome["train"] == "fail":
             raise subprocess.CalledProcessError(1, cmd)
+        run_dir = next(c.split("=", 1)[1] for c in cmd if c.startswith("--run_dir="))
+        os.makedirs(os.path.join(run_dir, "final"), exist_ok=True)
 
     def fake_evaluate(args, final, run_dir):
         if outcome["train"] == "eval_error":
@@ -488,6 +490,13 @@ def test_sweep_point_reruns_only_failed_points_with_retry_failed_and_refuses_oth
     outcome["train"] = "eval_error"
     failed = sweep.run_point(args, 1e-3, 4, 2.5e-4, [])
     assert failed["status"] == "failed" and "ValueError in evaluation" in failed["error"]
+    # retried, a point whose training finished is evaluated again on its model, not trained again
+    outcome["train"] = "ok"
+    runs = len(trained)
+    again = sweep.run_point(args, 1e-3, 4, 2.5e-4, [])
+    assert again["metrics"] == {"arith_acc": 0.5} and len(trained) == runs
+    assert again["train_seconds"] == failed["train_seconds"]
+    outcome["train"] = "eval_error"
     # the trainer's options and the evaluation's settings decide the stored numbers too; their order does not
     with pytest.raises(SystemExit, match="other settings"):
         sweep.run_point(args, 1e-3, 2, 5e-4, ["--max_steps=3"])
