@@ -1202,7 +1202,7 @@ def save_final(run_dir, model, tokenizer=None):
         # shards -> a full state dict -> a plain CPU copy of the model that save_pretrained understands
         model_sd, _ = _full_state(model, None)
         if int(os.environ.get("RANK", 0)) == 0:
-            raw = type(raw)(raw.config)
+            raw = raw.blank_copy()
             raw.load_state_dict(model_sd)
     if int(os.environ.get("RANK", 0)) == 0:
         shutil.rmtree(tmp, ignore_errors=True)

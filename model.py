@@ -372,6 +372,11 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.logits(x)
 
+    def blank_copy(self):
+        """A newly initialised model of the same shape (a plain one: type(self) is FSDP's subclass when sharded),
+        which FSDP's final save loads the gathered shards into."""
+        return Transformer(self.config)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

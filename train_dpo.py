@@ -163,6 +163,9 @@ class RewardModel(nn.Module):
     def layers(self):  # common.wrap_model shards per transformer block
         return self.backbone.layers
 
+    def blank_copy(self):  # (common.save_final under FSDP)
+        return RewardModel(self.backbone.blank_copy())
+
     def forward(self, input_ids, lengths):
         hidden = self.backbone(input_ids, return_hidden=True)
         last = hidden[torch.arange(len(lengths), device=hidden.device), lengths.to(hidden.device) - 1]
