@@ -987,7 +987,7 @@ def load_rlvr_rows(spec, skip_bad=False, check_ground_truth=None):
 # Tokenization, in parallel, cached on disk keyed by (data, tokenizer, template, max length, settings).
 
 _worker_tok = None
-CACHE_VERSION = 4  # bump when the rendering or truncation rules change, so old caches are not reused
+CACHE_VERSION = 5  # bump when the rendering or truncation rules change, so old caches are not reused
 
 
 def _init_worker(tok):
@@ -1029,7 +1029,9 @@ def _tokenize_preference_chunk(args):
     rows, template, max_seq_len, policy = args
     out = []
     for row in rows:
-        pair = [_render(_worker_tok, row["prompt"] + row[key], template, train_from=len(row["prompt"]))
+        # only the final message is trained, as open-instruct does; a response of several (TRL's layout allows it)
+        # keeps the others as context, so that a cut that leaves none of the final message drops the pair
+        pair = [_render(_worker_tok, row["prompt"] + row[key], template, train_from=len(row["prompt"] + row[key]) - 1)
                 for key in ("chosen", "rejected")]
         pair = _truncate_pair(pair, max_seq_len, policy)
         # A dropped pair is stored as two empty sequences, so the cache keeps one entry per row

@@ -122,7 +122,7 @@ def tokenize(cfg, tok, rows, name, d):
 
 def collate_pairs(pairs, indices, pad_id):
     """Rows 0..B-1 chosen, B..2B-1 rejected, right-padded to the longest. labels are pre-shifted (labels[t] =
-    ids[t+1]) and kept only on the final assistant turn (the last run of trained tokens); lengths [2B]."""
+    ids[t+1]) and kept on the trained tokens, the final assistant turn (data.tokenize_preference); lengths [2B]."""
     seqs = [pairs[i]["chosen"] for i in indices] + [pairs[i]["rejected"] for i in indices]
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -130,10 +130,7 @@ def collate_pairs(pairs, indices, pad_id):
     for j, (ids, mask) in enumerate(seqs):
         ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         trained = np.flatnonzero(mask)
-        end = trained[-1] + 1
-        start = end - 1
-        while start > 0 and mask[start - 1]:
-            start -= 1
+        start, end = trained[0], trained[-1] + 1
         if start == 0:  # data.tokenize_preference keeps a prompt token; anything else is a bug upstream
             raise ValueError(f"collate_pairs: pair {indices[j % len(indices)]} has no prompt token before its response")
         input_ids[j, :len(ids)] = ids

@@ -1191,6 +1191,21 @@ def test_tokenize_preference_trains_only_final_response_and_truncates(demo_tok, 
     assert "dropped 1 preference pairs longer than 1 tokens that had no response token left when cut" in caplog.text
 
 
+def test_a_response_of_several_messages_trains_only_its_last(demo_tok):
+    """TRL's layout lets a response hold several assistant messages; the final one alone is trained, as the README
+    says and open-instruct does, and a cut that leaves none of it drops the pair rather than training an earlier one."""
+    row = {"prompt": [{"role": "user", "content": "Tell me about cats."}],
+           "chosen": [{"role": "assistant", "content": "first part."}, {"role": "assistant", "content": "cats purr."}],
+           "rejected": [{"role": "assistant", "content": "no."}]}
+    (pair,) = data.tokenize_preference([row], demo_tok, "tulu", 1000, num_workers=1, progress=False)
+    ids, mask = pair["chosen"]
+    assert _trained_text(demo_tok, ids.tolist(), mask.tolist()) == "cats purr.<|endoftext|>"
+    final = int(mask.sum())
+    cut = data.tokenize_preference([row], demo_tok, "tulu", len(ids) - final, truncation="right", num_workers=1,
+                                   progress=False)
+    assert len(cut) == 0 and cut.num_skipped == 1
+
+
 def test_left_truncation_cuts_chosen_and_rejected_alike(demo_tok):
     """Only the longer side overflows, yet both lose the same prompt tokens: the two responses are scored in the
     same context."""
