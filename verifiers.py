@@ -76,10 +76,10 @@ BACKENDS = {
 # -----------------------------------------------------------------------------
 # GSM8K
 
-# a number: optional sign, digits with optional thousands commas, optional decimals. The
-# comma group needs a digit after it, so "5," and trailing "." are not part of the number. A
+# a number: optional sign, digits with optional thousands commas, optional decimals, or decimals alone (".5" is
+# 0.5, not 5). The comma group needs a digit after it, so "5," and trailing "." are not part of the number. A
 # hyphen right after a word character is a range or a subtraction ("9-10"), not a sign.
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|(?<![\d.])\.\d+)")
 
 
 def _to_decimal(text):
@@ -321,7 +321,7 @@ def strip_string(s):
         if len(units) != 2:
             raise ValueError(f"strip_string: more than one '\\text{{ ' in {s[:80]!r}")
         s = units[0]
-    s = s.replace("\\%", "")
+    s = s.replace("\\%", "").replace("\\%", "")  # twice, as the reference (a '\\%' the first pass uncovers goes too)
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
@@ -422,8 +422,9 @@ def math(response, ground_truth):
     """1.0 if one of the model's answer candidates matches the reference answer as open-instruct's Tulu 3-era
     verifier decides it: sympy finds the two equal (2\\sqrt{2} = \\sqrt{8}, x+1 = 1+x), or Hendrycks'
     normalisation makes them the same string. Without sympy (BACKENDS['math']) the symbolic check is replaced by
-    an exact comparison of plain numbers and fractions (1,000 = 1000.00, 0.50 = \\frac{1}{2}), which sympy also
-    accepts. A ground truth holding a \\boxed answer (a worked solution) is read for that answer. The response is
+    an exact comparison of plain numbers and fractions after that normalisation (1,000 = 1000.00, 0.50 =
+    \\frac{1}{2}, which sympy also accepts; but also 18 = \\$18 and 5 = 5\\text{ cm}, whose dollar sign and unit
+    the normalisation drops and sympy's parse does not). A ground truth holding a \\boxed answer (a worked solution) is read for that answer. The response is
     stripped first, as the Tulu 3 release's verify_math_sample does (its Minerva match fails on a trailing space)."""
     response = response.strip()
     gt = str(ground_truth)
@@ -957,7 +958,12 @@ def ifeval_aggregate(results):
     return agg
 
 # -----------------------------------------------------------------------------
-# RLVR instruction-following rewards: open-instruct's if_functions, by func_name
+# RLVR instruction-following rewards: open-instruct's if_functions, by func_name, as fixed after the Tulu 3 release.
+# The release's copy (scripts/eval_constraints/if_functions.py) passed every response on validate_placeholders (it
+# returned a tuple), raised NameError on validate_uppercase, tested validate_choice the wrong way round (the
+# response inside an option), counted 'around' capital words exactly, split sentences without '!' and counted
+# validate_sections' pieces on the bare splitter; those are the rewards here that differ from the ones Tulu 3's and
+# SmolTulu's runs could have been given on those constraints.
 
 
 def _quantified(actual, N, quantifier, around):

@@ -52,6 +52,13 @@ def test_gsm8k_strict_reads_the_first_hash_answer():
     assert V.gsm8k("#### 5\nwait, #### 7", "7", strict=True) == 0.0
 
 
+def test_gsm8k_reads_a_leading_point_decimal_as_a_fraction_not_its_digits():
+    assert V.gsm8k("The answer is .5", "5") == 0.0  # it read 5 (the reward for 5 given for 0.5)
+    assert V.gsm8k("The answer is .5", "0.5") == 1.0
+    assert V.gsm8k("It falls by -.25 and costs $.50", "0.5") == 1.0
+    assert V.gsm8k("version 1.2.3", "3") == 1.0  # a point after a digit still ends the number before it
+
+
 def test_gsm8k_a_hyphen_after_a_closing_parenthesis_is_a_minus_sign():
     assert V.gsm8k("the result is (x+1)-3", "3") == 1.0
     assert V.gsm8k("the result is (x+1)-3", "-3") == 0.0
@@ -250,6 +257,11 @@ def test_math_minerva_and_boxed_candidates(backend, response, truth, verdict):
 ])
 def test_normalize_final_answer(raw, normalised):
     assert V.normalize_final_answer(raw) == normalised
+
+
+def test_strip_string_removes_percent_signs_twice_as_the_reference():
+    # math_utils.strip_string removes a backslash-percent in two passes: the first pass's removal can join a second
+    assert V.strip_string(r"\\\\%%") == "" and V.strip_string(r"50\%") == "50"
 
 
 def test_strip_string_names_what_it_cannot_normalise():
