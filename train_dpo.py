@@ -210,7 +210,7 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
     rank 0 writes it atomically to cache_dir, where later runs and resumed runs find it."""
     # "chunks": how pairs are grouped into padded forwards moves the numbers by rounding, so it is part of the key
     settings = {"ref_batch_size": cfg.ref_batch_size, "chunks": "by length", "device": d.device.type,
-                "precision": cfg.precision, "fsdp": cfg.fsdp and d.is_distributed,
+                "precision": cfg.precision, "fsdp": cfg.fsdp and d.is_distributed, "compile": cfg.compile,
                 "kernels": kernels.backend_for(torch.empty(0, device=d.device))}
     path = os.path.join(cfg.cache_dir or os.path.join(cfg.run_dir, "cache"),
                         f"ref_logps-{fingerprint(weights, pairs, settings)}.safetensors")
@@ -390,8 +390,10 @@ def main(argv=None):
     # bf16 parameters, unlike autocast over fp32 ones), so that at step 0 every reward is 0: exactly with a live
     # reference, up to float rounding with the cached one (computed in other batches, so with other padding).
     if live:
-        if sharded:  # sharded alike (never DDP: it has nothing to train)
-            frozen = common.wrap_model(frozen, d, fsdp=True, precision=cfg.precision)
+        if sharded:  # sharded alike (never DDP: it has nothing to train), and compiled alike
+            frozen = common.wrap_model(frozen, d, fsdp=True, compile=cfg.compile, precision=cfg.precision)
+        elif cfg.compile:
+            common.compile_blocks(frozen)
         reference = eval_reference = Reference(model=frozen, precision=cfg.precision)
     elif has_reference:  # the wrapped model before any update (FSDP2 wraps in place; DDP's wrapper adds nothing here)
         policy = common.unwrap(model)

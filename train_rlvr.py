@@ -464,10 +464,10 @@ def main(argv=None):
     value = build_value_model(cfg, policy).to(d.device) if cfg.algo == "ppo" else None
     if value is not None:
         value.backbone.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.compile:
-        common.compile_blocks(policy)
-        if value is not None:
-            common.compile_blocks(value.backbone)
+    if cfg.compile:  # the reference too: compiled kernels round otherwise than eager ones, and the two must agree
+        for model in (policy, ref, value.backbone if value is not None else None):
+            if model is not None:
+                common.compile_blocks(model)
     # one optimizer (and one checkpoint) over everything trained; gradients are clipped per model, as open-instruct's
     # separate policy and value engines do, so that the critic's large early gradients do not shrink the policy's
     trained = nn.ModuleDict({"policy": policy, "value": value}) if value is not None else policy

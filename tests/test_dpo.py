@@ -222,13 +222,16 @@ def test_cached_reference_equals_live_reference(tiny, tmp_path, capsys):
     assert sorted(os.listdir(tiny_cache)) == files
 
 
+@pytest.mark.parametrize("compiled", [[], ["--compile=true"]], ids=["eager", "compiled"])
 def test_a_live_bf16_reference_holds_bf16_matmul_weights_and_gives_rewards_of_exactly_0_at_the_start(tiny, tmp_path,
-                                                                                                   monkeypatch):
+                                                                                                   monkeypatch,
+                                                                                                   compiled):
+    """Compiled, the reference is compiled too: compiled kernels round bf16 otherwise than eager ones."""
     frozen = []
     frozen_copy = common.frozen_copy
     monkeypatch.setattr(common, "frozen_copy", lambda *args: frozen.append(frozen_copy(*args)) or frozen[-1])
     run = tmp_path / "run"
-    train_dpo.main(args_for(tiny, run, "--precision=bf16", "--reference_in_memory", "--max_steps=1"))
+    train_dpo.main(args_for(tiny, run, "--precision=bf16", "--reference_in_memory", "--max_steps=1", *compiled))
     assert frozen[0].layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     eval0, train1 = metrics(run)[:2]
     assert eval0["eval_rewards_chosen"] == eval0["eval_rewards_rejected"] == train1["rewards_chosen"] == \

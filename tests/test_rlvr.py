@@ -438,10 +438,13 @@ def test_old_and_reference_logprobs_are_taken_at_the_sampling_temperature(tiny, 
     assert record["kl"] == pytest.approx(0.0, abs=1e-6) and record["clip_frac"] == 0.0
 
 
-def test_a_bf16_reference_holds_its_matmul_weights_in_bf16_and_starts_equal_to_the_policy(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [[], ["--compile=true"]], ids=["eager", "compiled"])
+def test_a_bf16_reference_holds_its_matmul_weights_in_bf16_and_starts_equal_to_the_policy(tiny, tmp_path, monkeypatch,
+                                                                                          compiled):
     """Under bf16 the frozen reference stores what autocast would cast its matmul weights to (half the memory, no
     cast per call): at the first rollout, where policy and reference are the same weights, its log-probs are
-    still the policy's to the bit, so the first KL is exactly 0."""
+    still the policy's to the bit, so the first KL is exactly 0. Compiled, the reference is compiled too (compiled
+    kernels round bf16 otherwise than eager ones: a KL of ~1e-4 at the start)."""
     weight_dtypes = []
     token_logprobs = train_rlvr.token_logprobs
 
@@ -452,7 +455,7 @@ def test_a_bf16_reference_holds_its_matmul_weights_in_bf16_and_starts_equal_to_t
     run = tmp_path / "run"
     # the random model's rewards are all equal: groups kept, or no pass would run
     train_rlvr.main(args_for(tiny, run, "--precision=bf16", "--max_steps=1", "--eval_data=", "--samples_per_step=0",
-                             "--skip_equal_groups=false"))
+                             "--skip_equal_groups=false", *compiled))
     # 16 rollouts in micro-batches of 8: the policy's old log-probs, the reference's, then the policy's updates
     policy, reference = (torch.float32, torch.float32), (torch.bfloat16, torch.float32)
     assert weight_dtypes == [policy] * 2 + [reference] * 2 + [policy] * (len(weight_dtypes) - 4)
