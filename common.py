@@ -1190,6 +1190,13 @@ def progress_bar(total, initial, enabled, desc):
 VALUE_HEAD = "value_head.safetensors"
 
 
+def score_readout(hidden, score):
+    """hidden @ score.weight.T -> [...] in fp32 whatever the autocast: a bf16 readout rounds a reward or a value near
+    PPO's score of 10 to a step of 1/16."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), score.weight.float()).squeeze(-1)
+
+
 def save_final(run_dir, model, tokenizer=None):
     """HF layout in run_dir/final (loads with transformers' AutoModelForCausalLM). Every rank calls it.
 

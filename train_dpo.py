@@ -166,7 +166,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids, lengths):
         hidden = self.backbone(input_ids, return_hidden=True)
         last = hidden[torch.arange(len(lengths), device=hidden.device), lengths.to(hidden.device) - 1]
-        return self.score(last).squeeze(-1).float()
+        return common.score_readout(last, self.score)
 
     def save_pretrained(self, path, tokenizer=None):
         self.backbone.save_pretrained(path, tokenizer=tokenizer)

@@ -209,7 +209,7 @@ class ValueModel(nn.Module):
             self.score.weight.copy_(score_weight)
 
     def forward(self, ids):
-        return self.score(self.backbone(ids, return_hidden=True)).squeeze(-1).float()
+        return common.score_readout(self.backbone(ids, return_hidden=True), self.score)
 
 
 def build_value_model(cfg, policy):
@@ -528,8 +528,7 @@ def main(argv=None):
         def passes(fn):
             out = torch.zeros_like(mask)
             for rb, T in micro_batches(rows_kept, lengths, cfg.batch_size):
-                # .float(): the value head gives bf16 under autocast, and an indexed write takes one dtype
-                out[rb, :T] = fn(ids[rb, :T], labels[rb, :T]).float()
+                out[rb, :T] = fn(ids[rb, :T], labels[rb, :T])
             return out * mask
         with torch.no_grad(), common.autocast(d.device, cfg.precision):
             old_logp = passes(lambda x, y: token_logprobs(policy, x, y, cfg.temperature))

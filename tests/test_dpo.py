@@ -160,6 +160,20 @@ def test_lm_head_runs_in_the_autocast_dtype_for_policy_and_reference(tiny, monke
     assert len(seen) == 2 and set(seen) == {(torch.bfloat16, torch.bfloat16)}
 
 
+def test_a_reward_under_bf16_autocast_is_read_out_in_fp32(tiny):
+    """Autocast would run the [hidden] -> 1 readout in bf16: a reward near 10 on a grid of 1/16."""
+    torch.manual_seed(0)
+    rm = train_dpo.RewardModel(Transformer.from_pretrained(tiny.model_dir))
+    with torch.no_grad():
+        rm.score.weight.mul_(40)  # rewards of a few units, where bf16's steps are 1/64 to 1/16
+    batch = tiny_batch(tiny)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = rm(batch["input_ids"], batch["lengths"])
+        hidden = rm.backbone(batch["input_ids"], return_hidden=True)
+    last = hidden[torch.arange(6), batch["lengths"] - 1].float()
+    assert rewards.abs().max() > 2 and torch.equal(rewards, last @ rm.score.weight[0])
+
+
 def test_reward_model_loss_is_bradley_terry_at_last_token(tiny):
     torch.manual_seed(0)
     rm = train_dpo.RewardModel(Transformer.from_pretrained(tiny.model_dir))

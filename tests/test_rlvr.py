@@ -239,6 +239,10 @@ def test_value_model_from_reward_model_checkpoint(tiny, tmp_path):
     value = train_rlvr.build_value_model(cfg, tiny.model)
     ids = torch.randint(1, tiny.tok.vocab_size, (2, 5))
     torch.testing.assert_close(value(ids), (tiny.model(ids, return_hidden=True) @ weight.T).squeeze(-1))
+    # under bf16 autocast the readout stays fp32: a bf16 one rounds values near PPO's score of 10 to steps of 1/16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values, hidden = value(ids), value.backbone(ids, return_hidden=True)
+    assert values.dtype == torch.float32 and torch.equal(values, hidden.float() @ weight[0])
     # without a reward model: a copy of the policy whose zero head starts every value at 0
     fresh = train_rlvr.build_value_model(train_rlvr.RLVRConfig(), tiny.model)
     assert torch.equal(fresh(ids), torch.zeros(2, 5))
