@@ -51,7 +51,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     """Fields every trainer has. Trainers subclass it (@dataclass) and add their own."""
     run_dir: str = "runs/default"
-    model: str = ""                 # HF folder to start from ('': SFT builds the demo model; DPO, RLVR: the demo's)
+    model: str = ""                 # HF folder to start from ('': SFT builds the demo model, RLVR takes the demo's)
     tokenizer: str = ""             # tokenizer folder ('' = the model folder)
     data: str = ""                  # file / folder / glob ('' = the built-in synthetic demo data)
     seed: int = 0

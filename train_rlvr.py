@@ -30,11 +30,12 @@ the mean over its own tokens (=sequence: the GRPO paper's form; open-instruct's 
 per micro-batch of 2 responses per GPU, which weighs responses equally up to that pairing, so the paper presets
 use sequence). The rollout is then reused for ppo_epochs passes of num_minibatches optimizer steps each (the
 learning-rate schedule counts those optimizer steps, as open-instruct's does). All log-probs (old, reference,
-current) come from a training-mode forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab]
+current) come from the training forward with the fused LM head + cross-entropy kernel, so the [tokens, vocab]
 logits never exist; the generator's own log-probs are not reused because they come from a different code path (KV
 cache, other kernels) and would put a small bias into the first ratio. The update trims each micro-batch's right
 padding, so its forward runs other shapes than the rollout's: in fp32 the first ratio is 1 to ~1e-6, in bf16 it
-carries bf16 rounding noise (on CPU, 7e-5 measured for a tiny random model), the price of not computing padding.
+carries bf16 rounding noise (on CPU up to ~1e-3 for a small random model with logits of a trained model's size,
+small beside the 0.2 clip), the price of not computing padding.
 
 Per-token tensors are stored in "label layout", like the SFT collator: column t holds the quantity of token t+1
 (labels[t] = ids[t+1] on response tokens, -100 elsewhere), so hidden[:, t] is the state that produced it.
@@ -81,7 +82,8 @@ class RLVRConfig(common.TrainConfig):
     non_stop_penalty: float = -10.0
     apply_non_stop_penalty: bool = True
     ifeval_partial: bool = False    # IFEval rows: reward x fraction of constraints met instead of all-or-nothing
-    # update (batch_size = sequences per micro-batch of the learning forward)
+    # update
+    batch_size: int = 1             # rollout sequences per device per micro-batch of the update's forwards
     ppo_epochs: int = 1
     num_minibatches: int = 1        # optimizer steps per epoch over the rollout
     loss_reduction: str = "token"   # token: every response token of a minibatch weighs the same | sequence: every
@@ -572,9 +574,9 @@ def main(argv=None):
                     with common.autocast(d.device, cfg.precision):
                         logp = token_logprobs(policy, ids[rb, :T], labels[rb, :T], cfg.temperature)
                         pg, clipped = policy_loss(logp, old_logp[rb, :T], a, cfg.clip_eps)
-                        kl = k3_kl(logp, ref_logp[rb, :T])
-                        # (PPO's KL penalty is in its rewards already, token_rewards above)
-                        loss_tok = pg + (cfg.beta * kl if cfg.algo == "grpo" and ref is not None else 0.0)
+                        loss_tok = pg  # (PPO's KL penalty is in its rewards already, token_rewards above)
+                        if cfg.algo == "grpo" and ref is not None:
+                            loss_tok = loss_tok + cfg.beta * k3_kl(logp, ref_logp[rb, :T])
                         if value is not None:
                             vf, vclip = value_loss(value(ids[rb, :T]), old_values[rb, :T], returns[rb, :T],
                                                    cfg.value_clip)
