@@ -376,8 +376,7 @@ def main(argv=None):
     common.check_resume(cfg, start_weights=weights)  # a refused resume, before tokenizing and the reference pass
     train_pairs, eval_pairs = load_pairs(cfg, tok, d)
     common.check_resume(cfg, start_weights=weights, data_digest=train_pairs.digest)  # the rows, now known
-    step_items = cfg.batch_size * cfg.grad_accum * d.world_size
-    total_steps = common.total_steps_for(cfg, len(train_pairs), step_items)  # too few pairs: before the reference
+    total_steps = common.total_steps_for(cfg, len(train_pairs), effective_batch)  # too few pairs: before the reference
     common.check_positions(max(len(p[k][0]) for p in train_pairs + eval_pairs for k in ("chosen", "rejected")), raw,
                            cfg.data or "demo data")
     has_reference = cfg.objective == "dpo" and cfg.loss_type != "simpo"
@@ -449,7 +448,7 @@ def main(argv=None):
         metrics = summarize(common.all_reduce_sum(totals), cfg.objective)
         if step % cfg.log_every == 0 or step == total_steps:
             logger.log({"step": step, **metrics, "lr": lr, "grad_norm": grad_norm,
-                        "epoch": step * step_items / len(train_pairs)})
+                        "epoch": step * effective_batch / len(train_pairs)})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}",
                         margin=f"{metrics['margins']:.3f}", lr=f"{lr:.2e}")
         bar.update(1)

@@ -159,8 +159,7 @@ def main(argv=None):
     train_items, collate = make_batches(cfg, train_examples)
     eval_items, eval_collate = make_batches(cfg, eval_examples)
     sampler = data.EpochSampler(len(train_items), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-    step_items = cfg.batch_size * cfg.grad_accum * d.world_size
-    total_steps = common.total_steps_for(cfg, len(train_items), step_items)
+    total_steps = common.total_steps_for(cfg, len(train_items), effective_batch)
 
     common.check_positions(max(len(ids) for ids, _ in train_examples + eval_examples), raw, cfg.data or "demo data")
     model = common.wrap_model(raw, d, fsdp=cfg.fsdp, compile=cfg.compile, precision=cfg.precision)
@@ -220,7 +219,7 @@ def main(argv=None):
         speed = meter.stop(n_processed)  # after the loss's .item(): the step's GPU work is done
         if step % cfg.log_every == 0 or step == total_steps:
             logger.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                        "trained_tokens": int(n_trained), "epoch": step * step_items / len(train_items), **speed})
+                        "trained_tokens": int(n_trained), "epoch": step * effective_batch / len(train_items), **speed})
         bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tok_per_s']:.0f}",
                         **({"mfu": f"{speed['mfu']:.1%}"} if "mfu" in speed else {}))
         bar.update(1)

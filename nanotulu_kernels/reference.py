@@ -2,6 +2,9 @@
 
 Same signatures as the Triton path in cross_entropy.py and dpo.py. All arithmetic is fp32 (the weight is
 upcast once, so the weight gradient is summed over chunks in fp32 and cast to the parameter's dtype once). The
+Triton path keeps each chunk's logits in the input dtype, as Liger's does (and as generation's LM head does), and
+takes the loss from them in fp32: on bf16 inputs the two backends differ by the logits' bf16 rounding (a few 1e-2
+at most in a log-prob, for logits of a trained model's size), which their tests allow. The
 LM head is applied chunk by chunk with activation checkpointing, so at most one chunk of `[rows, V]` logits is
 alive at a time in forward and in backward: memory bounded, though slower than the kernels (each chunk's logits
 are computed twice, unless one chunk holds them all).
