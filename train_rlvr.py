@@ -542,6 +542,7 @@ def main(argv=None):
             adv, returns = adv_seq.view(-1, 1) * mask, None
         else:
             # score at the last response token, KL penalty on every token (Tulu 3 / open-instruct PPO)
+            # (the last response token: where a row's running count of mask tokens reaches its total)
             last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)
             token_rewards = -cfg.beta * (old_logp - ref_logp) + rewards[:, None] * last
             adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)

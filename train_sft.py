@@ -32,7 +32,7 @@ class SFTConfig(common.TrainConfig):
     template: str = "tulu"          # tulu | chatml | '' (the one the model was saved with, tulu when none)
     max_seq_len: int = 2048
     packing: bool = True            # best-fit packing with per-document attention; False = one example per row
-    loss_reduction: str = "mean"    # mean: per trained token | sum: Tulu 3's sum loss (per sequence, see below)
+    loss_reduction: str = "mean"    # mean: per trained token | sum: Tulu 3's sum loss (per conversation: see above)
     skip_bad_rows: bool = False
     cache_dir: str = "runs/cache"   # tokenization cache shared by runs and ranks ('' = off)
     demo_seed: int = 0              # the synthetic data and its tokenizer (demo only)
