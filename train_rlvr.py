@@ -619,8 +619,9 @@ def main(argv=None):
                   "acc": per_ds[:, 0].sum().item() / n,
                   **{f"acc_{name}": (c / t if t else None) for name, (c, t) in zip(datasets, per_ds.tolist())},
                   "response_len": toks / n, "non_stop": r.non_stop / n,
-                  "kl": r.kl / trained_toks if trained_toks else None,
-                  "kl_k3": r.kl_k3 / trained_toks if trained_toks else None,
+                  # (none measured without a reference model, at beta 0)
+                  "kl": r.kl / trained_toks if trained_toks and ref is not None else None,
+                  "kl_k3": r.kl_k3 / trained_toks if trained_toks and ref is not None else None,
                   "pg_loss": u.pg_loss / upd, "clip_frac": u.clip_frac / upd, "grad_norm": grad_norm,
                   "gen_s": t_gen, "learn_s": t_learn, "gen_tok_per_s": toks / max(t_gen, 1e-9)}
         if cfg.algo == "grpo":

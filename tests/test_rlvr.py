@@ -351,6 +351,18 @@ def test_run_config_records_the_template_the_model_was_saved_with(tiny, tmp_path
     assert header["extra"]["config"]["template"] == ""
 
 
+def test_beta_0_builds_no_reference_and_logs_no_kl(tiny, tmp_path, monkeypatch):
+    """Without a reference the KL is not measured: logged as 0.0 it read as a policy that had not moved."""
+    copies = []
+    frozen_copy = common.frozen_copy
+    monkeypatch.setattr(common, "frozen_copy", lambda *args: copies.append(args) or frozen_copy(*args))
+    run = tmp_path / "run"
+    train_rlvr.main(args_for(tiny, run, "--beta=0", "--max_steps=1", "--eval_data=", "--samples_per_step=0",
+                             "--skip_equal_groups=false"))
+    record, = read_jsonl(run / "metrics.jsonl")
+    assert copies == [] and record["kl"] is None and record["kl_k3"] is None
+
+
 @pytest.mark.parametrize("equal_rewards, skip", [(False, True), (True, False), (True, True)])
 def test_grpo_kl_penalty_pulls_the_policy_toward_the_reference(tiny, tmp_path, monkeypatch, equal_rewards, skip):
     """Zero advantages on every row, so the KL term is the only force on the policy. Groups whose rewards are all
