@@ -908,14 +908,14 @@ def _computed(config):
 
 
 def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
-    """-> (the checkpoint a --resume continues from, its state.pt header), or (None, None) when there is none;
-    refused unless every rank sees the same one and it was trained with this run's settings. `start_weights`: the
-    weights_digest of the model the run started from, where it matters after step 0 (DPO's and RLVR's reference is
-    that model, rebuilt from --model on resume), checked against the one the checkpoint recorded; `data_digest`:
-    the training rows' (data.Rows.digest), likewise, since --data names files that may have changed since;
-    `model_config`: model_configs of the model built from --model, which the checkpoint's weights are loaded into.
-    maybe_resume calls it; DPO calls it first as well (without the data, not yet tokenized), so that a refused
-    resume has not tokenized and run the reference pass."""
+    """-> the checkpoint a --resume continues from, or None when there is none; refused unless every rank sees the
+    same one and it was trained with this run's settings. `start_weights`: the weights_digest of the model the run
+    started from, where it matters after step 0 (DPO's and RLVR's reference is that model, rebuilt from --model on
+    resume), checked against the one the checkpoint recorded; `data_digest`: the training rows' (data.Rows.digest),
+    likewise, since --data names files that may have changed since; `model_config`: model_configs of the model
+    built from --model, which the checkpoint's weights are loaded into. maybe_resume calls it; DPO calls it first
+    as well (without the data, not yet tokenized), so that a refused resume has not tokenized and run the
+    reference pass."""
     path = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     # Only rank 0 writes checkpoints. A node that cannot see its run_dir would start over with other weights and
     # other steps, or resume from what another run left there, and the ranks' collectives would stop matching (a
@@ -928,7 +928,7 @@ def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
             raise ConfigError(f"--resume: the ranks see different checkpoints in {checkpoint_dir(cfg.run_dir)} "
                               f"({seen}); {shared}")
     if not path:
-        return None, None
+        return None
     header = _read_checkpoint_file(os.path.join(path, "state.pt"))
     if dist.is_initialized() and len(set(_gather(header.get("id")))) > 1:
         raise ConfigError(f"--resume: the ranks' {path} were written by different runs (the ranks see other "
@@ -980,14 +980,14 @@ def check_resume(cfg, start_weights=None, data_digest=None, model_config=None):
         raise ConfigError(f"--resume: the training rows ({rows}) are not the ones the run in {cfg.run_dir} trained on "
                           f"(rows edited, added, removed or reordered, or another tokenizer): put them back, or start "
                           f"a new run")
-    return path, header
+    return path
 
 
 def maybe_resume(cfg, model, optimizer, sampler, start_weights=None, data_digest=None):
     """With --resume and a checkpoint in run_dir (see check_resume): restore model, optimizer, RNG and the
     sampler's state, and return the step to continue from; otherwise 0. Checkpoints save `data_digest` in their
     extra as "data_digest"."""
-    path, _ = check_resume(cfg, start_weights, data_digest, model_configs(model))
+    path = check_resume(cfg, start_weights, data_digest, model_configs(model))
     if not path:
         if cfg.resume:
             print0(f"--resume=true: no checkpoint in {checkpoint_dir(cfg.run_dir)}, so starting from step 0"

@@ -422,7 +422,7 @@ def test_a_resume_compares_the_model_settings_that_shape_what_it_computes(tmp_pa
         now = Transformer(dataclasses.replace(model.config, **edit))
         with pytest.raises(common.ConfigError, match=r"\(rope_theta: 10000.0 then, 500.0 now\)") if refused \
                 else contextlib.nullcontext():
-            assert common.check_resume(cfg, model_config=common.model_configs(now))[0].endswith("step_0000001")
+            assert common.check_resume(cfg, model_config=common.model_configs(now)).endswith("step_0000001")
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
