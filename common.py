@@ -1194,7 +1194,7 @@ def score_readout(hidden, score):
     """hidden @ score.weight.T -> [...] in fp32 whatever the autocast: a bf16 readout rounds a reward or a value near
     PPO's score of 10 to a step of 1/16."""
     with torch.autocast(hidden.device.type, enabled=False):
-        return torch.nn.functional.linear(hidden.float(), score.weight.float()).squeeze(-1)
+        return hidden.float() @ score.weight.float()[0]  # (not a view, which FSDP2 warns about as a module output)
 
 
 def save_final(run_dir, model, tokenizer=None):

@@ -987,7 +987,8 @@ def load_rlvr_rows(spec, skip_bad=False, check_ground_truth=None):
 # Tokenization, in parallel, cached on disk keyed by (data, tokenizer, template, max length, settings).
 
 _worker_tok = None
-CACHE_VERSION = 5  # bump when the rendering or truncation rules change, so old caches are not reused
+# per kind of cache: bump one when its rendering or truncation rules change, so its old caches are not reused
+CACHE_VERSIONS = {"sft": 4, "pref": 5}
 
 
 def _init_worker(tok):
@@ -1117,7 +1118,7 @@ def _tokenize_cached(kind, fn, rows, key_parts, extra, tok, cache_dir, num_worke
     (ids int32, mask uint8)."""
     path = None
     if cache_dir is not None:
-        key = _digest([CACHE_VERSION, kind, *key_parts])[:24]
+        key = _digest([CACHE_VERSIONS[kind], kind, *key_parts])[:24]
         path = os.path.join(cache_dir, f"{kind}-{key}.npz")
         if os.path.exists(path):
             try:

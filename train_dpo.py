@@ -211,8 +211,9 @@ def reference_logps(model, weights, pairs, cfg, d, pad_id, name):
     rank 0 writes it atomically to cache_dir, where later runs and resumed runs find it."""
     # "chunks": how pairs are grouped into padded forwards moves the numbers by rounding, so it is part of the key
     settings = {"ref_batch_size": cfg.ref_batch_size, "chunks": "by length", "device": d.device.type,
-                "precision": cfg.precision, "fsdp": cfg.fsdp and d.is_distributed, "compile": cfg.compile,
-                "kernels": kernels.backend_for(torch.empty(0, device=d.device))}
+                "precision": cfg.precision, "fsdp": cfg.fsdp and d.is_distributed,
+                "kernels": kernels.backend_for(torch.empty(0, device=d.device)),
+                **({"compile": True} if cfg.compile else {})}  # (so the tables of uncompiled runs keep their key)
     path = os.path.join(cfg.cache_dir or os.path.join(cfg.run_dir, "cache"),
                         f"ref_logps-{fingerprint(weights, pairs, settings)}.safetensors")
     # all ranks or none take the cached table: another run finishing it between two ranks' checks would otherwise

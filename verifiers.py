@@ -104,12 +104,13 @@ def gsm8k(response, ground_truth, strict=False):
     """1.0 if the last number in the response (or, strict, the number after the first
     '#### ') equals the reference number after '####', else 0.0.
 
-    Numbers are compared by value: "$1,800.00" and "-5" match 1800 and -5. open-instruct's RLVR
-    check compares the strings of its last-number regex, so there "18.00" misses 18 and "-5"
-    is read as 5; those are the rewards this one gives that open-instruct's would not."""
+    Numbers are compared by value: "$1,800.00", "-5" and ".5" match 1800, -5 and 0.5. open-instruct's
+    RLVR check compares the strings of its last-number regex, so there "18.00" misses 18, "-5" is
+    read as 5 and ".5" misses 0.5; those are the rewards this one gives that open-instruct's would
+    not."""
     truth = _gsm8k_truth(ground_truth)
     if strict:
-        m = re.search(r"#### (-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?)", response)
+        m = re.search(r"#### (-?\$?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+))", response)
         answer = m.group(1) if m else None
     else:
         numbers = _NUMBER.findall(response)

@@ -460,7 +460,7 @@ def test_a_bf16_reference_holds_its_matmul_weights_in_bf16_and_starts_equal_to_t
     """Under bf16 the frozen reference stores what autocast would cast its matmul weights to (half the memory, no
     cast per call): at the first rollout, where policy and reference are the same weights, its log-probs are
     still the policy's to the bit, so the first KL is exactly 0. Compiled, the reference is compiled too (compiled
-    kernels round bf16 otherwise than eager ones: a KL of ~1e-4 at the start)."""
+    kernels round bf16 otherwise than eager ones: a KL of ~1e-5 at the start)."""
     weight_dtypes = []
     token_logprobs = train_rlvr.token_logprobs
 

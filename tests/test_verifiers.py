@@ -57,6 +57,7 @@ def test_gsm8k_reads_a_leading_point_decimal_as_a_fraction_not_its_digits():
     assert V.gsm8k("The answer is .5", "0.5") == 1.0
     assert V.gsm8k("It falls by -.25 and costs $.50", "0.5") == 1.0
     assert V.gsm8k("version 1.2.3", "3") == 1.0  # a point after a digit still ends the number before it
+    assert V.gsm8k("#### .5", "0.5", strict=True) == 1.0 and V.gsm8k("#### .5", "5", strict=True) == 0.0
 
 
 def test_gsm8k_a_hyphen_after_a_closing_parenthesis_is_a_minus_sign():
