@@ -672,10 +672,14 @@ class KVCache:
         return (causal & same).unsqueeze(1)
 
 
-def layer_weights(model):
-    """Each layer's weights, in the order forward_cached takes them."""
-    return [(layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
-             layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
+def layer_weights(model, matmul_dtype=None):
+    """Each layer's weights, in the order forward_cached takes them; with matmul_dtype, its matrices cast to it once
+    (the cast autocast would make at every call: under inference_mode it keeps no cache of casts)."""
+    def matrix(w):
+        return w if matmul_dtype is None else w.to(matmul_dtype)
+    return [(layer.input_layernorm.weight, matrix(layer.self_attn.qkv_proj.weight),
+             matrix(layer.self_attn.o_proj.weight), layer.post_attention_layernorm.weight,
+             matrix(layer.mlp.gate_up_proj.weight), matrix(layer.mlp.down_proj.weight))
             for layer in model.layers]
 
 
@@ -800,10 +804,15 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     check_every = STOP_CHECK_EVERY.get(device.type, 1)
     num_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
 
-    weights = layer_weights(model)
+    # Under autocast the matrices are cast once per call here, not once per step: an fp32 1.7B model's decoding step
+    # would otherwise read its 6.8 GB of fp32 weights and write and read a 3.4 GB bf16 copy of them (bit-identical
+    # tokens; the copy is held during the call).
+    matmul_dtype = cache_dtype if torch.is_autocast_enabled(device.type) else None
+    weights = layer_weights(model, matmul_dtype)
+    head = weight if matmul_dtype is None else weight.to(matmul_dtype)
     hidden = forward_cached(model, weights, ids, positions, cache)[:, -1]
     for t in range(max_new_tokens):
-        logits = model.logits(hidden).float()  # prefill kept only the last hidden state: no [B, T, V] logits
+        logits = F.linear(hidden, head).float()  # prefill kept only the last hidden state: no [B, T, V] logits
         token, logp = sample(logits, temperature, top_k, top_p, generator)
         if stops is not None:  # stopped rows keep decoding padding (cut off below) so the batch stays rectangular
             token = token.masked_fill(done, pad_token_id)
