@@ -560,7 +560,10 @@ def wrap_model(model, d, fsdp=False, compile=False, precision="auto"):
         # torch deprecates broadcast_buffers, with a warning from every rank, for forward_sync_buffers.)
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
             "broadcast_buffers"
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **{no_sync: False})
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets rather than a second copy of
+        # them (6.8 GB at 1.7B in fp32)
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True,
+                   **{no_sync: False})
     return model
 
 
