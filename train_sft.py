@@ -156,6 +156,7 @@ def main(argv=None):
     tok, train_rows, eval_rows = load_rows(cfg)
     raw = build_model(cfg, tok, d)  # before tokenizing, minutes on the full mixture: a model that cannot load says so
     train_examples, eval_examples = tokenize(cfg, d, tok, train_rows, eval_rows)
+    del train_rows, eval_rows  # the run needs only their tokens: the whole mixture's text is GBs on every rank
     train_items, collate = make_batches(cfg, train_examples)
     eval_items, eval_collate = make_batches(cfg, eval_examples)
     sampler = data.EpochSampler(len(train_items), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
