@@ -33,6 +33,7 @@ import json
 import re
 import signal
 import threading
+from math import inf, log10
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
@@ -355,6 +356,7 @@ def hendrycks_equiv(a, b):
 
 _SYMPY_SECONDS = 5  # the reference's alarm
 _SYMPY_MAX_CHARS = 1_000  # ours: parsing and simplifying a few thousand characters already takes longer than that
+_SYMPY_MAX_DIGITS = 100_000  # ours: a larger number is one long C computation, which no alarm interrupts
 
 
 class _SympyTimeout(BaseException):
@@ -365,11 +367,31 @@ def _raise_timeout(signum, frame):
     raise _SympyTimeout
 
 
+def _digits(expr):
+    """An upper estimate of the decimal digits of the largest number sympy would compute from the parsed `expr`
+    (parse_latex leaves powers unevaluated: 9^{9^{9^{9}}} is four small integers until simplify evaluates it, in
+    one C multiplication that runs for hours). Symbols count as small: their powers are not evaluated."""
+    if expr.is_Rational:  # (integers too)
+        return max(log10(abs(expr.p) or 1), log10(expr.q)) + 1
+    if expr.is_Pow:
+        base, exponent = _digits(expr.base), _digits(expr.exp)
+        if exponent > 7:  # an exponent of 10 million or more: too large whatever the base but 0, 1 and -1
+            return inf
+        size = abs(float(expr.exp)) if expr.exp.is_number else 1.0
+        return max(base, exponent, (base - 1) * size + 1)
+    if expr.func.__name__ == "factorial" and expr.args[0].is_Integer:
+        n = abs(expr.args[0].p)
+        return n * log10(n) + 1 if n > 1 else 1
+    return sum(_digits(arg) for arg in expr.args)
+
+
 def sympy_equiv(a, b):
     """open-instruct's is_equiv: sympy.simplify(parse_latex(a) - parse_latex(b)) == 0, False on any failure or
     after _SYMPY_SECONDS (a SIGALRM, as the reference sets). Off the main thread, or where there is no SIGALRM,
     nothing could stop a runaway simplify: False, as the reference's own signal.signal call fails there. Strings
-    over _SYMPY_MAX_CHARS are not parsed: that guard is ours, not the reference's."""
+    over _SYMPY_MAX_CHARS are not parsed, and expressions whose numbers would have more than _SYMPY_MAX_DIGITS
+    digits are not simplified (the alarm cannot stop a C computation: the reference hangs on them): those guards are
+    ours, not the reference's."""
     if _parse_latex is None:
         raise RuntimeError("sympy_equiv: sympy's LaTeX parser is not available (see BACKENDS['math'])")
     if len(a) > _SYMPY_MAX_CHARS or len(b) > _SYMPY_MAX_CHARS:
@@ -380,7 +402,10 @@ def sympy_equiv(a, b):
     try:
         signal.setitimer(signal.ITIMER_REAL, _SYMPY_SECONDS)
         try:
-            return bool(_simplify(_parse_latex(a) - _parse_latex(b)) == 0)
+            x, y = _parse_latex(a), _parse_latex(b)
+            if max(_digits(x), _digits(y)) > _SYMPY_MAX_DIGITS:
+                return False
+            return bool(_simplify(x - y) == 0)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except (Exception, _SympyTimeout):  # the reference returns False on every parse, subtract or simplify error
