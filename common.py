@@ -24,12 +24,13 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
 import traceback
 import typing
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,20 +115,26 @@ class ConfigError(ValueError):
 
 
 def run_script(main, *user_errors, resumable=False):
-    """A script's entry point. A refused setting (ConfigError) or one of `user_errors` (bad input: an unreadable
-    row, a missing folder) ends the process with its message and exit status 1, as argparse does; any other
-    exception is a bug and keeps its traceback. Ctrl-C ends it with one line saying where it was, and status 130
-    (and, for a `resumable` trainer, how to go on)."""
+    """A script's entry point. A refused setting (ConfigError), a diverged run (Diverged) or one of `user_errors`
+    (bad input: an unreadable row, a missing folder) ends the process with its message and exit status 1, as
+    argparse does; any other exception is a bug and keeps its traceback. Ctrl-C ends it with one line saying where
+    it was, and status 130 (and, for a `resumable` trainer, how to go on); SIGTERM likewise, with status 143."""
+    # SIGTERM (a scheduler's preemption or time limit; torchrun stopping the other ranks) ends it as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
-    except (ConfigError, *user_errors) as e:
+    except (ConfigError, Diverged, *user_errors) as e:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank:
             # Under torchrun the ranks of a node mostly meet the same refusal (the same command line, files and
             # devices): its first rank says it, and torchrun stops this one while it waits. Said at once, the
             # first failure would have torchrun stop the first rank before it could say anything.
-            with suppress(KeyboardInterrupt):  # Ctrl-C meanwhile: the message, not a second traceback
+            try:
                 time.sleep(5)
+            except Terminated:  # torchrun stopped it: the first rank said it
+                sys.exit(143)
+            except KeyboardInterrupt:  # Ctrl-C meanwhile: the message, not a second traceback
+                pass
         sys.exit(f"{f'rank {local_rank} of this node: ' if local_rank else ''}error: {e}")
     except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
         _say_interrupted(e, resumable)
@@ -141,21 +148,35 @@ def run_script(main, *user_errors, resumable=False):
         if not isinstance(cause, KeyboardInterrupt):
             raise
         _say_interrupted(cause, resumable, then=e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, ended as Ctrl-C is: one line saying where, and how to resume."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
 
 
 def _say_interrupted(e, resumable, then=None):
     from tqdm import tqdm
     here = os.path.dirname(os.path.abspath(__file__))
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(here + os.sep)
-              and "-packages" + os.sep not in os.path.relpath(f.filename, here)]  # (a venv in the checkout)
+              and "-packages" + os.sep not in os.path.relpath(f.filename, here)  # (a venv in the checkout)
+              and f.name != _terminated.__name__]  # (where the signal arrived, not its handler)
     last = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]  # in the project's own code
     rank = int(os.environ.get("RANK", 0))
+    terminated = isinstance(e, Terminated)
+    if terminated and rank:  # every rank was sent it (or torchrun stops them for another's error): one says it
+        sys.exit(143)
     hint = "; --resume=true continues from the newest checkpoint, if one was written (they are written whole)"
     stopping = f" (then, while stopping: {type(then).__name__}: {then})" if then is not None else ""
-    tqdm.write(f"{f'rank {rank}: ' if rank else ''}interrupted (in {last.name}, "
-               f"{os.path.relpath(last.filename, here)}:{last.lineno}){stopping}"
+    tqdm.write(f"{f'rank {rank}: ' if rank else ''}{'terminated (SIGTERM)' if terminated else 'interrupted'} (in "
+               f"{last.name}, {os.path.relpath(last.filename, here)}:{last.lineno}){stopping}"
                f"{hint if resumable and not rank else ''}", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(143 if terminated else 130)
 
 
 def refuse_unused(cfg, names, why):
@@ -626,13 +647,23 @@ def set_lr(optimizer, lr):
         g["lr"] = lr
 
 
-def clip_grad(model, max_norm):
-    """Clip the global gradient norm; returns the norm before clipping (a float) for logging."""
+class Diverged(RuntimeError):
+    """A gradient that is not finite: the run stops before the update it would make."""
+
+
+def clip_grad(model, max_norm, step):
+    """Clip the global gradient norm; returns the norm before clipping (a float) for logging. A nan or inf norm
+    (the same on every rank) raises Diverged before optimizer step `step`: clipped by it, every gradient would be
+    nan, then every weight and Adam moment, and every checkpoint and final model the run wrote after it."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
-    return norm.item()
+    norm = norm.item()
+    if not math.isfinite(norm):
+        raise Diverged(f"step {step}: the gradient norm is {norm}: stopped before the update, so the weights and the "
+                       f"checkpoints are as they were (a learning rate too high, or this step's batch)")
+    return norm
 
 
 def check_positions(longest, model, where):

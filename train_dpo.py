@@ -441,7 +441,7 @@ def main(argv=None):
                 # update the mean over all pairs of the global batch
                 (loss / cfg.grad_accum).backward()
             totals += stats
-        grad_norm = common.clip_grad(model, cfg.grad_clip)
+        grad_norm = common.clip_grad(model, cfg.grad_clip, step + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

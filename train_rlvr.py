@@ -417,6 +417,8 @@ def check_config(cfg, d):
                          "steps of batch_size micro-batches")
     if cfg.temperature <= 0:
         raise common.ConfigError(f"temperature={cfg.temperature}: RLVR samples, it must be > 0")
+    if not cfg.adv_eps > 0:  # a group whose rewards are all equal has std 0: 0 / 0 would make every weight nan
+        raise common.ConfigError(f"adv_eps={cfg.adv_eps}: must be > 0")
     data.check_template_name(cfg.template)
     if cfg.value_model and cfg.algo != "ppo":
         raise common.ConfigError(f"value_model={cfg.value_model}: only --algo=ppo has a value model")
@@ -594,9 +596,9 @@ def main(argv=None):
                             pg_loss=(pg * m).sum(), clip_frac=(clipped * m).sum(),
                             vf_loss=(vf * m).sum(), vf_clip_frac=(vclip * m).sum(), tokens=m.sum())).double()
                 sync_gradients(params, d)
-                grad_norm = common.clip_grad(policy, cfg.grad_clip)
+                grad_norm = common.clip_grad(policy, cfg.grad_clip, step + 1)
                 if value is not None:
-                    value_grad_norm = common.clip_grad(value, cfg.grad_clip)
+                    value_grad_norm = common.clip_grad(value, cfg.grad_clip, step + 1)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         step += 1

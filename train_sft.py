@@ -210,7 +210,7 @@ def main(argv=None):
                 # DDP / FSDP average gradients over ranks; x world_size turns that back into the global sum
                 (loss * (d.world_size / denom)).backward()
             loss_sum += loss.detach().double()
-        grad_norm = common.clip_grad(model, cfg.grad_clip)
+        grad_norm = common.clip_grad(model, cfg.grad_clip, step + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

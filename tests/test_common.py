@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -1190,6 +1191,23 @@ def test_ctrl_c_ends_a_script_with_one_line_saying_where(monkeypatch, capsys):
         assert e.value.code == 130
         err = capsys.readouterr().err
         assert re.fullmatch(r"interrupted \(in main, tests/test_common.py:\d+\)" + re.escape(hint) + "\n", err), err
+
+
+def test_sigterm_ends_a_script_as_ctrl_c_does_and_the_callers_handler_is_put_back(monkeypatch, capsys):
+    """What a scheduler sends at preemption or its time limit: it killed the process without a word."""
+    import signal
+
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler runs at once, in this frame)
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        common.run_script(main, resumable=True)
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert re.fullmatch(r"terminated \(SIGTERM\) \(in main, tests/test_common.py:\d+\); --resume=true continues from "
+                        r"the newest checkpoint, if one was written \(they are written whole\)\n", capsys.readouterr().err)
 
 
 def test_ctrl_c_that_a_library_turns_into_another_error_on_its_way_out_is_still_one_line(monkeypatch, capsys):

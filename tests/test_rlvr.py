@@ -283,6 +283,7 @@ def test_a_reward_model_is_refused_as_the_policy_and_taken_as_the_value_model(ti
     (["--grad_accum=2"], 1, "--grad_accum=2: RLVR batches are prompts_per_step x num_samples"),
     (["--total_batch_size=8"], 1, "--total_batch_size=8: RLVR batches are prompts_per_step x num_samples"),
     (["--temperature=0"], 1, "temperature=0.0: RLVR samples, it must be > 0"),
+    (["--adv_eps=0"], 1, "adv_eps=0.0: must be > 0"),
     (["--algo=grpo", "--value_model=x"], 1, "only --algo=ppo has a value model"),
     (["--loss_reduction=mean"], 1, "loss_reduction='mean': expected token or sequence")])
 def test_settings_rlvr_cannot_run_are_refused_at_start_up(args, world, why):

@@ -435,3 +435,22 @@ def test_bf16_autocast_with_triton_kernels_tracks_the_fp32_run(setup, monkeypatc
     for key in fp32:  # measured: losses within 5e-5 relative, gradient norms within 2.4e-3
         assert bf16[key] == pytest.approx(fp32[key], rel=1e-2), key
         assert bf16[key] != fp32[key], key  # the bf16 run really ran in bf16
+
+
+def test_a_nan_gradient_stops_the_run_before_its_update_with_the_checkpoints_finite(setup, monkeypatch):
+    """Clipped by a nan norm every weight turns nan; the run went on, rotated its last finite checkpoints away and
+    saved a nan final/ that the next stage trained from, all with exit status 0."""
+    token_loss_sum = train_sft.token_loss_sum
+    calls = []
+
+    def nan_at_step_3(model, batch):  # (one micro-batch a step; the held-out loss runs without grad)
+        calls.append(torch.is_grad_enabled())
+        return token_loss_sum(model, batch) * (float("nan") if sum(calls) == 3 and calls[-1] else 1.0)
+    monkeypatch.setattr(train_sft, "token_loss_sum", nan_at_step_3)
+    run = setup / "diverged"
+    with pytest.raises(common.Diverged, match=r"^step 3: the gradient norm is nan: stopped before the update"):
+        train_sft.main(args(setup, "diverged", checkpoint_every=1, keep_checkpoints=1))
+    (last,) = common.list_checkpoints(str(run))
+    assert last.endswith("step_0000002") and not (run / "final").exists()
+    state = torch.load(os.path.join(last, "model.pt"), weights_only=True)
+    assert all(t.isfinite().all() for t in state.values())
