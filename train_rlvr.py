@@ -469,9 +469,9 @@ def main(argv=None):
     if value is not None:
         value.backbone.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:  # the reference too: compiled kernels round otherwise than eager ones, and the two must agree
-        for model in (policy, ref, value.backbone if value is not None else None):
-            if model is not None:
-                common.compile_blocks(model)
+        for transformer in (policy, ref, value.backbone if value is not None else None):
+            if transformer is not None:
+                common.compile_blocks(transformer)
     # one optimizer (and one checkpoint) over everything trained; gradients are clipped per model, as open-instruct's
     # separate policy and value engines do, so that the critic's large early gradients do not shrink the policy's
     trained = nn.ModuleDict({"policy": policy, "value": value}) if value is not None else policy
