@@ -235,38 +235,42 @@ def encode_pair(tok, context, continuation):
 
 @torch.no_grad()
 def continuation_logprobs(model, requests, batch_size, pad_id=0, desc="loglikelihood"):
-    """Summed log-prob of each continuation given its context. requests: list of (ctx_ids, cont_ids)."""
+    """Summed log-prob of each continuation given its context. requests: list of (ctx_ids, cont_ids). Requests whose
+    inputs are the same (the choices of a question that differ in their last token only: MMLU-Pro's letters, ten
+    requests of one question) share one forward; batch_size counts forwards."""
     max_len = model.config.max_position_embeddings
     device = model.embed_tokens.weight.device
+    seqs = [(ctx + cont)[-(max_len + 1):] for ctx, cont in requests]  # as lm-eval: the context loses its oldest
+    n_conts = [min(len(cont), len(s) - 1) for (_, cont), s in zip(requests, seqs)]  # tokens, not the answer
+    sharing = {}  # a forward's inputs -> the requests it serves
+    for i, s in enumerate(seqs):
+        sharing.setdefault(tuple(s[:-1]), []).append(i)
+    forwards = list(sharing.items())
     out = [0.0] * len(requests)
     # longest first: the first batch shows an out-of-memory at once, and batches pad little
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        idx = order[start:start + batch_size]
-        seqs, n_conts = [], []
-        for i in idx:
-            ctx, cont = requests[i]
-            seq = (ctx + cont)[-(max_len + 1):]  # as lm-eval: the context loses its oldest tokens, not the answer
-            seqs.append(seq)
-            n_conts.append(min(len(cont), len(seq) - 1))
-        T = max(len(s) for s in seqs) - 1
-        inputs = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            inputs[r, :len(s) - 1] = torch.tensor(s[:-1])
+    forwards.sort(key=lambda f: -len(f[0]))
+    for start in tqdm(range(0, len(forwards), batch_size), desc=desc, leave=False):
+        batch = forwards[start:start + batch_size]
+        inputs = torch.full((len(batch), max(len(ids) for ids, _ in batch)), pad_id, dtype=torch.long)
+        for b, (ids, _) in enumerate(batch):
+            inputs[b, :len(ids)] = torch.tensor(ids)
         hidden = model(inputs.to(device), return_hidden=True)
         # The head runs on the continuation positions only: [B, T, V] logits of a long few-shot batch take
-        # gigabytes. Row r's last n inputs predict its n continuation tokens.
-        rows = torch.tensor([r for r, n in enumerate(n_conts) for _ in range(n)], dtype=torch.long)
-        positions = torch.tensor([p for s, n in zip(seqs, n_conts) for p in range(len(s) - 1 - n, len(s) - 1)],
+        # gigabytes. A request's last n inputs predict its n continuation tokens.
+        members = [(b, i) for b, (_, served) in enumerate(batch) for i in served]
+        owner = torch.tensor([k for k, (_, i) in enumerate(members) for _ in range(n_conts[i])], dtype=torch.long)
+        rows = torch.tensor([b for b, i in members for _ in range(n_conts[i])], dtype=torch.long, device=device)
+        positions = torch.tensor([p for _, i in members for p in range(len(seqs[i]) - 1 - n_conts[i],
+                                                                        len(seqs[i]) - 1)],
                                  dtype=torch.long, device=device)
-        targets = torch.tensor([t for s, n in zip(seqs, n_conts) for t in s[len(s) - n:]], dtype=torch.long,
+        targets = torch.tensor([t for _, i in members for t in seqs[i][len(seqs[i]) - n_conts[i]:]], dtype=torch.long,
                                device=device)
-        logprobs = F.log_softmax(model.logits(hidden[rows.to(device), positions]).float(), dim=-1)
+        logprobs = F.log_softmax(model.logits(hidden[rows, positions]).float(), dim=-1)
         token_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1).cpu()
         # summed on the CPU: a CUDA index_add_ adds in whatever order its atomics land, and a near tie between two
         # choices must not flip from run to run
-        sums = torch.zeros(len(seqs)).index_add_(0, rows, token_logprobs)
-        for i, total in zip(idx, sums.tolist()):
+        sums = torch.zeros(len(members)).index_add_(0, owner, token_logprobs)
+        for (_, i), total in zip(members, sums.tolist()):
             out[i] = total
     return out
 
@@ -846,7 +850,8 @@ def main(argv=None):
                                                     "omitted: evaluate the synthetic demo tasks")
     p.add_argument("--limit", type=int, default=None,
                    help="score at most N examples per task (per subset for ARC, per subtask for BBH)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="sequences per forward (log-likelihood tasks) and per generate call (generation tasks)")
     p.add_argument("--template", default=None, choices=["tulu", "chatml"],
                    help="chat template (default: the one the tokenizer was saved with, else tulu)")
     p.add_argument("--use_chat_template", type=true_or_false, nargs="?", const=True, default=True,

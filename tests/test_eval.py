@@ -252,6 +252,21 @@ def test_batched_loglikelihood_matches_one_at_a_time(loaded):
     assert batched == pytest.approx(single, abs=1e-4)
 
 
+def test_choices_that_differ_in_their_last_token_share_one_forward(loaded, monkeypatch):
+    """MMLU-Pro's choices are letters: its ten requests of a question are one forward's inputs (ten times the work
+    before, most of the table's)."""
+    model, tok = loaded
+    requests = [ev.encode_pair(tok, f"Question {q}: which is it?\nOptions: A B C D E F G H I J\n", letter)
+                for q in range(3) for letter in "ABCDEFGHIJ"]
+    assert len({tuple((c + x)[:-1]) for c, x in requests}) == 3  # (the chat context's newline moved in front)
+    single = [ev.continuation_logprobs(model, [r], batch_size=1)[0] for r in requests]
+    forwards = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
+    shared = ev.continuation_logprobs(model, requests, batch_size=2)
+    assert len(forwards) == 2 and shared == pytest.approx(single, abs=1e-5)  # 3 forwards, in batches of 2
+
+
 def test_loglikelihood_runs_the_lm_head_on_continuation_tokens_only(loaded):
     """[B, T, V] logits of a few-shot batch take gigabytes at a 49k vocabulary: the head sees each row's
     continuation positions, and the sums are still those of the full logits."""
