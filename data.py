@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import socket
 from bisect import bisect_left, insort
 
@@ -994,6 +995,9 @@ CACHE_VERSIONS = {"sft": 4, "pref": 5}
 def _init_worker(tok):
     global _worker_tok
     _worker_tok = tok
+    # a forked worker inherits the trainer's SIGTERM handler (common.run_script), and the pool ends its workers with
+    # SIGTERM: each then raised, and printed a traceback, at every run's tokenization
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tokenize_sft_chunk(args):

@@ -379,9 +379,14 @@ def _digits(expr):
             return inf
         size = abs(float(expr.exp)) if expr.exp.is_number else 1.0
         return max(base, exponent, (base - 1) * size + 1)
-    if expr.func.__name__ == "factorial" and expr.args[0].is_Integer:
-        n = abs(expr.args[0].p)
-        return n * log10(n) + 1 if n > 1 else 1
+    name = expr.func.__name__
+    if name in ("factorial", "binomial") and expr.args[0].is_number:  # n! and (n choose k) by n's size
+        size = _digits(expr.args[0])
+        if size > 7:
+            return inf
+        n = abs(int(expr.args[0])) if expr.args[0].is_Integer else 10 ** size
+        value = (n * log10(n) if name == "factorial" else n * 0.302) + 1 if n > 1 else 1
+        return max(value, sum(_digits(arg) for arg in expr.args))
     return sum(_digits(arg) for arg in expr.args)
 
 

@@ -1484,3 +1484,22 @@ def test_demo_tokenizer_and_lengths(demo, demo_tok, tmp_path):
     assert again.fingerprint() == demo_tok.fingerprint() and again.chat_template == data.TULU_TEMPLATE
     assert data.stop_token_ids(demo_tok, "tulu") == [0]
     assert data.stop_token_ids(demo_tok, "chatml") == [demo_tok.token_to_id("<|im_end|>"), 0]
+
+
+def _sigterm_handlers(job):  # (module level: the pool runs it in its workers)
+    import signal
+    return [signal.getsignal(signal.SIGTERM) is signal.SIG_DFL]
+
+
+def test_tokenization_workers_end_quietly_under_a_trainers_sigterm_handler():
+    """A forked worker inherited common.run_script's SIGTERM handler, and the pool ends its workers with SIGTERM:
+    each raised common.Terminated and printed a traceback at every tokenization, on every run."""
+    import signal
+
+    import common
+    previous = signal.signal(signal.SIGTERM, common._terminated)
+    try:
+        handlers = data._map_chunks(_sigterm_handlers, list(range(600)), (), None, 2, False, "test")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert handlers == [True] * 3  # one per chunk of 256 rows, each in a worker that dies as SIGTERM says

@@ -193,7 +193,8 @@ def test_sympy_check_times_out(monkeypatch):
 
 
 @needs_sympy
-@pytest.mark.parametrize("huge", ["9^{9^{9^{9}}}", "(10^{500})^{99999}", "\\frac{1}{2^{10^{9}}}", "1000000!"])
+@pytest.mark.parametrize("huge", ["9^{9^{9^{9}}}", "(10^{500})^{99999}", "\\frac{1}{2^{10^{9}}}", "1000000!",
+                                  "(10^{8})!", "\\binom{10^{9}}{5 \\cdot 10^{8}}"])
 def test_sympy_check_refuses_numbers_no_alarm_could_stop(huge):
     """simplify evaluates 9^{9^{9^{9}}} in one C multiplication that runs for hours and that no alarm interrupts
     (the test above hung on it once the parser was warm: the alarm had fired during the first parse before)."""
@@ -201,6 +202,7 @@ def test_sympy_check_refuses_numbers_no_alarm_could_stop(huge):
     assert V.sympy_equiv(huge, "1") is False
     assert time.perf_counter() - t0 < 3.0
     assert V.sympy_equiv("2^{10}", "1024") and V.sympy_equiv("2^{1000}", "2^{999} \\cdot 2")  # ordinary powers
+    assert V.sympy_equiv("\\binom{10}{3}", "120") and V.sympy_equiv("(3+2)!", "120")  # and factorials
 
 
 @needs_sympy
