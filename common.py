@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,12 +129,11 @@ def run_script(main, *user_errors, resumable=False):
             # Under torchrun the ranks of a node mostly meet the same refusal (the same command line, files and
             # devices): its first rank says it, and torchrun stops this one while it waits. Said at once, the
             # first failure would have torchrun stop the first rank before it could say anything.
-            try:
-                time.sleep(5)
-            except Terminated:  # torchrun stopped it: the first rank said it
-                sys.exit(143)
-            except KeyboardInterrupt:  # Ctrl-C meanwhile: the message, not a second traceback
-                pass
+            with suppress(KeyboardInterrupt):  # Ctrl-C meanwhile: the message, not a second traceback
+                try:
+                    time.sleep(5)
+                except Terminated:  # torchrun stopped it: the first rank said it
+                    sys.exit(143)
         sys.exit(f"{f'rank {local_rank} of this node: ' if local_rank else ''}error: {e}")
     except KeyboardInterrupt as e:  # (torchrun passes Ctrl-C to every rank: each printed a whole traceback)
         _say_interrupted(e, resumable)
