@@ -326,8 +326,8 @@ def test_micro_batches_compute_each_only_up_to_its_longest_row(tiny):
 def test_ppo_run_logs_value_loss_and_saves_policy(tiny, tmp_path, monkeypatch, capsys):
     run = tmp_path / "ppo"
     clipped, clip_grad = [], common.clip_grad  # policy and value are clipped apart, as open-instruct's two engines
-    monkeypatch.setattr(common, "clip_grad", lambda model, max_norm: clipped.append(type(model).__name__)
-                        or clip_grad(model, max_norm))
+    monkeypatch.setattr(common, "clip_grad", lambda model, max_norm, step: clipped.append(type(model).__name__)
+                        or clip_grad(model, max_norm, step))
     # the input model was saved with tulu: final/ must record the template the policy was trained with
     train_rlvr.main(args_for(tiny, run, "--algo=ppo", "--num_samples=1", "--beta=0.05", "--eval_data=",
                              "--template=chatml"))

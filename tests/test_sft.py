@@ -196,9 +196,9 @@ def record_gradients(monkeypatch):
     steps = []
     clip_grad = common.clip_grad
 
-    def recording(model, max_norm):
+    def recording(model, max_norm, step):
         steps.append({n: p.grad.clone() for n, p in common.unwrap(model).named_parameters()})
-        return clip_grad(model, max_norm)
+        return clip_grad(model, max_norm, step)
 
     monkeypatch.setattr(common, "clip_grad", recording)
     return steps
