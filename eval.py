@@ -793,13 +793,14 @@ def run_demo_eval(model, tok, data, template="tulu", limit=None, batch_size=16, 
     return summary, examples
 
 
-def evaluate_demo(model, tok, data, template="tulu", limit=None, batch_size=16, max_new_tokens=128):
-    """{'arith_acc', 'arith_n', 'constraint_acc', 'constraint_n', 'pref_acc', 'pref_n'} on the held-out demo rows.
+def evaluate_demo(model, tok, data, template="", limit=None, batch_size=16, max_new_tokens=128):
+    """{'arith_acc', 'arith_n', 'constraint_acc', 'constraint_n', 'pref_acc', 'pref_n'} on the held-out demo rows,
+    rendered in `template` ('': the one the model was saved with, which is the one it was trained in).
 
     arith: greedy answers to the held-out RLVR gsm8k rows, checked by verifiers.gsm8k; constraint: greedy answers
     to the held-out ifeval rows, checked by verifiers.verify('ifeval', ...); pref: the fraction of held-out
     preference pairs whose chosen response has the higher mean per-token log-prob."""
-    return run_demo_eval(model, tok, data, template, limit, batch_size, max_new_tokens)[0]
+    return run_demo_eval(model, tok, data, resolve_template(template, tok), limit, batch_size, max_new_tokens)[0]
 
 
 def run_config_of(model_path):

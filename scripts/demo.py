@@ -129,8 +129,7 @@ def evaluate_stage(final, seed, limit=None):
     import data
     import eval as evaluation
     model, tok = evaluation.load_model_and_tokenizer(final)
-    scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(seed), limit=limit,
-                                      template=data.resolve_template("", tok))  # the one it was trained in
+    scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(seed), limit=limit)
     write_json(path, scores)
     return scores
 

@@ -110,8 +110,7 @@ def evaluate(args, final, run_dir):
     import eval as evaluation
     model, tok = evaluation.load_model_and_tokenizer(final)
     demo_seed, _ = evaluation.demo_seed_of(*evaluation.run_config_of(final))  # the split the trainer held out
-    scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(demo_seed), limit=args.eval_limit or None,
-                                      template=data.resolve_template("", tok))  # the one it was trained in
+    scores = evaluation.evaluate_demo(model, tok, data.make_demo_data(demo_seed), limit=args.eval_limit or None)
     return {k: scores[k] for k in DEMO_METRICS}
 
 

@@ -202,8 +202,8 @@ def test_the_demo_and_the_sweep_score_a_model_in_the_template_it_was_trained_in(
     tok.use_chat_template("chatml")
     model.save_pretrained(str(tmp_path / "chatml"), tokenizer=tok)
     used = []
-    monkeypatch.setattr(evaluation, "evaluate_demo", lambda *a, template, **k: used.append(template) or {
-        name: 0.0 for name in sweep.DEMO_METRICS})
+    monkeypatch.setattr(evaluation, "run_demo_eval", lambda model, tok, data, template, *a: used.append(template) or (
+        {name: 0.0 for name in sweep.DEMO_METRICS}, None))
     demo.evaluate_stage(str(tmp_path / "chatml"), seed=0)
     sweep.evaluate(argparse.Namespace(eval_data_dir="", eval_limit=0), str(tmp_path / "chatml"), str(tmp_path))
     assert used == ["chatml", "chatml"]
