@@ -11,11 +11,36 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A process group of one rank for a script that uses FSDP2 or collectives without torchrun; the script's own code
+# follows, with the run folder in RUN and the imports of the project's files working.
+ONE_RANK = f"""
+import os, socket, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, {ROOT!r})
+RUN = sys.argv[1]
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+dist.init_process_group("gloo", rank=0, world_size=1)
+"""
+
+
+def run_one_rank(code, tmp_path):
+    """Run ONE_RANK + `code` (dedented) as a script whose RUN is tmp_path/run, one thread; -> its stdout, stderr."""
+    script = tmp_path / "one_rank.py"
+    script.write_text(ONE_RANK + textwrap.dedent(code) + "\ndist.destroy_process_group()\n")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out.stdout, out.stderr
 
 
 def torchrun(script, args, nproc=2, timeout=300):

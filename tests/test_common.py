@@ -25,7 +25,7 @@ import torch
 import common
 import data
 from model import CheckpointError
-from multirank import ROOT, launch, torchrun
+from multirank import ROOT, launch, run_one_rank, torchrun
 
 
 @dataclass
@@ -717,18 +717,9 @@ def test_a_kill_while_old_checkpoints_are_deleted_is_finished_by_the_resume(tmp_
     assert sorted(os.listdir(root)) == ["step_0000003", "step_0000004"]
 
 
-FSDP_DEEPER = textwrap.dedent("""
-    import os, sys, socket
-    import torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    sys.path.insert(0, sys.argv[2])
+FSDP_DEEPER = """
     import common
     from model import CheckpointError
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
 
     def sharded(layers):
         model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(layers)])
@@ -739,24 +730,19 @@ FSDP_DEEPER = textwrap.dedent("""
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
         return model, opt
-    common.save_checkpoint(sys.argv[1], 1, *sharded(2))
+    common.save_checkpoint(RUN, 1, *sharded(2))
     try:
-        common.load_checkpoint(common.latest_checkpoint(sys.argv[1]), *sharded(3))
+        common.load_checkpoint(common.latest_checkpoint(RUN), *sharded(3))
     except CheckpointError as e:
         print("CheckpointError:", e)
-    dist.destroy_process_group()
-""")
+"""
 
 
 def test_under_fsdp2_a_checkpoint_that_does_not_fit_the_model_is_an_error_naming_it(tmp_path):
     """FSDP2 fills a parameter the checkpoint lacks with the model's own and raises only at the optimizer state."""
-    script = tmp_path / "deeper.py"
-    script.write_text(FSDP_DEEPER)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), ROOT], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert "CheckpointError: " in out.stdout and "does not fit the model built from --model" in out.stdout, \
-        out.stdout[-2000:] + out.stderr[-3000:]
-    assert "Missing optimizer state for parameter '2.weight'" in out.stdout
+    out, err = run_one_rank(FSDP_DEEPER, tmp_path)
+    assert "CheckpointError: " in out and "does not fit the model built from --model" in out, out[-2000:] + err[-3000:]
+    assert "Missing optimizer state for parameter '2.weight'" in out
 
 
 def test_a_save_past_a_killed_saves_step_deletes_what_it_left(tmp_path):

@@ -7,9 +7,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +19,7 @@ import data
 import nanotulu_kernels as kernels
 import train_dpo
 from model import Transformer
-from multirank import torchrun
+from multirank import run_one_rank, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -297,42 +294,29 @@ def test_two_ranks_equal_one_rank(tiny, tmp_path, wrap):
     assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
 
 
-FSDP_REWARD_MODEL_SAVE = textwrap.dedent("""
-    import os, sys, socket
-    import torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    sys.path.insert(0, sys.argv[2])
+FSDP_REWARD_MODEL_SAVE = """
     from safetensors.torch import load_file
     import common, train_dpo
     from model import ModelConfig, Transformer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
     torch.manual_seed(0)
     rm = train_dpo.RewardModel(Transformer(ModelConfig.from_preset("tiny")))
     expected = {k: v.clone() for k, v in rm.state_dict().items()}
     for block in rm.layers:  # as common.wrap_model shards it under --fsdp=true
         fully_shard(block)
     fully_shard(rm)
-    common.save_final(sys.argv[1], rm)
-    saved = train_dpo.RewardModel(Transformer.from_pretrained(os.path.join(sys.argv[1], "final")))
-    saved.score.load_state_dict({"weight": load_file(os.path.join(sys.argv[1], "final", common.VALUE_HEAD))
-                                 ["score.weight"]})
+    common.save_final(RUN, rm)
+    saved = train_dpo.RewardModel(Transformer.from_pretrained(os.path.join(RUN, "final")))
+    saved.score.load_state_dict({"weight": load_file(os.path.join(RUN, "final", common.VALUE_HEAD))["score.weight"]})
     print("same weights:", all(torch.equal(v, expected[k]) for k, v in saved.state_dict().items()))
-    dist.destroy_process_group()
-""")
+"""
 
 
 def test_a_reward_model_sharded_by_fsdp2_saves_its_final_backbone_and_score_head(tmp_path):
     """save_final gathers the shards into a fresh copy of the model, which for a reward model is one built from a
     backbone (it took the config and failed, after all the training)."""
-    script = tmp_path / "save.py"
-    script.write_text(FSDP_REWARD_MODEL_SAVE)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), ROOT], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert "same weights: True" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    out, err = run_one_rank(FSDP_REWARD_MODEL_SAVE, tmp_path)
+    assert "same weights: True" in out, out[-2000:] + err[-3000:]
 
 
 def test_accumulated_micro_batches_equal_one_batch_of_the_same_pairs(tiny, tmp_path):
